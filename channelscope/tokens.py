@@ -1,0 +1,24 @@
+"""How a token string is shown to a person: whitespace and invisible characters made visible.
+
+Token strings are model data, and hostile ones exist (`<script>`, RTL overrides, NUL bytes).
+This only makes them visible; HTML escaping is the template engine's job (autoescape)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+_WHITESPACE = {" ": "\u00b7", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def visible(token: str) -> str:
+    """A middle dot for each space, \\n and \\t for newlines and tabs, and \\uXXXX escapes for
+    control, format (zero-width, bidi overrides), separator and unassigned characters."""
+    out = []
+    for ch in token:
+        if ch in _WHITESPACE:
+            out.append(_WHITESPACE[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out) or "\u2205"  # the empty token

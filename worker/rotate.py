@@ -1,0 +1,514 @@
+"""ROTATE: decompose MLP neuron vectors into vocabulary channels.
+
+"Disentangling MLP Neuron Weights in Vocabulary Space" (arXiv 2604.06005), as written up in
+shared/method.md. Pure: tensors in, tensors and dataclasses out; no files, no database, no CLI.
+Batched over neurons, on whatever device the tensors live on.
+
+Notation, as in method.md:
+  w [N, d]  neuron vectors (one side of one layer)      U [d, V]  projection (unembedding)
+  c [N, d]  a channel, c = H(u) w, |c| = |w|            z [N, V]  its projection c @ U
+  m [N, V]  per-neuron token weights                     K         excess kurtosis over all V
+
+    loss = -lambda_k * slog(K(z * m)) + lambda_f * (1 - cos(w, c))
+
+Two solvers minimise the same loss for one channel:
+  paper_channel  the published preset: AdamW on the Householder vector u (reference, slow);
+  fast_channel   a subspace method on the sphere |c| = |w| (default, ~50x fewer passes over U).
+`decompose` peels off channels one after another by masking the tokens each channel claimed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of method.md. Defaults are the paper's (Llama family: t = 6)."""
+
+    channels: int = 50
+    lambda_k: float = 0.3
+    lambda_f: float = 1.0
+    # Deflation (method.md, "Many channels").
+    mask_z: float = 6.0  # t
+    mask_skew: float = 10.0  # |skew| above which only one tail is masked
+    mask_weight: float = 0.01
+    # Glitch tokens: weight 0 for control/unused, glitch_weight above this U column-norm quantile.
+    glitch_quantile: float = 0.99
+    glitch_weight: float = 1e-4
+    # Optional, off by default (method.md, "Generic channels"): down-weight the tokens that the
+    # random-vector reference finds on the tails of many channels. Applied by the caller via m0.
+    downweight_generic: bool = False
+    solver: str = "fast"  # "fast" | "paper"
+    precision: str = "fp32"  # GEMM precision against U: "fp32" | "bf16"
+    # Paper preset.
+    lr: float = 8e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 10_000
+    plateau_window: int = 100
+    plateau_std: float = 1e-4
+    plateau_from: int = 2_000
+    checkpoint_every: int = 100
+    # Fast solver (see fast_channel): explore with AdamW on u, then descend on the sphere until
+    # an iteration gains less than fast_tol, or at the cap. Tuned in bench/solver.py.
+    fast_explore_steps: int = 40
+    fast_explore_lr: float = 0.05
+    fast_explore_warmup: int = 5
+    fast_max_iters: int = 60
+    fast_tol: float = 1e-5
+    fast_history: int = 2  # past steps kept in the search subspace besides c and the gradient
+    fast_max_angle: float = 0.3  # radians per iteration: a trust region
+
+
+PAPER = Settings(solver="paper")
+
+
+# --- the formulas ------------------------------------------------------------------------------
+
+
+def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Population excess kurtosis along the last axis; a Gaussian scores 0. [..., V] -> [...]"""
+    centred = x - x.mean(-1, keepdim=True)
+    m2 = centred.pow(2).mean(-1)
+    return centred.pow(4).mean(-1) / m2.pow(2) - 3
+
+
+def skewness(x: torch.Tensor) -> torch.Tensor:
+    centred = x - x.mean(-1, keepdim=True)
+    return centred.pow(3).mean(-1) / centred.pow(2).mean(-1).pow(1.5)
+
+
+def slog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def reflect(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Householder reflection H(u) w = w - 2 u (u.w) / |u|^2. [N, d] -> [N, d]"""
+    return w - 2 * u * (u * w).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def loss(z: torch.Tensor, m: torch.Tensor, c: torch.Tensor, w: torch.Tensor, s: Settings):
+    """The method's loss per neuron, [N]."""
+    return -s.lambda_k * slog(excess_kurtosis(z * m)) + s.lambda_f * (1 - cosine(w, c))
+
+
+def loss_gradient_z(z: torch.Tensor, m: torch.Tensor, s: Settings):
+    """The kurtosis term and its gradient with respect to z, by hand: autograd would keep a
+    dozen [N, V] intermediates alive. With x = z m centred, moments m2..m4 over the V tokens,
+        dK/dx_j = 4/V * ((x_j^3 - m3) / m2^2 - m4 x_j / m2^3),   slog'(K) = 1 / (1 + |K|).
+    Returns (kurtosis term [N], d term / dz [N, V], K [N])."""
+    x = z * m
+    x = x - x.mean(-1, keepdim=True)
+    x2 = x * x
+    m2, m3, m4 = x2.mean(-1, keepdim=True), (x2 * x).mean(-1, keepdim=True), (x2 * x2).mean(-1, keepdim=True)
+    kurt = m4 / m2.pow(2) - 3
+    dk_dx = (4 / x.shape[-1]) * ((x2 * x - m3) / m2.pow(2) - m4 * x / m2.pow(3))
+    grad = (-s.lambda_k / (1 + kurt.abs())) * dk_dx * m
+    return -s.lambda_k * slog(kurt).squeeze(-1), grad, kurt.squeeze(-1)
+
+
+def cosine_gradient(c: torch.Tensor, w: torch.Tensor, s: Settings):
+    """The cosine term and its gradient with respect to c: d cos / dc = w^/|c| - cos c/|c|^2."""
+    c_norm = c.norm(dim=-1, keepdim=True)
+    w_hat = w / w.norm(dim=-1, keepdim=True)
+    cos = (c * w_hat).sum(-1, keepdim=True) / c_norm
+    grad = -s.lambda_f * (w_hat / c_norm - cos * c / c_norm.pow(2))
+    return s.lambda_f * (1 - cos.squeeze(-1)), grad
+
+
+# --- projection onto the vocabulary ----------------------------------------------------------
+
+
+class Projection:
+    """U at the GEMM precision of the run, counting passes over it.
+
+    A pass is one [n, d] x [d, V] product or its transpose; `passes` counts them per neuron
+    (an n-row product adds n). Batches are padded to at least 8 rows: fp32 CPU GEMMs take a
+    different kernel below 8 rows, and a neuron's numbers must not depend on its batch-mates."""
+
+    MIN_ROWS = 8
+
+    def __init__(self, U: torch.Tensor, precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"unknown precision {precision!r}")
+        self.exact = U.float()  # [d, V]
+        self.low = U.to(torch.bfloat16) if precision == "bf16" else self.exact
+        self.passes = 0
+
+    def forward(self, c: torch.Tensor, exact: bool = False) -> torch.Tensor:  # [n, d] -> [n, V]
+        return self._product(c, self.exact if exact else self.low, transpose=False)
+
+    def backward(self, gz: torch.Tensor) -> torch.Tensor:  # [n, V] -> [n, d]
+        return self._product(gz, self.low, transpose=True)
+
+    def _product(self, rows: torch.Tensor, U: torch.Tensor, transpose: bool) -> torch.Tensor:
+        n, dtype = rows.shape[0], rows.dtype
+        self.passes += n
+        if n < self.MIN_ROWS:
+            rows = torch.cat([rows, rows.new_zeros(self.MIN_ROWS - n, rows.shape[1])])
+        out = rows.to(U.dtype) @ (U.T if transpose else U)
+        return out[:n].to(dtype)
+
+
+# --- one channel, paper preset -----------------------------------------------------------------
+
+
+@dataclass
+class Found:
+    """One channel per neuron, as a solver returns it."""
+
+    vector: torch.Tensor  # [N, d]
+    loss: torch.Tensor  # [N] under the token weights it was found with
+    step: torch.Tensor  # [N] step (paper) or iteration (fast) it was found at
+    history: list[list[float]]  # per neuron: unweighted kurtosis at each checkpoint / iteration
+
+
+def paper_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings):
+    """AdamW on u, warm-up, plateau stop per neuron, best checkpoint by |K| of the unweighted
+    projection (method.md, "One channel"). A neuron that stops is frozen; the rest go on."""
+    n = w.shape[0]
+    u = u0.clone()
+    moments = (torch.zeros_like(u), torch.zeros_like(u))  # AdamW's exp_avg, exp_avg_sq
+    recent = w.new_zeros(n, s.plateau_window)  # last losses, a ring
+    best_abs_k = w.new_full((n,), -1.0)
+    best = Found(w.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [])
+    history = w.new_full((n, s.max_steps // s.checkpoint_every + 2), float("nan"))
+    scored_count = torch.zeros(n, dtype=torch.long, device=w.device)
+    active = torch.arange(n, device=w.device)
+    for step in range(s.max_steps + 1):  # `step` updates of u have been made so far
+        c, z, loss_now, grad_u = _loss_and_u_gradient(u[active], w[active], proj, m[active], s)
+        recent[active, step % s.plateau_window] = loss_now
+        plateau = torch.zeros_like(loss_now, dtype=torch.bool)
+        if step >= max(s.plateau_from, s.plateau_window):
+            plateau = recent[active].std(-1) < s.plateau_std
+        stopping = plateau | (step == s.max_steps)
+        scoring = stopping | (step > 0 and step % s.checkpoint_every == 0)
+        if scoring.any():
+            kurt = excess_kurtosis(z)
+            rows = active[scoring]
+            history[rows, scored_count[rows]] = kurt[scoring]
+            scored_count[rows] += 1
+            kept = scoring & (kurt.abs() > best_abs_k[active])
+            idx = active[kept]
+            best_abs_k[idx], best.vector[idx] = kurt[kept].abs(), c[kept]
+            best.loss[idx], best.step[idx.cpu()] = loss_now[kept], step
+        if stopping.all():
+            break
+        u[active] = _adamw(u[active], grad_u, moments, active, step, s.lr, s.warmup_steps, s)
+        active = active[~stopping]
+    best.history = _rows_without_nan(history)
+    return best
+
+
+def _loss_and_u_gradient(u, w, proj: Projection, m, s: Settings):
+    """c = H(u) w, z = c @ U, the loss, and its gradient with respect to u (two passes)."""
+    u = u.detach().requires_grad_(True)
+    c = reflect(u, w)
+    z = proj.forward(c.detach())
+    k_term, gz, _ = loss_gradient_z(z, m, s)
+    cos_term, gc = cosine_gradient(c.detach(), w, s)
+    (grad_u,) = torch.autograd.grad(c, u, grad_outputs=proj.backward(gz) + gc)
+    return c.detach(), z, k_term + cos_term, grad_u
+
+
+def _adamw(u, grad, moments, active, step: int, lr: float, warmup: int, s: Settings):
+    """torch.optim.AdamW's update (decoupled weight decay) after a linear warm-up, on the active
+    rows of the moment buffers."""
+    exp_avg, exp_avg_sq = moments
+    lr = lr * min(1.0, (step + 1) / warmup)
+    beta1, beta2 = s.betas
+    exp_avg[active] = exp_avg[active] * beta1 + grad * (1 - beta1)
+    exp_avg_sq[active] = exp_avg_sq[active] * beta2 + grad * grad * (1 - beta2)
+    bias1, bias2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
+    denom = (exp_avg_sq[active].sqrt() / bias2**0.5) + 1e-8
+    return u * (1 - lr * s.weight_decay) - (lr / bias1) * exp_avg[active] / denom
+
+
+# --- one channel, fast solver ------------------------------------------------------------------
+
+
+def fast_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings):
+    """The same loss in two phases.
+
+    Explore: the paper's own optimiser (AdamW on the Householder vector u, from the same u0) at
+    a much higher learning rate, for a few dozen steps. Which minimum the paper preset ends in is
+    decided early, by the path AdamW takes in u-space; plain descent on the sphere from w runs
+    into a different, often shallower one (the generic direction, mostly) about one time in six.
+
+    Descend: minimise directly on the sphere |c| = |w| (a reflection reaches exactly that
+    sphere). Each iteration spends two passes over U: the gradient (back through U^T) and the
+    projection of the gradient. The search space is then span(c, gradient, last few steps),
+    whose projections are all known, so the loss restricted to it is a ratio of a quartic and a
+    squared quadratic form in a few coefficients: its 4th-moment tensor is built once per
+    iteration from the V-long projections, and the subspace minimum is found by damped Newton on
+    k numbers, with no further pass over U. Stops when an iteration gains less than fast_tol."""
+    n = w.shape[0]
+    history = w.new_full((n, s.fast_explore_steps + s.fast_max_iters + 1), float("nan"))
+    u = u0.clone()
+    moments = (torch.zeros_like(u), torch.zeros_like(u))
+    everyone = torch.arange(n, device=w.device)
+    for step in range(s.fast_explore_steps):
+        _, z, _, grad_u = _loss_and_u_gradient(u, w, proj, m, s)
+        history[:, step] = excess_kurtosis(z)
+        u = _adamw(u, grad_u, moments, everyone, step, s.fast_explore_lr, s.fast_explore_warmup, s)
+    found = _descend(w, proj, m, reflect(u, w), s, history, s.fast_explore_steps)
+    found.history = _rows_without_nan(history)
+    return found
+
+
+def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int) -> Found:
+    n = w.shape[0]
+    radius = w.norm(dim=-1, keepdim=True)
+    z = proj.forward(c)
+    past: list[tuple[torch.Tensor, torch.Tensor]] = []  # previous steps and their projections
+    found = Found(c.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [])
+    active = torch.arange(n, device=w.device)
+    previous_loss = w.new_full((n,), float("inf"))
+    for iteration in range(s.fast_max_iters + 1):
+        k_term, gz, _ = loss_gradient_z(z, m[active], s)
+        cos_term, gc = cosine_gradient(c, w[active], s)
+        loss_now = k_term + cos_term
+        history[active, first_step + iteration] = excess_kurtosis(z)
+        done = (previous_loss - loss_now < s.fast_tol) | (iteration == s.fast_max_iters)
+        if done.any():
+            idx = active[done]
+            found.vector[idx], found.loss[idx] = c[done], loss_now[done]
+            found.step[idx.cpu()] = first_step + iteration
+            keep = ~done
+            active, c, z, previous_loss = active[keep], c[keep], z[keep], loss_now[keep]
+            gz, gc = gz[keep], gc[keep]
+            past = [(p[keep], zp[keep]) for p, zp in past]
+            if active.numel() == 0:
+                break
+        else:
+            previous_loss = loss_now
+        r = radius[active]
+        grad = proj.backward(gz) + gc
+        c_hat = c / r
+        grad = grad - (grad * c_hat).sum(-1, keepdim=True) * c_hat  # tangent to the sphere
+        basis = _orthonormal([(c_hat, z / r), (grad, proj.forward(grad)), *past])
+        coef = _subspace_minimum(basis, m[active], w[active], r, s)  # [n, k]
+        Q = torch.stack([q for q, _ in basis], 1)  # [n, k, d]
+        ZQ = torch.stack([zq for _, zq in basis], 1)  # [n, k, V]
+        c_new = r * torch.einsum("nk,nkd->nd", coef, Q)
+        z_new = r * torch.einsum("nk,nkv->nv", coef, ZQ)
+        past = [(c_new - c, z_new - z), *past][: s.fast_history]
+        c, z = c_new, z_new
+    return found
+
+
+def _rows_without_nan(table: torch.Tensor) -> list[list[float]]:
+    return [[x for x in row if x == x] for row in table.cpu().tolist()]
+
+
+def _orthonormal(pairs):
+    """Gram-Schmidt on d-vectors, applying the same combinations to their V-long projections.
+    A vector with nothing new in it (the first iteration's empty step) becomes zero."""
+    basis = []
+    for v, zv in pairs:
+        for q, zq in basis:
+            coef = (v * q).sum(-1, keepdim=True)
+            v, zv = v - coef * q, zv - coef * zq
+        norm = v.norm(dim=-1, keepdim=True)
+        scale = torch.where(norm > 1e-6, 1 / norm.clamp_min(1e-30), torch.zeros_like(norm))
+        basis.append((v * scale, zv * scale))
+    return basis
+
+
+def _subspace_minimum(basis, m, w, r, s: Settings, newton_steps: int = 12):
+    """argmin over unit a of the loss of c = r Q a, starting from a = e1 (the current c).
+
+    With Y = r (ZQ * m) centred over tokens, the weighted projection is Y^T a, so
+        K(a) = M4[a,a,a,a] / (a^T S2 a)^2 - 3,   S2 = Y Y^T / V,   M4 = mean_v Y Y Y Y,
+    and cos(w, c) = (Q w / |w|) . a / |a|. Damped Newton on a = e1 + (0, t), |t| <= tan(max angle)."""
+    ZQ = torch.stack([zq for _, zq in basis], 1)  # [n, k, V]
+    Q = torch.stack([q for q, _ in basis], 1)  # [n, k, d]
+    n, k, V = ZQ.shape
+    Y = r.unsqueeze(-1) * ZQ * m.unsqueeze(1)
+    Y = Y - Y.mean(-1, keepdim=True)
+    S2 = (Y @ Y.transpose(1, 2) / V).double()  # [n, k, k]; k numbers: float64 costs nothing
+    pairs = (Y.unsqueeze(2) * Y.unsqueeze(1)).reshape(n, k * k, V)  # [n, k*k, V]
+    M4 = (pairs @ pairs.transpose(1, 2) / V).reshape(n, k, k, k, k).double()
+    w_q = torch.einsum("nkd,nd->nk", Q, w / w.norm(dim=-1, keepdim=True)).double()
+
+    t = torch.zeros(n, k - 1, dtype=torch.float64, device=ZQ.device)
+    damping = torch.full((n, 1, 1), 1e-6, dtype=torch.float64, device=ZQ.device)
+    eye = torch.eye(k - 1, dtype=torch.float64, device=ZQ.device)
+    radius = math.tan(s.fast_max_angle)  # |t| = tan(angle between a and e1)
+    with_e1 = lambda t: torch.cat([torch.ones_like(t[:, :1]), t], 1)  # noqa: E731
+    value, grad, hess = subspace_loss(with_e1(t), S2, M4, w_q, s)
+    for _ in range(newton_steps):
+        g, h = grad[:, 1:], hess[:, 1:, 1:]  # a = e1 + (0, t) is affine in t
+        if g.abs().max() < 1e-12:
+            break
+        # Levenberg-Marquardt: a rejected step retries next round with ten times the damping.
+        scale = h.abs().amax((1, 2), keepdim=True) + 1e-12
+        step = torch.linalg.solve(h + damping * scale * eye, g.unsqueeze(-1)).squeeze(-1)
+        trial = t - step
+        trial = trial * (radius / trial.norm(dim=-1, keepdim=True).clamp_min(radius))
+        trial_value, trial_grad, trial_hess = subspace_loss(with_e1(trial), S2, M4, w_q, s)
+        better = (trial_value < value) & torch.isfinite(trial_value)
+        t = torch.where(better.unsqueeze(-1), trial, t)
+        value = torch.where(better, trial_value, value)
+        grad = torch.where(better.unsqueeze(-1), trial_grad, grad)
+        hess = torch.where(better.view(n, 1, 1), trial_hess, hess)
+        damping = torch.where(better.view(n, 1, 1), damping / 10, damping * 10).clamp(1e-9, 1e9)
+    a = with_e1(t)
+    return (a / a.norm(dim=-1, keepdim=True)).float()
+
+
+def subspace_loss(a, S2, M4, w_q, s: Settings):
+    """The loss at subspace coefficients a [n, k] (any scale), its gradient [n, k] and Hessian
+    [n, k, k], by hand. q4 = M4[a,a,a,a], q2 = a^T S2 a, K = q4 / q2^2 - 3, h = w_q.a / |a|."""
+    M4aa = torch.einsum("nijkl,nk,nl->nij", M4, a, a)
+    g4 = 4 * torch.einsum("nij,nj->ni", M4aa, a)  # grad q4
+    q4 = (g4 * a).sum(-1) / 4
+    g2 = 2 * torch.einsum("nij,nj->ni", S2, a)  # grad q2
+    q2 = (g2 * a).sum(-1) / 2
+    kurt = q4 / q2**2 - 3
+    outer = lambda x, y: x.unsqueeze(-1) * y.unsqueeze(-2)  # noqa: E731
+    _q2 = q2.view(-1, 1)
+    grad_k = g4 / _q2**2 - 2 * q4.view(-1, 1) * g2 / _q2**3
+    _q2, _q4 = q2.view(-1, 1, 1), q4.view(-1, 1, 1)
+    hess_k = (
+        12 * M4aa / _q2**2
+        - 2 * (outer(g4, g2) + outer(g2, g4)) / _q2**3
+        - 4 * _q4 * S2 / _q2**3
+        + 6 * _q4 * outer(g2, g2) / _q2**4
+    )
+    slope = 1 / (1 + kurt.abs())  # slog'(K); slog''(K) = -sign(K) slope^2
+    norm, wa = a.norm(dim=-1), (w_q * a).sum(-1)
+    _n, _wa = norm.view(-1, 1), wa.view(-1, 1)
+    grad_h = w_q / _n - _wa * a / _n**3
+    _n, _wa = norm.view(-1, 1, 1), wa.view(-1, 1, 1)
+    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    hess_h = -(outer(w_q, a) + outer(a, w_q)) / _n**3 - _wa * eye / _n**3 + 3 * _wa * outer(a, a) / _n**5
+    value = -s.lambda_k * slog(kurt) + s.lambda_f * (1 - wa / norm)
+    grad = -s.lambda_k * slope.view(-1, 1) * grad_k - s.lambda_f * grad_h
+    sl = slope.view(-1, 1, 1)
+    hess = (
+        -s.lambda_k * (sl * hess_k - torch.sign(kurt).view(-1, 1, 1) * sl**2 * outer(grad_k, grad_k))
+        - s.lambda_f * hess_h
+    )
+    return value, grad, hess
+
+
+SOLVERS: dict[str, Callable] = {"fast": fast_channel, "paper": paper_channel}
+
+
+# --- many channels -----------------------------------------------------------------------------
+
+
+def initial_token_weights(U: torch.Tensor, kinds: list[str], s: Settings) -> torch.Tensor:
+    """m0 [V]: 0 for control and unused tokens, glitch_weight where |U column| is above the
+    quantile, 1 elsewhere (method.md, "Glitch tokens"). Tokens of weight 1 are the scored ones."""
+    norms = U.float().norm(dim=0)
+    m0 = torch.ones_like(norms)
+    m0[norms > torch.quantile(norms, s.glitch_quantile)] = s.glitch_weight
+    special = torch.tensor([kind != "normal" for kind in kinds], device=U.device)
+    m0[special] = 0.0
+    return m0
+
+
+def z_scores(z: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Standardise each row over the scored (weight-1) tokens only; [N, V] -> [N, V]."""
+    values = z[:, scored]
+    return (z - values.mean(-1, keepdim=True)) / values.std(-1, unbiased=False, keepdim=True)
+
+
+def tail_mask(zs: torch.Tensor, skew: torch.Tensor, scored: torch.Tensor, s: Settings):
+    """The tokens a channel claims: z > t if skew > 10, z < -t if skew < -10, |z| > t otherwise."""
+    upper, lower = zs > s.mask_z, zs < -s.mask_z
+    sk = skew.unsqueeze(-1)
+    claimed = torch.where(sk > s.mask_skew, upper, torch.where(sk < -s.mask_skew, lower, upper | lower))
+    return claimed & scored
+
+
+def neuron_seed(run_seed: int, layer: int, side: str, neuron: int) -> int:
+    """A neuron's generator seed depends on nothing but its own coordinates (method.md,
+    "Determinism")."""
+    key = f"{run_seed}/{layer}/{side}/{neuron}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class Channel:
+    vector: torch.Tensor  # [d] float32, on the CPU
+    kurtosis: float  # excess kurtosis of the unweighted projection
+    skew: float
+    cos: float  # cos(w, c)
+    loss: float  # under the token weights it was found with
+    masked: torch.Tensor  # token ids it claimed (T_k), int64
+    step: int
+    history: list[float]  # unweighted kurtosis against step / iteration
+
+
+def decompose(
+    w: torch.Tensor,
+    proj: Projection,
+    m0: torch.Tensor,
+    seeds: list[int],
+    s: Settings,
+    batch_size: int = 256,
+    on_channel: Callable[[int], None] | None = None,
+):
+    """C channels for each neuron vector in w [N, d]: a list (per neuron) of lists of Channel.
+
+    Every channel is a reflection of the original w; only the token weights change between
+    channels. `seeds` gives each neuron its own generator (see neuron_seed), so a neuron's
+    channels are the same in any batch. `on_channel(n)` reports n neuron-channels done."""
+    results = []
+    for start in range(0, w.shape[0], batch_size):
+        part = w[start : start + batch_size]
+        results += _decompose_batch(part, proj, m0, seeds[start : start + len(part)], s, on_channel)
+    return results
+
+
+def _decompose_batch(w, proj, m0, seeds, s, on_channel):
+    n, d = w.shape
+    scored = m0 == 1
+    m = m0.expand(n, -1).clone()
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    solve = SOLVERS[s.solver]
+    channels: list[list[Channel]] = [[] for _ in range(n)]
+    for _ in range(s.channels):
+        u0 = torch.stack([torch.randn(d, generator=g) for g in generators]).to(w.device)
+        found = solve(w, proj, m, u0, s)
+        z = proj.forward(found.vector, exact=True)
+        kurt, skew = excess_kurtosis(z), skewness(z)
+        claimed = tail_mask(z_scores(z, scored), skew, scored, s)
+        m = torch.where(claimed, torch.clamp(m, max=s.mask_weight), m)
+        cos = cosine(w, found.vector)
+        for i in range(n):
+            channels[i].append(
+                Channel(
+                    vector=found.vector[i].cpu(),
+                    kurtosis=float(kurt[i]),
+                    skew=float(skew[i]),
+                    cos=float(cos[i]),
+                    loss=float(found.loss[i]),
+                    masked=torch.nonzero(claimed[i]).flatten().cpu(),
+                    step=int(found.step[i]),
+                    history=found.history[i],
+                )
+            )
+        if on_channel:
+            on_channel(n)
+    return channels
+
+
+def with_overrides(s: Settings, **changes) -> Settings:
+    return replace(s, **{k: v for k, v in changes.items() if v is not None})

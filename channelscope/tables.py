@@ -1,0 +1,237 @@
+"""The channel store: one set of tables that the worker writes and the web app reads.
+
+Created only by Alembic migrations (migrations/). Arrays are stored as little-endian numpy
+bytes (see `pack`/`unpack`): compact, and the same on SQLite and PostgreSQL.
+
+    models ─< runs ─< shards             a run is split into shards (layer x side x neuron block)
+      │        └─< neurons ─< channels ─< channel_tokens   (the token index)
+      └─< references                     random-vector reference per model and settings
+"""
+
+from __future__ import annotations
+
+import zlib
+from datetime import UTC, datetime
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SIDE_CHECK = "side IN ('gate', 'in', 'out')"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def pack(array: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def unpack(blob: bytes, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    array = np.frombuffer(blob, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    return array.reshape(shape) if shape else array
+
+
+def pack_compressed(array: np.ndarray, dtype: str) -> bytes:
+    return zlib.compress(pack(array, dtype), level=1)
+
+
+def unpack_compressed(blob: bytes, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    return unpack(zlib.decompress(blob), dtype, shape)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)  # URL slug
+    source: Mapped[str] = mapped_column(Text)  # the file or folder it was read from
+    sha256: Mapped[str] = mapped_column(String(64))
+    n_layers: Mapped[int] = mapped_column(Integer)
+    d_model: Mapped[int] = mapped_column(Integer)
+    d_mlp: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    sides: Mapped[str] = mapped_column(String(20))  # "gate,in,out"
+    # zlib-compressed JSON {"tokens": [...], "kinds": [...]}: token text may hold NUL, which a
+    # PostgreSQL text column cannot.
+    vocabulary: Mapped[bytes] = mapped_column(LargeBinary)
+    # U as float16 [d_model, V], zlib-compressed: pages and weight-level previews work without
+    # the model file. `embedding` is W_E.T, stored only when it differs from U.
+    unembedding: Mapped[bytes] = mapped_column(LargeBinary)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Reference(Base):
+    """The random-vector reference of a model and run settings (worker/reference.py)."""
+
+    __tablename__ = "references"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(32), unique=True)
+    count: Mapped[int] = mapped_column(Integer)  # random vectors
+    channels: Mapped[int] = mapped_column(Integer)
+    faithfulness: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [count, channels]
+    kurtosis: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [count, channels]
+    generic: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [G, d_model]
+    tail_tokens: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hash: Mapped[str] = mapped_column(String(16), unique=True)  # permalinks: ?run=<hash>
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    reference_id: Mapped[int | None] = mapped_column(ForeignKey("references.id"), nullable=True)
+    solver: Mapped[str] = mapped_column(String(10))
+    seed: Mapped[int] = mapped_column(Integer)
+    channels: Mapped[int] = mapped_column(Integer)  # C
+    projection: Mapped[str] = mapped_column(String(20))
+    algorithm_version: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict] = mapped_column(JSON)  # every setting of method.md, as run
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Shard(Base):
+    """A block of neurons of one layer and side. Its rows and its done mark commit together."""
+
+    __tablename__ = "shards"
+    __table_args__ = (
+        UniqueConstraint("run_id", "layer", "side", "neuron_start"),
+        CheckConstraint(SIDE_CHECK, name="side"),
+        CheckConstraint("neuron_stop > neuron_start", name="neurons"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    side: Mapped[str] = mapped_column(String(4))
+    neuron_start: Mapped[int] = mapped_column(Integer)
+    neuron_stop: Mapped[int] = mapped_column(Integer)  # exclusive
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # lower first: `out` before reads
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # compute time
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Neuron(Base):
+    """One neuron and side of a run. The unique constraint makes a second write impossible."""
+
+    __tablename__ = "neurons"
+    __table_args__ = (
+        UniqueConstraint("run_id", "layer", "side", "neuron"),
+        CheckConstraint(SIDE_CHECK, name="side"),
+        # Keyset pagination of a layer's table, by each sortable column.
+        Index("ix_neurons_by_percentile", "run_id", "layer", "side", "best_percentile", "neuron"),
+        Index("ix_neurons_by_kurtosis", "run_id", "layer", "side", "kurtosis", "neuron"),
+        Index("ix_neurons_by_best_kurtosis", "run_id", "layer", "side", "best_kurtosis", "neuron"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    side: Mapped[str] = mapped_column(String(4))
+    neuron: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_model]
+    norm: Mapped[float] = mapped_column(Float)
+    kurtosis: Mapped[float] = mapped_column(Float)
+    skew: Mapped[float] = mapped_column(Float)
+    top_tokens: Mapped[list] = mapped_column(JSON)  # [[id, z], ...] highest z first
+    bottom_tokens: Mapped[list] = mapped_column(JSON)  # [[id, z], ...] lowest z first
+    reconstruction: Mapped[list] = mapped_column(JSON)  # |P_k w| / |w|, k = 1..C
+    reconstruction_baseline: Mapped[list] = mapped_column(JSON)
+    coverage: Mapped[list] = mapped_column(JSON)  # share of sum(z_w^2) claimed by channels 1..k
+    # Summaries for the layer table, over the neuron's channels.
+    best_percentile: Mapped[float] = mapped_column(Float)  # max faithfulness percentile, non-generic
+    best_kurtosis: Mapped[float] = mapped_column(Float)
+    channel_count: Mapped[int] = mapped_column(SmallInteger)  # channels with kurtosis >= 5 (the junk cut)
+    generic_count: Mapped[int] = mapped_column(SmallInteger)
+
+
+class Channel(Base):
+    __tablename__ = "channels"
+
+    neuron_id: Mapped[int] = mapped_column(ForeignKey("neurons.id", ondelete="CASCADE"), primary_key=True)
+    channel: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # discovery order, from 0
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float16 [d_model]
+    kurtosis: Mapped[float] = mapped_column(Float)
+    skew: Mapped[float] = mapped_column(Float)
+    cos: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    masked: Mapped[bytes] = mapped_column(LargeBinary)  # int32 token ids it claimed (T_k)
+    step: Mapped[int] = mapped_column(Integer)
+    history: Mapped[bytes] = mapped_column(LargeBinary)  # float32 kurtosis against step
+    alpha: Mapped[float] = mapped_column(Float)
+    faithfulness: Mapped[float] = mapped_column(Float)
+    faithfulness_percentile: Mapped[float] = mapped_column(Float)
+    generic: Mapped[bool] = mapped_column(Boolean)
+
+
+class ChannelToken(Base):
+    """The token index: each channel's top tokens, with what search filters and sorts on copied
+    in, so "which channels promote token X, most trustworthy first" is one index range scan."""
+
+    __tablename__ = "channel_tokens"
+    __table_args__ = (
+        Index(
+            "ix_channel_tokens_by_percentile",
+            "run_id",
+            "token_id",
+            "faithfulness_percentile",
+            "z",
+            "neuron_id",
+            "channel",
+        ),  # fmt: skip
+        Index("ix_channel_tokens_by_z", "run_id", "token_id", "z", "neuron_id", "channel"),
+        ForeignKeyConstraint(
+            ["neuron_id", "channel"], ["channels.neuron_id", "channels.channel"], ondelete="CASCADE"
+        ),
+    )
+
+    neuron_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # 0 = furthest out
+    token_id: Mapped[int] = mapped_column(Integer)
+    z: Mapped[float] = mapped_column(Float)  # oriented: positive on the channel's tail
+    run_id: Mapped[int] = mapped_column(Integer)
+    layer: Mapped[int] = mapped_column(Integer)
+    side: Mapped[str] = mapped_column(String(4))
+    neuron: Mapped[int] = mapped_column(Integer)
+    kurtosis: Mapped[float] = mapped_column(Float)
+    faithfulness_percentile: Mapped[float] = mapped_column(Float)
+    generic: Mapped[bool] = mapped_column(Boolean)

@@ -174,8 +174,9 @@ class Found:
 
     vector: torch.Tensor  # [N, d]
     loss: torch.Tensor  # [N] under the token weights it was found with
-    step: torch.Tensor  # [N] step (paper) or iteration (fast) it was found at
+    step: torch.Tensor  # [N] the step it was found at (paper: the best checkpoint)
     history: list[list[float]]  # per neuron: unweighted kurtosis at each checkpoint / iteration
+    steps: torch.Tensor | None = None  # [N] optimisation steps run until the stop rule
 
 
 def paper_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings):
@@ -186,7 +187,9 @@ def paper_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.
     moments = (torch.zeros_like(u), torch.zeros_like(u))  # AdamW's exp_avg, exp_avg_sq
     recent = w.new_zeros(n, s.plateau_window)  # last losses, a ring
     best_abs_k = w.new_full((n,), -1.0)
-    best = Found(w.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [])
+    best = Found(
+        w.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [], torch.zeros(n, dtype=torch.long)
+    )
     history = w.new_full((n, s.max_steps // s.checkpoint_every + 2), float("nan"))
     scored_count = torch.zeros(n, dtype=torch.long, device=w.device)
     active = torch.arange(n, device=w.device)
@@ -207,6 +210,7 @@ def paper_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.
             idx = active[kept]
             best_abs_k[idx], best.vector[idx] = kurt[kept].abs(), c[kept]
             best.loss[idx], best.step[idx.cpu()] = loss_now[kept], step
+        best.steps[active[stopping].cpu()] = step
         if stopping.all():
             break
         u[active] = _adamw(u[active], grad_u, moments, active, step, s.lr, s.warmup_steps, s)
@@ -268,6 +272,7 @@ def fast_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.T
         u = _adamw(u, grad_u, moments, everyone, step, s.fast_explore_lr, s.fast_explore_warmup, s)
     found = _descend(w, proj, m, reflect(u, w), s, history, s.fast_explore_steps)
     found.history = _rows_without_nan(history)
+    found.steps = found.step.clone()
     return found
 
 

@@ -1,0 +1,182 @@
+"""Fast solver against the paper preset on SmolLM2, and the engine's throughput.
+
+    .venv/bin/python bench/solver.py [--per-cell 16] [--seed 2026] [--out bench/results/solver.json]
+
+1. Parity: first channels of neurons sampled from early (0-9), middle (10-19) and late (20-29)
+   layers, all three sides (`per-cell` neurons per group x side). The paper preset runs to its
+   own stop rule (fp32, as published); the fast solver runs with its defaults. A neuron is at
+   parity when the fast channel's loss is within 1e-3 of the preset's, or lower. Both losses are
+   evaluated the same way, in fp32, under the same token weights.
+2. Throughput: one layer's batch (256 neurons, `out`, 3 channels, decompose() as the worker
+   runs it) at bf16 and fp32, with the GEMM FLOP/s of the same shapes and precision measured in
+   the same run, so the roofline fraction is a ratio of two numbers from one machine state.
+3. Projection to all of SmolLM2-135M: 30 layers x 1,536 neurons x 3 sides x 50 channels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from worker import rotate
+from worker.analysis import keep_freed_memory
+from worker.weights import load_model
+
+GROUPS = {"early": range(0, 10), "middle": range(10, 20), "late": range(20, 30)}
+FULL_MODEL_VECTORS = 30 * 1536 * 3
+FULL_MODEL_CHANNELS = 50
+
+
+def sample(model, per_cell: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    rows, vectors = [], []
+    for group, layers in GROUPS.items():
+        for side in model.sides:
+            for _ in range(per_cell):
+                layer = layers[int(torch.randint(len(layers), (1,), generator=generator))]
+                neuron = int(torch.randint(model.d_mlp, (1,), generator=generator))
+                rows.append({"group": group, "layer": layer, "side": side, "neuron": neuron})
+                vectors.append(model.vectors(layer, side)[neuron])
+    return rows, torch.stack(vectors)
+
+
+def first_channels(solver: str, w, U, m, u0, settings):
+    proj = rotate.Projection(U, settings.precision)
+    start = time.perf_counter()
+    found = rotate.SOLVERS[solver](w, proj, m, u0, settings)
+    seconds = time.perf_counter() - start
+    z = found.vector @ U  # fp32, for both solvers
+    loss = rotate.loss(z, m, found.vector, w, settings)
+    return found, loss, proj.passes, seconds
+
+
+def gemm_flops(U: torch.Tensor, dtype: torch.dtype, rows: int = 256, repeats: int = 10) -> float:
+    a, b = torch.randn(rows, U.shape[0]).to(dtype), U.to(dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * rows * U.shape[0] * U.shape[1] * repeats / (time.perf_counter() - start)
+
+
+def throughput(model, U, m0, precision: str, neurons: int = 256, channels: int = 3) -> dict:
+    settings = rotate.with_overrides(rotate.Settings(), channels=channels, precision=precision)
+    w = model.vectors(25, "out")[:neurons]
+    seeds = [rotate.neuron_seed(0, 25, "out", i) for i in range(neurons)]
+    proj = rotate.Projection(U, precision)
+    start = time.perf_counter()
+    rotate.decompose(w, proj, m0, seeds, settings, batch_size=neurons)
+    seconds = time.perf_counter() - start
+    flops_per_pass = 2 * U.shape[0] * U.shape[1]
+    engine = proj.passes * flops_per_pass / seconds
+    gemm = gemm_flops(U, torch.bfloat16 if precision == "bf16" else torch.float32)
+    return {
+        "precision": precision,
+        "neurons": neurons,
+        "channels": channels,
+        "seconds": seconds,
+        "passes_per_channel": proj.passes / (neurons * channels),
+        "neuron_channels_per_s": neurons * channels / seconds,
+        "neuron_steps_per_s": proj.passes / 2 / seconds,  # a step = loss + gradient = 2 passes
+        "engine_gflops": engine / 1e9,
+        "gemm_gflops": gemm / 1e9,
+        "roofline_fraction": engine / gemm,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-cell", type=int, default=16, help="neurons per layer group and side")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/solver.json"))
+    parser.add_argument(
+        "--part", choices=["parity", "throughput", "all"], default="all", help="parts to (re)measure"
+    )
+    args = parser.parse_args()
+    keep_freed_memory()
+
+    model = load_model("smollm2")
+    U = model.projection()
+    fast, paper = rotate.Settings(channels=1), rotate.with_overrides(rotate.PAPER, channels=1)
+    m0 = rotate.initial_token_weights(U, model.vocabulary.kinds, fast)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if args.part in ("parity", "all"):
+        result.update(parity(model, U, m0, fast, paper, args))
+    if args.part in ("throughput", "all"):
+        print("throughput ...", flush=True)
+        rates = [throughput(model, U, m0, precision) for precision in ("bf16", "fp32")]
+        result["throughput"] = rates
+        result["full_model_hours_cpu"] = {
+            r["precision"]: FULL_MODEL_VECTORS * FULL_MODEL_CHANNELS / r["neuron_channels_per_s"] / 3600
+            for r in rates
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+
+
+def parity(model, U, m0, fast, paper, args) -> dict:
+    rows, w = sample(model, args.per_cell, args.seed)
+    n = len(rows)
+    m = m0.expand(n, -1).clone()
+    u0 = torch.stack(
+        [
+            torch.randn(
+                w.shape[1],
+                generator=torch.Generator().manual_seed(
+                    rotate.neuron_seed(0, r["layer"], r["side"], r["neuron"])
+                ),
+            )
+            for r in rows
+        ]
+    )
+    print(f"{n} neurons; fast solver ...", flush=True)
+    fast_found, fast_loss, fast_passes, fast_seconds = first_channels("fast", w, U, m, u0, fast)
+    print(f"  {fast_seconds:.1f} s, {fast_passes / n:.0f} passes per neuron; paper preset ...", flush=True)
+    paper_found, paper_loss, paper_passes, paper_seconds = first_channels("paper", w, U, m, u0, paper)
+    print(f"  {paper_seconds:.1f} s, {paper_passes / n:.0f} passes per neuron", flush=True)
+    at_parity = fast_loss <= paper_loss + 1e-3
+    for i, row in enumerate(rows):
+        row.update(
+            paper_loss=float(paper_loss[i]),
+            fast_loss=float(fast_loss[i]),
+            paper_steps=int(paper_found.steps[i]),
+            fast_steps=int(fast_found.steps[i]),
+            cos_between=float(rotate.cosine(fast_found.vector[i], paper_found.vector[i])),
+            parity=bool(at_parity[i]),
+        )
+    by_cell = {}
+    for row in rows:
+        key = f"{row['group']}/{row['side']}"
+        hit, total = by_cell.get(key, (0, 0))
+        by_cell[key] = (hit + row["parity"], total + 1)
+
+    return {
+        "neurons": n,
+        "parity": {
+            "at_parity": int(at_parity.sum()),
+            "fraction": float(at_parity.float().mean()),
+            "fast_lower_by_more_than_1e-3": int((fast_loss < paper_loss - 1e-3).sum()),
+            "mean_loss_fast": float(fast_loss.mean()),
+            "mean_loss_paper": float(paper_loss.mean()),
+            "by_group_and_side": {k: f"{h}/{t}" for k, (h, t) in by_cell.items()},
+        },
+        "passes_per_neuron": {"fast": fast_passes / n, "paper": paper_passes / n},
+        "pass_ratio": fast_passes / paper_passes,
+        "seconds": {"fast": fast_seconds, "paper": paper_seconds},
+        "paper_steps": {"mean": float(paper_found.steps.float().mean()), "max": int(paper_found.steps.max())},
+        "rows": rows,
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -156,6 +156,38 @@ def _rotate_table(model_name: str, record, tokens: list[str]) -> None:
     )
 
 
+# --- serve ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from channelscope import db
+
+    # Like the worker, serve only checks the schema (decompose and `db upgrade` migrate it): a
+    # web process of older code must never migrate a shared database under the others.
+    try:
+        current, head = db.current_revision(db.engine()), db.head_revision()
+        if current != head:
+            print(
+                f"warning: the database is at migration {current}, not {head}: channelscope db upgrade",
+                file=sys.stderr,
+            )
+    except SQLAlchemyError as error:
+        print(f"warning: the database is unreachable for now ({str(error).splitlines()[0]})", file=sys.stderr)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    print(f"Channelscope is serving at http://{shown}:{args.port}/", flush=True)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="warning",
+    )
+
+
 # --- the parser ----------------------------------------------------------------------------------
 
 
@@ -184,6 +216,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_solver_options(p)
     p.set_defaults(run=cmd_rotate, default_channels=5)
+
+    p = sub.add_parser("serve", help="the web app: browse neurons, search channels by token")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--workers", type=int, default=1, help="web processes (default 1)")
+    p.set_defaults(run=cmd_serve)
     return top
 
 

@@ -1,0 +1,60 @@
+"""The web app: `create_app()` builds it around one database engine.
+
+    channelscope serve            uvicorn on this factory (channelscope/cli.py)
+    create_app("sqlite:///...")   what the tests and bench/web.py use
+
+A thin layer: routes (app/routes/) turn a URL into page objects (app/pages.py) with queries
+(app/queries.py), and app/responses.py renders each as HTML or as its JSON twin.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import event
+from sqlalchemy.orm import sessionmaker
+
+from app import errors
+from app.responses import ROOT, CachedPages, PageStore, SecurityHeaders, render_html
+from app.routes import home, models, neurons, search
+from channelscope import db
+
+STATEMENT_TIMEOUT_MS = 10_000  # a page query that runs longer is stopped and answered with 504
+
+
+def create_app(database_url: str | None = None, page_cache_bytes: int = 64 * 2**20) -> FastAPI:
+    app = FastAPI(
+        title="Channelscope",
+        summary="MLP neurons of a language model, browsed through their vocabulary channels (ROTATE).",
+        version="0.1.0",
+        docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN; ours is drawn server-side
+        redoc_url=None,
+    )
+    engine = db.make_engine(database_url)
+    if engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def _timeout(connection, _record):
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            connection.commit()
+
+    app.state.engine = engine
+    app.state.sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    app.state.head_revision = db.head_revision()
+    app.state.pages = PageStore(page_cache_bytes)
+
+    errors.install(app)
+    for module in (home, models, neurons, search):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+
+    @app.get("/docs", response_class=HTMLResponse, tags=["pages"], summary="The API, from its OpenAPI schema")
+    def docs(request: Request):
+        """Every route with its parameters, from /openapi.json, as a plain page (no CDN, no JS)."""
+        return HTMLResponse(render_html("docs.html", request, schema=app.openapi()))
+
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(CachedPages, store=app.state.pages)  # outermost: a hit skips everything
+    return app

@@ -1,0 +1,577 @@
+"""The web app, in-process, on SQLite and PostgreSQL: every page and its JSON twin, permalinks and
+caching, search, keyset pagination, bad input and hostile tokens, query counts."""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event, func, select
+from webstore import store  # noqa: F401  (the fixture)
+
+from app.main import create_app
+from channelscope import db
+from channelscope import tables as T
+
+
+@pytest.fixture(scope="module")
+def client(store):  # noqa: F811
+    app = create_app(store.url)
+    with TestClient(app) as c:
+        yield c
+    app.state.engine.dispose()
+
+
+@pytest.fixture
+def count_queries(client):
+    """Counts the statements the app sends to the database while the block runs."""
+    engine = client.app.state.engine
+    seen: list[str] = []
+
+    def listener(conn, cursor, statement, *args):
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", listener)
+    yield seen
+    event.remove(engine, "before_cursor_execute", listener)
+
+
+def get(client, url, status=200):
+    response = client.get(url, follow_redirects=False)
+    assert response.status_code == status, (url, response.status_code, response.text[:500])
+    return response
+
+
+def pages_of(store):  # noqa: F811
+    m, a = store.model, store.run_a
+    return [
+        "/",
+        f"/m/{m}",
+        f"/m/{m}?run={a}",
+        f"/m/{m}/1",
+        f"/m/{m}/1?side=gate&sort=kurtosis&order=asc&limit=2",
+        f"/m/{m}/0/3",
+        f"/m/{m}/0/3?side=in&run={a}",
+        f"/m/{m}/1/0?run={a}&min_kurtosis=2.5",
+        f"/m/{m}/1/0/out/0",
+        f"/m/{m}/1/0/out/2?run={a}",
+        f"/m/{m}/1/0/compare",
+        f"/m/{m}/1/0/compare?a={a}&b={store.run_b}",
+        "/search",
+        "/search?token=the",
+        "/search?token=zzzzqqq",
+        "/search/suggest?token=a",
+    ]
+
+
+def json_twin(url: str) -> str:
+    path, _, query = url.partition("?")
+    path = "/.json" if path == "/" else path + ".json"
+    return f"{path}?{query}" if query else path
+
+
+# --- every page, and its JSON twin ----------------------------------------------------------------
+
+
+def test_every_page_renders_and_has_a_json_twin_with_the_same_content(client, store):  # noqa: F811
+    for url in pages_of(store):
+        page = get(client, url)
+        assert page.headers["content-type"].startswith("text/html")
+        assert "Traceback" not in page.text
+        twin = get(client, json_twin(url))
+        assert twin.headers["content-type"] == "application/json"
+        data = twin.json()
+        assert isinstance(data, dict) and data
+    neuron = get(client, f"/m/{store.model}/0/3.json?run={store.run_a}").json()
+    page = get(client, f"/m/{store.model}/0/3?run={store.run_a}").text
+    assert neuron["layer"] == 0 and neuron["neuron"] == 3 and neuron["side"] == "out"
+    assert neuron["data"]["run"] == store.run_a
+    assert len(neuron["data"]["channels"]) == 3
+    for ch in neuron["data"]["channels"]:  # the numbers the page shows are the twin's numbers
+        assert f"{ch['kurtosis']:.1f}" in page
+        assert f"{ch['faithfulness']:.2f}" in page
+        assert html.escape(neuron["channels"][ch["index"]]["label"], quote=False) in page
+
+
+def test_home_lists_models_and_runs_with_progress(client, store):  # noqa: F811
+    data = get(client, "/.json").json()
+    (entry,) = data["models"]
+    assert entry["model"]["name"] == store.model
+    runs = {r["hash"]: r for r in entry["runs"]}
+    assert runs[store.run_a]["complete"] is True
+    assert runs[store.run_b]["complete"] is False
+    assert runs[store.run_b]["shards_done"] == 1 and runs[store.run_b]["shards_total"] == 2
+    assert runs[store.run_a]["neurons_done"] == 30
+    assert "<progress" in get(client, "/").text
+
+
+def test_model_page_has_layer_side_heatmaps_linking_to_layers(client, store):  # noqa: F811
+    data = get(client, f"/m/{store.model}.json?run={store.run_a}").json()
+    assert {(c["layer"], c["side"]) for c in data["cells"]} == {
+        (i, s) for i in (0, 1) for s in ("gate", "in", "out")
+    }
+    page = get(client, f"/m/{store.model}?run={store.run_a}").text
+    assert page.count("<svg") >= 2
+    assert f'href="/m/{store.model}/1?side=gate&amp;run={store.run_a}"' in page
+
+
+def test_neuron_page_shows_the_issue_s_sections(client, store):  # noqa: F811
+    page = get(client, f"/m/{store.model}/0/3?side=gate&run={store.run_a}").text
+    for expected in [
+        "Top tokens",
+        "Bottom tokens",
+        "histogram.svg",
+        "Kurtosis during optimisation",
+        "Kurtosis by channel",
+        "min_kurtosis 5",
+        "Reconstruction",
+        "random baseline",
+        "Channel x channel cosine",
+        "Run settings",
+        "percentile",
+        "faithfulness",
+        "masked",
+        "← previous",
+        "next →",
+        "random",
+        'property="og:title"',
+        'property="og:description"',
+    ]:
+        assert expected in page, expected
+    assert 'aria-current="page" class="active">gate' in page
+
+
+def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):  # noqa: F811
+    url = f"/m/{store.model}/0/3.json?run={store.run_a}"
+    low = get(client, url + "&min_kurtosis=-1000").json()
+    high = get(client, url + "&min_kurtosis=1000").json()
+    assert not any(c["below_cutoff"] for c in low["channels"])
+    assert all(c["below_cutoff"] for c in high["channels"])
+    page = get(client, url.replace(".json", "") + "&min_kurtosis=1000").text
+    assert "min_kurtosis 1000" in page
+    assert page.count('<details class="fold">') == 3  # every channel folded, one click to open
+
+
+def test_channel_page_top_100_tokens_histogram_and_nearest(client, store):  # noqa: F811
+    data = get(client, f"/m/{store.model}/0/3/in/1.json?run={store.run_a}").json()
+    assert data["channel"]["index"] == 1
+    assert len(data["tokens"]) == 100
+    zs = [t["z"] for t in data["tokens"]]
+    sign = 1 if data["channel"]["skew"] >= 0 else -1
+    assert [sign * z for z in zs] == sorted((sign * z for z in zs), reverse=True)
+    assert sum(b["count"] for b in data["histogram"]["bins"]) == data["histogram"]["scored_tokens"]
+    assert len(data["vector"]) == 64
+    nearest = data["nearest"]
+    assert nearest and all(not (n["layer"] == 0 and n["side"] == "in" and n["neuron"] == 3) for n in nearest)
+    assert [n["cos"] for n in nearest] == sorted((n["cos"] for n in nearest), reverse=True)
+    # The stored top tokens (from the worker) lead the recomputed top 100.
+    stored = [t["id"] for t in data["channel"]["top_tokens"][:5]]
+    assert set(stored) <= {t["id"] for t in data["tokens"][:20]}
+    page = get(client, f"/m/{store.model}/0/3/in/1?run={store.run_a}").text
+    assert "Nearest channels" in page and 'property="og:title"' in page
+
+
+def test_compare_page_matches_channels_of_two_runs(client, store):  # noqa: F811
+    data = get(client, f"/m/{store.model}/1/2/compare.json?a={store.run_a}&b={store.run_b}").json()
+    assert data["run_a"]["hash"] == store.run_a and data["run_b"]["hash"] == store.run_b
+    assert sorted(m["a"] for m in data["matches"]) == [0, 1, 2] == sorted(m["b"] for m in data["matches"])
+    assert 0 <= data["mean_cos"] <= 1 and 0 <= data["baseline_cos"] <= 1
+    only_one = get(client, f"/m/{store.model}/0/2/compare.json").json()
+    assert only_one["message"] and not only_one["matches"]
+
+
+# --- permalinks and caching -----------------------------------------------------------------------
+
+
+def test_unpinned_pages_show_the_newest_run_with_the_neuron_and_offer_a_permalink(client, store):  # noqa: F811
+    newer = get(client, f"/m/{store.model}/1/2.json").json()
+    assert newer["data"]["run"] == store.run_b  # run B is newer and has layer 1 `out`
+    assert newer["pinning"] == {"pinned": False, "permalink": f"/m/{store.model}/1/2?run={store.run_b}"}
+    older = get(client, f"/m/{store.model}/1/2.json?side=in").json()
+    assert older["data"]["run"] == store.run_a  # run B has no `in` neurons
+    page = get(client, f"/m/{store.model}/1/2").text
+    assert f'Showing run <a href="/m/{store.model}?run={store.run_b}"><code>{store.run_b}</code>' in page
+    assert f'value="http://testserver/m/{store.model}/1/2?run={store.run_b}"' in page
+    pinned = get(client, f"/m/{store.model}/1/2?run={store.run_a}").text  # the permalink reproduces it
+    assert f'Pinned to run <a href="/m/{store.model}?run={store.run_a}"' in pinned
+
+
+def test_pinned_pages_of_a_complete_run_are_immutable_and_cached(client, store, count_queries):  # noqa: F811
+    url = f"/m/{store.model}/0/4?run={store.run_a}&side=in"
+    first = get(client, url)
+    assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
+    etag = first.headers["etag"]
+    count_queries.clear()
+    again = get(client, url)
+    assert again.content == first.content and again.headers["etag"] == etag
+    assert count_queries == []  # served from the page cache: no query at all
+    not_modified = client.get(url, headers={"If-None-Match": etag})
+    assert not_modified.status_code == 304
+    for unpinned_or_incomplete in [
+        f"/m/{store.model}/0/4?side=in",
+        f"/m/{store.model}/1/4?run={store.run_b}",
+    ]:
+        response = get(client, unpinned_or_incomplete)
+        assert response.headers["cache-control"] == "no-cache"
+        assert (
+            client.get(
+                unpinned_or_incomplete, headers={"If-None-Match": response.headers["etag"]}
+            ).status_code
+            == 304
+        )
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+
+def _variants(store):  # noqa: F811
+    """A token key with several spellings in the vocabulary (leading space, case)."""
+    from app.vocabulary import normalise
+
+    by_key: dict[str, list[str]] = {}
+    for t in store.tokens:
+        by_key.setdefault(normalise(t), []).append(t)
+    return {k: v for k, v in by_key.items() if len(v) > 1 and k.strip()}
+
+
+def test_search_ignores_case_and_leading_spaces_unless_exact(client, store):  # noqa: F811
+    variants = _variants(store)
+    key, spellings = next(iter(sorted(variants.items())))
+    results = []
+    for text in [*spellings, key.upper(), "  " + key]:
+        data = get(
+            client, "/search.json?" + urlencode({"token": text, "min_kurtosis": -100, "generic": 1})
+        ).json()
+        assert sorted(m["token"] for m in data["matches"]) == sorted(spellings)
+        results.append(
+            [(h["layer"], h["side"], h["neuron"], h["channel"], h["token"]["id"]) for h in data["hits"]]
+        )
+    assert all(r == results[0] for r in results)
+    exact = get(client, "/search.json?" + urlencode({"token": spellings[0], "exact": 1})).json()
+    assert [m["token"] for m in exact["matches"]] == [spellings[0]]
+
+
+def _all_hits(client, query: dict) -> list[dict]:
+    return get(client, "/search.json?" + urlencode({**query, "limit": 200})).json()["hits"]
+
+
+def _popular_token(client, store):  # noqa: F811
+    """The token in the most channels' top lists (over both runs' newest = run B and all)."""
+    with db.session(db.make_engine(store.url)) as session:
+        token_id = session.execute(
+            select(T.ChannelToken.token_id)
+            .group_by(T.ChannelToken.token_id)
+            .order_by(func.count().desc())
+            .limit(1)
+        ).scalar_one()
+    return store.tokens[token_id]
+
+
+def test_search_ranks_by_faithfulness_percentile_then_z_and_sort_z(client, store):  # noqa: F811
+    token = _popular_token(client, store)
+    query = {"token": token, "exact": 1, "min_kurtosis": -100, "generic": 1, "run": store.run_a}
+    hits = _all_hits(client, query)
+    assert len(hits) >= 2
+    keys = [
+        (h["faithfulness_percentile"], h["token"]["z"] * (1 if h["token"]["z"] >= 0 else 1)) for h in hits
+    ]
+    assert [k[0] for k in keys] == sorted((k[0] for k in keys), reverse=True)
+    by_z = _all_hits(client, {**query, "sort": "z"})
+    oriented = [abs(h["token"]["z"]) for h in by_z]
+    assert oriented == sorted(oriented, reverse=True)
+    assert {h["url"] for h in by_z} == {h["url"] for h in hits}
+
+
+def test_search_filters_generic_channels_kurtosis_layers_and_side(client, store):  # noqa: F811
+    token = _popular_token(client, store)
+    base = {"token": token, "exact": 1, "run": store.run_a}
+    everything = _all_hits(client, {**base, "min_kurtosis": -100, "generic": 1})
+    default = _all_hits(client, base)
+    assert all(not h["generic"] and h["kurtosis"] >= 5 for h in default)
+    assert len(default) == sum(1 for h in everything if not h["generic"] and h["kurtosis"] >= 5)
+    only = _all_hits(
+        client, {**base, "min_kurtosis": -100, "generic": 1, "side": "in", "layer_min": 1, "layer_max": 1}
+    )
+    assert only == [h for h in everything if h["side"] == "in" and h["layer"] == 1]
+    page = get(client, "/search?" + urlencode(base)).text
+    assert "Left out: generic channels and channels with kurtosis below 5" in page or "No channel has" in page
+
+
+def test_search_keyset_pagination_is_stable(client, store):  # noqa: F811
+    token = _popular_token(client, store)
+    for sort in ("percentile", "z"):
+        query = {"token": token, "min_kurtosis": -100, "generic": 1, "sort": sort}
+        everything = _all_hits(client, query)
+        walked, url = [], "/search.json?" + urlencode({**query, "limit": 2})
+        while url:
+            data = get(client, url).json()
+            walked += data["hits"]
+            assert len(data["hits"]) <= 2
+            url = data["next_url"] and json_twin(data["next_url"])
+        assert walked == everything
+
+
+def test_search_for_a_token_not_in_the_vocabulary_suggests_close_tokens(client, store):  # noqa: F811
+    known = next(t for t in store.tokens if len(t.strip()) >= 4 and t.strip().isalpha())
+    typo = known.strip() + "qx"
+    data = get(client, "/search.json?" + urlencode({"token": typo})).json()
+    assert data["hits"] == [] and data["matches"] == []
+    assert "is not a token of" in data["message"]
+    assert data["close"], "close tokens suggested"
+    page = get(client, "/search?" + urlencode({"token": typo})).text
+    assert "Close tokens" in page
+
+
+def test_sql_metacharacters_in_search_are_plain_text(client, store):  # noqa: F811
+    with db.session(db.make_engine(store.url)) as session:
+        before = session.scalar(select(func.count()).select_from(T.Channel))
+    for text in [
+        "'; DROP TABLE channels; --",
+        "%",
+        "_",
+        "\\",
+        "' OR '1'='1",
+        '"',
+        "%%'--",
+        "a' UNION SELECT 1--",
+    ]:
+        for url in ["/search?", "/search.json?", "/search/suggest?"]:
+            response = client.get(url + urlencode({"token": text, "model": store.model}))
+            assert response.status_code == 200, (text, response.text[:300])
+    with db.session(db.make_engine(store.url)) as session:
+        assert session.scalar(select(func.count()).select_from(T.Channel)) == before
+
+
+def test_autocomplete_suggests_tokens_by_prefix(client, store):  # noqa: F811
+    data = get(client, "/search/suggest.json?token=th").json()
+    assert data["suggestions"]
+    assert all(s["token"].lstrip(" ").casefold().startswith("th") for s in data["suggestions"])
+    fragment = get(client, "/search/suggest?token=th").text
+    assert fragment.lstrip().startswith("<ul") and "<html" not in fragment
+    assert 'hx-get="/search/suggest"' in get(client, "/search").text
+
+
+# --- the layer table ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sort", ["percentile", "kurtosis", "best_kurtosis", "channels", "reconstruction"])
+def test_layer_table_keyset_pagination_walks_every_neuron_in_order(client, store, sort):  # noqa: F811
+    field = {
+        "percentile": "best_percentile",
+        "kurtosis": "kurtosis",
+        "best_kurtosis": "best_kurtosis",
+        "channels": "channel_count",
+        "reconstruction": "reconstruction",
+    }[sort]
+    for order in ("desc", "asc"):
+        url = f"/m/{store.model}/0.json?side=gate&run={store.run_a}&sort={sort}&order={order}&limit=2"
+        rows = []
+        while url:
+            data = get(client, url).json()
+            rows += data["rows"]
+            url = data["next_url"] and json_twin(data["next_url"])
+        assert sorted(r["neuron"] for r in rows) == [0, 1, 2, 3, 4]
+        keys = [(r[field], r["neuron"]) for r in rows]
+        expected = sorted(keys, key=lambda k: (-k[0] if order == "desc" else k[0], k[1]))
+        assert [k[1] for k in keys] == [k[1] for k in expected]
+
+
+def test_jump_to_neuron_and_random_neuron_redirect(client, store):  # noqa: F811
+    jump = get(client, f"/m/{store.model}/1?neuron=3&side=in", 303)
+    assert jump.headers["location"] == f"/m/{store.model}/1/3?side=in"
+    for _ in range(5):
+        target = get(client, f"/m/{store.model}/random?run={store.run_a}", 303).headers["location"]
+        assert get(client, target).status_code == 200
+        assert parse_qs(urlsplit(target).query)["run"] == [store.run_a]
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def not_found_cases(store):  # noqa: F811
+    m = store.model
+    return [
+        "/m/no-such-model",
+        "/m/no-such-model/1/2",
+        f"/m/{m}/2",  # layer out of range (2 layers)
+        f"/m/{m}/1/128",  # neuron out of range (128 per layer)
+        f"/m/{m}/1/100",  # in range but not computed
+        f"/m/{m}/1/0/sideways/0",  # unknown side
+        f"/m/{m}/1/0/out/3",  # channels are 0-2
+        f"/m/{m}/1/0?run=0123456789ab",  # unknown run
+        f"/m/{m}/1/0?run=not-a-hash",
+        f"/m/{m}/0/0?run={store.run_b}",  # run B has no layer 0
+        f"/m/{m}/1/0/compare?a=ffffffffffff",
+        "/search?token=the&model=nope",
+        "/nowhere",
+    ]
+
+
+def test_unknown_things_are_404_pages_and_404_json(client, store):  # noqa: F811
+    for url in not_found_cases(store):
+        page = client.get(url)
+        assert page.status_code == 404, (url, page.status_code, page.text[:300])
+        assert page.headers["content-type"].startswith("text/html") and "404" in page.text
+        if url != "/nowhere":
+            twin = client.get(json_twin(url))
+            assert twin.status_code == 404, url
+            assert twin.json()["status"] == 404 and twin.json()["detail"]
+
+
+def test_malformed_query_values_are_422_with_a_message(client, store):  # noqa: F811
+    m = store.model
+    for url in [
+        f"/m/{m}/one",
+        f"/m/{m}/-1",
+        f"/m/{m}/1/x",
+        f"/m/{m}/1/0?side=sideways",
+        f"/m/{m}/1/0?min_kurtosis=nan",
+        f"/m/{m}/1/0?min_kurtosis=inf",
+        f"/m/{m}/1/0?min_kurtosis=abc",
+        f"/m/{m}/1?sort=name",
+        f"/m/{m}/1?after=garbage",
+        f"/m/{m}/1?limit=0",
+        f"/m/{m}/1?limit=100000",
+        "/search?token=" + "a" * 101,
+        "/search?token=a&after=1~2",
+        "/search?token=a&layer_min=-3",
+        "/search?token=a&side=up",
+    ]:
+        response = client.get(url)
+        assert response.status_code == 422, (url, response.status_code)
+        assert "Malformed" in response.text and "Traceback" not in response.text
+        twin = client.get(json_twin(url))
+        assert twin.status_code == 422 and twin.json()["detail"], url
+
+
+HOSTILE_PATHS = [
+    "/m/..%2f..%2fetc%2fpasswd",
+    "/m/%2e%2e/%2e%2e/etc/passwd",
+    "/m/%00",
+    "/m/x%00y/1/2",
+    "/m/%E2%80%AE/1",
+    "/m/<script>alert(1)</script>",
+    "/m/{model}/99999999999999999999999999",
+    "/m/{model}/1/99999999999999999999999999",
+    "/m/{model}/1/-99999999999999999999",
+    "/m/{model}/1/0/out/99999999999999999999",
+    "/m/{model}/1/0/%00/0",
+    "/m/{model}/1/0?run=%00",
+    "/m/{model}/1/0?run=" + "f" * 64,
+    "/m/{model}/1/0?side=%00",
+    "/m/{model}/1/0?min_kurtosis=1e999",
+    "/m/{model}/1?after=1e999~3",
+    "/m/{model}/1?after=nan~3",
+    "/m/{model}/1?after=1~99999999999999999999",
+    "/m/{model}/1?neuron=99999999999999999",
+    "/search?token=%00",
+    "/search?token=%ED%A0%80",
+    "/search?token=%FF%FE",
+    "/search?token=a&after=1e999~1~1~1",
+    "/search?token=a&after=1~1~99999999999999999999~1",
+    "/search?token=a&layer_min=99999",
+    "/search?token=a&model=%00",
+    "/search?token=a&run=%00",
+    "/search?" + "token=a&" * 200,
+    "/m/{model}/1/0/histogram.svg?run=%00",
+    "/m/{model}/1/0/histogram.svg",
+    "/static/../app/main.py",
+    "/static/%2e%2e/app/main.py",
+    "/" + "a/" * 500,
+]
+
+
+def test_hostile_paths_and_values_are_never_a_500(client, store):  # noqa: F811
+    for path in HOSTILE_PATHS:
+        url = path.replace("{model}", store.model)
+        for variant in (url, json_twin(url) if "?" in url or url.count("/") > 1 else url):
+            response = client.get(variant)
+            assert response.status_code in (200, 404, 422), (
+                variant,
+                response.status_code,
+                response.text[:300],
+            )
+            assert "Traceback" not in response.text and "sqlalchemy" not in response.text.lower()
+            assert "import " not in response.text  # no source file served
+
+
+def test_hostile_tokens_are_escaped_and_shown_visibly(client, store):  # noqa: F811
+    url = f"/m/{store.model}/1/0?run={store.run_a}"
+    page = get(client, url).text
+    assert "<script>alert(1)</script>" not in page
+    assert "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "onerror=alert(1)&gt;" in page and "&#34;&gt;&lt;img·src=x·onerror" in page
+    assert "\u202e" not in page and "\\u202e" in page
+    assert "\x00" not in page and "\\x00" in page
+    templates = Path(__file__).parent.parent / "templates"
+    uncommented = {
+        p.name: re.sub(r"\{#.*?#\}", "", p.read_text(), flags=re.S) for p in templates.glob("*.html")
+    }
+    assert not [name for name, text in uncommented.items() if "|safe" in text.replace(" ", "")]
+    data = get(client, json_twin(url)).json()  # JSON keeps the exact strings
+    assert [t["token"] for t in data["data"]["channels"][0]["top_tokens"][:4]] == [
+        store.tokens[i] for i in store.hostile_ids
+    ]
+    search = get(
+        client, "/search?" + urlencode({"token": "<script>alert(1)</script>", "min_kurtosis": -100})
+    ).text
+    assert "<script>alert(1)</script>" not in search and "&lt;script&gt;" in search
+    not_found = client.get("/m/<script>alert(1)</script>").text
+    assert "<script>alert(1)</script>" not in not_found
+    assert "default-src 'self'" in client.get(url).headers["content-security-policy"]
+
+
+# --- a constant number of queries -----------------------------------------------------------------
+
+
+def test_each_page_makes_a_constant_number_of_queries(client, store, count_queries):  # noqa: F811
+    m, a = store.model, store.run_a
+    token = _popular_token(client, store)
+    families = {
+        "neuron": [
+            f"/m/{m}/{layer}/{n}?side={s}" for layer, n, s in [(0, 0, "gate"), (1, 4, "out"), (1, 3, "in")]
+        ],
+        "channel": [f"/m/{m}/0/{n}/in/{c}" for n, c in [(0, 0), (4, 2)]],
+        "layer": [f"/m/{m}/0?limit=1", f"/m/{m}/0?limit=500", f"/m/{m}/1?side=in&sort=reconstruction"],
+        "search": [
+            f"/search?token={t}&min_kurtosis=-100&generic=1&limit={k}"
+            for t, k in [(token, 1), (token, 200), ("the", 50)]
+        ],
+        "model": [f"/m/{m}", f"/m/{m}?run={a}"],
+        "home": ["/"],
+        "compare": [f"/m/{m}/1/0/compare", f"/m/{m}/1/3/compare?side=out"],
+    }
+    for family, urls in families.items():
+        counts = []
+        for url in urls:
+            get(client, url)  # warm the per-process vocabulary and projection caches
+            count_queries.clear()
+            get(
+                client,
+                url.replace("?", ".json?") if "?" in url else url + ".json" if url != "/" else "/.json",
+            )
+            counts.append(len(count_queries))
+        assert len(set(counts)) == 1, (family, counts)
+        assert counts[0] <= 8, (family, counts)
+
+
+# --- health and outages ---------------------------------------------------------------------------
+
+
+def test_healthz_reports_a_reachable_current_database(client):
+    data = get(client, "/healthz").json()
+    assert data["status"] == "ok" and data["revision"] == data["head"]
+    assert get(client, "/ping").text == "ok"
+
+
+def test_docs_describe_the_api_from_its_openapi_schema(client):
+    page = get(client, "/docs").text
+    assert "/m/{model}/{layer}/{neuron}.json" in page and "min_kurtosis" in page
+    assert not re.findall(r'(?:src|href)="(?:https?:)?//', page)  # nothing from another site (no CDN)
+    schema = get(client, "/openapi.json").json()
+    assert "/search.json" in schema["paths"]

@@ -156,6 +156,372 @@ def _rotate_table(model_name: str, record, tokens: list[str]) -> None:
     )
 
 
+# --- decompose, worker, status, export, db -------------------------------------------------------
+# decompose and `db upgrade` bring the schema up to date themselves; worker, status and export
+# only check it, so a worker of older code never migrates a shared database under the others.
+
+
+def _parse_list(text: str, option: str) -> list[int]:
+    try:
+        return _int_range(text)
+    except argparse.ArgumentTypeError as error:
+        raise CliError(f"{option}: {error}") from None
+
+
+def _database(*, migrate: bool = False):
+    """The configured database, reachable and at the code's schema revision."""
+    from sqlalchemy import make_url, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from channelscope import db
+
+    url = config().database
+    try:
+        shown = make_url(db.normalise_url(url)).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        raise CliError(
+            "DATABASE_URL is not a database URL (postgresql://user@host/db or sqlite:///file)"
+        ) from None
+    try:
+        engine = db.make_engine(url)
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise CliError(f"cannot connect to the database at {shown}: {reason}") from None
+    head = db.head_revision()
+    if migrate:
+        _migrate(url, engine)
+    elif db.current_revision(engine) != head:
+        raise CliError(
+            f"the database at {shown} has schema revision {db.current_revision(engine) or 'none'}, "
+            f"this code needs {head}: run `channelscope db upgrade`"
+        )
+    return url, engine
+
+
+def _migrate(url: str, engine) -> None:
+    from alembic.util import CommandError
+    from sqlalchemy import text
+
+    from channelscope import db
+
+    try:
+        if engine.dialect.name != "postgresql":
+            db.upgrade(url)
+            return
+        with engine.connect() as connection:
+            # Two commands starting at once on a fresh database must not both create it.
+            connection.execute(text("SELECT pg_advisory_lock(7012004)"))
+            try:
+                db.upgrade(url)
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(7012004)"))
+                connection.commit()
+    except CommandError as error:
+        raise CliError(
+            f"cannot migrate the database: {error} (is this code older than the database?)"
+        ) from None
+
+
+def _model_spec(spec: str) -> str:
+    """What a worker on another machine is told to load: the name, or an absolute path."""
+    from pathlib import Path
+
+    return spec if spec == "smollm2" or not Path(spec).exists() else str(Path(spec).resolve())
+
+
+def cmd_decompose(args) -> None:
+    from worker import jobs, store
+    from worker.analysis import Decomposer
+
+    layers = _parse_list(args.layers, "--layers")
+    neurons = _parse_list(args.neurons, "--neurons") if args.neurons else None
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    url, engine = _database(migrate=True)
+    model = _load(args.model)
+    request = jobs.Request(layers, sides, neurons or list(range(model.d_mlp)), args.shard_size)
+    try:
+        jobs.check_request(model, request)
+    except jobs.JobError as error:
+        raise CliError(str(error)) from None
+    settings = _settings(args)
+    stored = store.run_settings(settings, args.projection, args.reference_count)
+    cache_dir = config().data_dir / "references"
+    jobs.seed_reference_of_settings(engine, model, stored, args.seed, cache_dir)
+    decomposer = Decomposer(
+        model,
+        settings,
+        projection=args.projection,
+        device=args.device,
+        cache_dir=cache_dir,
+        reference_count=args.reference_count,
+        seed=args.seed,
+        progress=_progress,
+    )
+    run, added = jobs.open_run(engine, model, decomposer, stored, args.seed, request)
+    jobs.DECOMPOSERS.add(run.hash, model, decomposer)
+    print(
+        f"run {run.hash}: {model.name}, {settings.solver} solver, {settings.channels} channels, seed "
+        f"{args.seed}; {added} new shards",
+        file=sys.stderr,
+    )
+    if engine.dialect.name == "postgresql":
+        progress = _decompose_queued(args, url, engine, run, cache_dir)
+    else:
+        progress = _decompose_here(args, engine, run, cache_dir)
+    if progress is None:
+        return
+    if not progress.complete:
+        raise CliError(
+            f"run {run.hash}: {progress.shards_total - progress.shards_done} shards not done, "
+            f"{progress.failed} failed (first error: {progress.last_error}); "
+            "run the same command again to retry them"
+        )
+    print(f"run {run.hash} complete: {progress.shards_total} shards, {progress.neurons_stored} neuron sides")
+
+
+def _shard_bar(engine, run):
+    from tqdm import tqdm
+
+    from channelscope import db
+    from worker import jobs
+
+    with db.session(engine) as session:
+        progress = jobs.run_progress(session, run)
+    return tqdm(
+        total=progress.shards_total,
+        initial=progress.shards_done,
+        desc=f"run {run.hash}",
+        unit="shard",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def _decompose_here(args, engine, run, cache_dir):
+    """SQLite: every missing shard in this process, one after another."""
+    import time
+
+    from channelscope import db
+    from worker import jobs
+
+    bar = _shard_bar(engine, run)
+    started, neurons = time.perf_counter(), 0
+
+    def on_shard(result) -> None:
+        nonlocal neurons
+        neurons += result.neurons
+        bar.update(1)
+        bar.set_postfix_str(f"{neurons / (time.perf_counter() - started):.1f} neurons/s")
+
+    try:
+        for _ in jobs.compute_pending(
+            engine,
+            run,
+            worker=jobs.worker_name(),
+            cache_dir=cache_dir,
+            device=args.device,
+            on_shard=on_shard,
+            on_channel_for=lambda shard, total: _progress(total, jobs.shard_label(shard)),
+        ):
+            pass
+    except jobs.JobError as error:
+        raise CliError(str(error)) from None
+    finally:
+        bar.close()
+    with db.session(engine) as session:
+        return jobs.run_progress(session, run)
+
+
+def _decompose_queued(args, url, engine, run, cache_dir):
+    """PostgreSQL: queue the missing shards and work on them here too; `channelscope worker`
+    processes elsewhere share the queue."""
+    import asyncio
+    import logging
+    import os
+    import signal
+
+    from worker import jobs, queue
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+    logging.getLogger("procrastinate").setLevel(logging.CRITICAL)  # failures are in `status`
+    options = queue.WorkerOptions(
+        name=jobs.worker_name(),
+        cache_dir=cache_dir,
+        device=args.device,
+        specs=[_model_spec(args.model)],
+        concurrency=args.concurrency,
+        heartbeat_seconds=args.heartbeat_seconds,
+        stalled_seconds=args.stalled_seconds,
+    )
+    if args.enqueue_only:
+        added, _ = asyncio.run(
+            queue.decompose(url, engine, run, _model_spec(args.model), options, print, work=False)
+        )
+        print(f"queued {added} shards of run {run.hash}: start `channelscope worker` to compute them")
+        return None
+
+    def leave(*_):
+        # A shard in flight runs in a thread that cannot be interrupted; its job goes back to the
+        # queue once our heartbeat is missed, and its uncommitted rows are rolled back.
+        print("\ninterrupted: the shard in flight returns to the queue", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, leave)
+    bar = _shard_bar(engine, run)
+
+    def on_progress(progress) -> None:
+        bar.total = progress.shards_total
+        bar.update(progress.shards_done - bar.n)
+        if progress.rate:
+            bar.set_postfix_str(f"{progress.rate:.1f} neurons/s (all workers)")
+
+    try:
+        _, progress = asyncio.run(
+            queue.decompose(url, engine, run, _model_spec(args.model), options, on_progress)
+        )
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    return progress
+
+
+def cmd_worker(args) -> None:
+    from worker import jobs, queue
+
+    url, engine = _database()
+    if engine.dialect.name != "postgresql":
+        raise CliError(
+            "workers share a queue in PostgreSQL: set DATABASE_URL=postgresql://...; "
+            "on SQLite, `channelscope decompose` computes the run itself"
+        )
+    queues = None
+    if args.only_run:
+        from channelscope import db
+
+        with db.session(engine) as session:
+            try:
+                queues = [queue.queue_name(jobs.find_run(session, args.only_run).hash)]
+            except jobs.JobError as error:
+                raise CliError(str(error)) from None
+    name = jobs.worker_name()
+
+    def on_shard(result) -> None:
+        verb = "done" if result.committed else "already done elsewhere"
+        print(
+            f"shard {result.shard_id} ({result.label}): {verb}, "
+            f"{result.neurons} neurons in {result.seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    options = queue.WorkerOptions(
+        name=name,
+        cache_dir=config().data_dir / "references",
+        device=args.device,
+        specs=[_model_spec(spec) for spec in args.model],
+        concurrency=args.concurrency,
+        heartbeat_seconds=args.heartbeat_seconds,
+        stalled_seconds=args.stalled_seconds,
+        on_shard=on_shard,
+    )
+    print(
+        f"worker {name} waiting for shards (Ctrl-C or SIGTERM stops it after the current shard)",
+        file=sys.stderr,
+    )
+    queue.run_worker(url, engine, options, queues)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def cmd_status(args) -> None:
+    from dataclasses import asdict
+
+    from sqlalchemy import select
+
+    from channelscope import db
+    from channelscope import tables as T
+    from worker import jobs, queue
+
+    _, engine = _database()
+    with db.session(engine) as session:
+        try:
+            runs = (
+                [jobs.find_run(session, args.only_run)]
+                if args.only_run
+                else session.scalars(select(T.Run).order_by(T.Run.id)).all()
+            )
+        except jobs.JobError as error:
+            raise CliError(str(error)) from None
+        rows = []
+        for run in runs:
+            progress = jobs.run_progress(session, run)
+            row = {**asdict(progress), "complete": progress.complete, "compute_rate": progress.compute_rate}
+            if engine.dialect.name == "postgresql":
+                row["queue"] = queue.job_counts(session, run.hash)
+            rows.append(row)
+        workers = queue.live_workers(session) if engine.dialect.name == "postgresql" else None
+    if args.json:
+        print(json.dumps({"runs": rows, "live_workers": workers}, default=str))
+        return
+    if not rows:
+        print("no runs yet: `channelscope decompose MODEL --layers ...` starts one")
+        return
+    print(
+        f"{'run':12}  {'model':24} {'solver':6} {'C':>3}  {'shards':>11}  {'neurons':>13}  "
+        f"{'rate/s':>7}  {'ETA':>7}  failed"
+    )
+    for r in rows:
+        rate = f"{r['rate']:.1f}" if r["rate"] else "-"
+        print(
+            f"{r['run']:12}  {r['model'][:24]:24} {r['solver']:6} {r['channels']:>3}  "
+            f"{r['shards_done']:>5}/{r['shards_total']:<5}  "
+            f"{r['neurons_stored']:>6}/{r['neurons_total']:<6}  "
+            f"{rate:>7}  {'done' if r['complete'] else _duration(r['eta_seconds']):>7}  {r['failed']}"
+        )
+        if r["last_error"]:
+            print(f"    first error: {r['last_error']}")
+    if workers is not None:
+        print(f"live workers: {workers}")
+
+
+def cmd_export(args) -> None:
+    from channelscope import db, export
+    from worker import jobs
+
+    _, engine = _database()
+    with db.session(engine) as session:
+        try:
+            run = jobs.find_run(session, args.run_hash)
+        except jobs.JobError as error:
+            raise CliError(str(error)) from None
+    output = args.output or ("-" if args.format == "jsonl" else f"{run.hash}.parquet")
+    if output == "-" and args.format == "parquet":
+        raise CliError("parquet cannot go to stdout: give -o FILE")
+    try:
+        count = export.write(engine, run, args.format, output)
+    except BrokenPipeError:  # `export RUN | head`: the reader has all it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    print(f"wrote {count} neuron sides of run {run.hash} to {output}", file=sys.stderr)
+
+
+def cmd_db(args) -> None:
+    from channelscope import db
+
+    _, engine = _database(migrate=args.action == "upgrade")
+    print(f"schema revision {db.current_revision(engine)} (head {db.head_revision()})")
+
+
 # --- serve ---------------------------------------------------------------------------------------
 
 
@@ -204,6 +570,17 @@ def _add_solver_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", type=int, default=1, help="shards at once in this process (default 1)")
+    p.add_argument("--heartbeat-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--stalled-seconds",
+        type=float,
+        default=30.0,
+        help="a worker silent this long is taken for dead and its shard queued again (default 30)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="channelscope", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -222,6 +599,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--workers", type=int, default=1, help="web processes (default 1)")
     p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("decompose", help="create or resume a run and compute its channels")
+    p.add_argument("model", help="smollm2, a .gguf file or a Hugging Face model folder")
+    p.add_argument("--layers", required=True, help="e.g. 20-29 or 0-3,7")
+    p.add_argument("--sides", default="out,in,gate", help="comma-separated (default out,in,gate)")
+    p.add_argument("--neurons", default=None, help="e.g. 0-1535 (default: every neuron)")
+    p.add_argument("--shard-size", type=int, default=64, help="neurons per shard (default 64)")
+    p.add_argument("--projection", choices=["unembedding", "embedding"], default="unembedding")
+    p.add_argument("--reference-count", type=int, default=64, help="random vectors in the reference")
+    _add_worker_options(p)
+    p.add_argument(
+        "--enqueue-only",
+        action="store_true",
+        help="PostgreSQL: queue the shards for workers, compute nothing here",
+    )
+    _add_solver_options(p)
+    p.set_defaults(run=cmd_decompose, default_channels=50)
+
+    p = sub.add_parser("worker", help="compute queued shards (PostgreSQL) until stopped")
+    p.add_argument("--run", dest="only_run", help="only this run's shards (its hash)")
+    p.add_argument("--model", action="append", default=[], help="a model file on this machine (repeatable)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    _add_worker_options(p)
+    p.set_defaults(run=cmd_worker)
+
+    p = sub.add_parser("status", help="progress of every run: shards, neurons, throughput, ETA, failures")
+    p.add_argument("--run", dest="only_run", help="one run (its hash)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("export", help="write a whole run in the JSON API's layout, streaming")
+    p.add_argument("run_hash", metavar="RUN", help="the run's hash (or a unique prefix)")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    p.add_argument("-o", "--output", help="file to write (jsonl default: stdout; parquet: RUN.parquet)")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("db", help="the database schema (Alembic migrations)")
+    p.add_argument("action", choices=["upgrade", "current"])
+    p.set_defaults(run=cmd_db)
     return top
 
 
@@ -229,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "channels", 0) is None:
         args.channels = args.default_channels
-    if getattr(args, "channels", 1) is not None and args.channels < 1:
+    if getattr(args, "channels", None) is not None and args.channels < 1:
         print("error: --channels must be at least 1", file=sys.stderr)
         return 2
     if hasattr(args, "device") and args.device is None:

@@ -1,0 +1,348 @@
+"""Runs and shards: planning, resuming, the done mark, crash safety, and the CLI around them.
+
+Subprocesses get their database and data folder through DATABASE_URL and CHANNELSCOPE_DATA_DIR,
+and one torch thread each: two of them share this machine's two cores with pytest."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from channelscope import cli, db
+from channelscope import tables as T
+from channelscope.settings import config
+from worker import jobs, rotate
+from worker.analysis import TOP_K, Decomposer
+from worker.weights import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--channels", "3", "--reference-count", "8"]
+
+
+@pytest.fixture
+def run_cli(monkeypatch, tmp_path):
+    """`channelscope ...` in this process, against the given database."""
+
+    def call(url: str, *args: str) -> int:
+        monkeypatch.setenv("DATABASE_URL", url)
+        monkeypatch.setenv("CHANNELSCOPE_DATA_DIR", str(tmp_path / "data"))
+        config.cache_clear()
+        return cli.main([str(a) for a in args])
+
+    yield call
+    config.cache_clear()
+
+
+def spawn(url: str, data_dir: Path, log: Path, *args: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "CHANNELSCOPE_DATA_DIR": str(data_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "channelscope.cli", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None, log=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            pytest.fail(
+                f"the process ended (rc {process.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+            )
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}" + (f":\n{log.read_text()[-3000:]}" if log else ""))
+
+
+def shard_rows(engine):
+    with db.session(engine) as session:
+        return session.execute(
+            select(
+                T.Shard.id,
+                T.Shard.layer,
+                T.Shard.side,
+                T.Shard.neuron_start,
+                T.Shard.neuron_stop,
+                T.Shard.done_at,
+                T.Shard.worker,
+                T.Shard.attempts,
+            ).order_by(T.Shard.id)
+        ).all()
+
+
+def assert_rows_match_done_shards(engine, channels: int) -> set:
+    """Every stored neuron belongs to a done shard, every done shard has all of its neurons,
+    and every neuron all of its channels and token rows. Returns {(run id, layer, side, neuron)}."""
+    with db.session(engine) as session:
+        neurons = session.execute(
+            select(T.Neuron.run_id, T.Neuron.layer, T.Neuron.side, T.Neuron.neuron, T.Neuron.shard_id)
+        ).all()
+        done = {s.id: s for s in session.scalars(select(T.Shard).where(T.Shard.done_at.is_not(None)))}
+        n_channels = session.scalar(select(func.count()).select_from(T.Channel))
+        n_tokens = session.scalar(select(func.count()).select_from(T.ChannelToken))
+    keys = {tuple(row[:4]) for row in neurons}
+    assert len(keys) == len(neurons), "a neuron was stored twice"
+    expected = {
+        (s.run_id, s.layer, s.side, n) for s in done.values() for n in range(s.neuron_start, s.neuron_stop)
+    }
+    assert keys == expected
+    assert all(row.shard_id in done for row in neurons), "a neuron of an unfinished shard"
+    assert n_channels == len(neurons) * channels
+    assert n_tokens == len(neurons) * channels * TOP_K
+    return keys
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def test_blocks_are_aligned_so_extending_cuts_the_same_shards():
+    assert jobs.blocks(list(range(0, 100)), [], 64) == [(0, 64), (64, 100)]
+    # Extending 0-99 to 0-199 fills the rest of the block first, then whole blocks.
+    assert jobs.blocks(list(range(0, 200)), [(0, 64), (64, 100)], 64) == [(100, 128), (128, 192), (192, 200)]
+    # Gaps in the request are never bridged.
+    assert jobs.blocks([0, 1, 2, 3, 7], [], 64) == [(0, 4), (7, 8)]
+    assert jobs.blocks([5, 6], [(0, 10)], 4) == []
+
+
+def test_check_request_names_the_bad_value(tiny_folder):
+    model = load_model(tiny_folder)
+    with pytest.raises(jobs.JobError, match="layer 2 is out of range: tiny-llama has layers 0-1"):
+        jobs.check_request(model, jobs.Request([0, 2], ["out"], [0]))
+    with pytest.raises(jobs.JobError, match="neuron 128 is out of range"):
+        jobs.check_request(model, jobs.Request([0], ["out"], [127, 128]))
+    with pytest.raises(jobs.JobError, match="unknown side 'up'"):
+        jobs.check_request(model, jobs.Request([0], ["up"], [0]))
+
+
+# --- a run through `decompose`, read back ---------------------------------------------------------
+
+
+def test_decompose_stores_what_the_engine_computes_and_resumes_without_recomputing(
+    database_url, tiny_folder, tmp_path, run_cli
+):
+    args = ["decompose", tiny_folder, "--layers", "1", "--sides", "gate,out", "--neurons", "0-9"]
+    assert run_cli(database_url, *args, "--shard-size", "4", *SMALL) == 0
+    engine = db.make_engine(database_url)
+    shards = shard_rows(engine)
+    # `out` first, then the read side; blocks of 4 aligned at multiples of 4.
+    assert [(s.side, s.neuron_start, s.neuron_stop) for s in shards] == [
+        ("out", 0, 4), ("out", 4, 8), ("out", 8, 10), ("gate", 0, 4), ("gate", 4, 8), ("gate", 8, 10),
+    ]  # fmt: skip
+    assert all(s.done_at is not None and s.attempts == 1 for s in shards)
+
+    model = load_model(tiny_folder)
+    settings = rotate.with_overrides(rotate.Settings(), channels=3)
+    decomposer = Decomposer(model, settings, reference_count=8, cache_dir=tmp_path / "ref")
+    with db.session(engine) as session:
+        (run,) = session.scalars(select(T.Run)).all()
+        # Shard by shard, as the run computed them: a GEMM's rounding depends on its batch.
+        for shard in shards:
+            ids = list(range(shard.neuron_start, shard.neuron_stop))
+            for record in decomposer.neurons(1, shard.side, ids):
+                side = shard.side
+                row = session.scalar(
+                    select(T.Neuron).where(T.Neuron.side == side, T.Neuron.neuron == record.neuron)
+                )
+                assert row.run_id == run.id
+                assert np.array_equal(T.unpack(row.vector, "float32"), record.vector)
+                assert row.kurtosis == pytest.approx(record.kurtosis, rel=1e-9)
+                assert [t for t, _ in row.top_tokens] == record.top_ids.tolist()
+                stored = session.scalars(
+                    select(T.Channel).where(T.Channel.neuron_id == row.id).order_by(T.Channel.channel)
+                ).all()
+                for channel, computed in zip(stored, record.channels, strict=True):
+                    assert np.allclose(T.unpack(channel.vector, "float16"), computed.vector, atol=1e-3)
+                    assert channel.kurtosis == pytest.approx(computed.kurtosis, rel=1e-9)
+                    assert channel.faithfulness_percentile == pytest.approx(computed.faithfulness_percentile)
+                    assert np.array_equal(T.unpack(channel.masked, "int32"), computed.masked)
+
+    # The same command again: the same run, nothing added, nothing recomputed.
+    assert run_cli(database_url, *args, "--shard-size", "4", *SMALL) == 0
+    assert shard_rows(engine) == shards
+    # Wider neurons extend the same run: only the new block is added and computed.
+    assert run_cli(database_url, "decompose", tiny_folder, "--layers", "1", "--sides", "out",
+                   "--neurons", "0-13", "--shard-size", "4", *SMALL) == 0  # fmt: skip
+    extended = shard_rows(engine)
+    assert extended[: len(shards)] == shards
+    assert [(s.side, s.neuron_start, s.neuron_stop) for s in extended[len(shards) :]] == [
+        ("out", 10, 12),
+        ("out", 12, 14),
+    ]
+    # Another seed is another run.
+    assert run_cli(database_url, *args, "--seed", "1", *SMALL) == 0
+    with db.session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(T.Run)) == 2
+    assert_rows_match_done_shards(engine, 3)
+    engine.dispose()
+
+
+def test_a_late_commit_of_a_done_shard_is_rejected_by_the_database(database_url, tiny_folder, run_cli):
+    assert run_cli(database_url, "decompose", tiny_folder, "--layers", "0", "--sides", "in",
+                   "--neurons", "0-3", *SMALL) == 0  # fmt: skip
+    engine = db.make_engine(database_url)
+    (shard,) = shard_rows(engine)
+    model = load_model(tiny_folder)
+    decomposer = Decomposer(model, rotate.with_overrides(rotate.Settings(), channels=3), reference_count=8)
+    records = decomposer.neurons(0, "in", [0, 1, 2, 3])
+    # A second worker that computed the same shard: its done mark touches no row, so it rolls back.
+    assert jobs.commit_shard(engine, shard.id, records, seconds=1.0, worker="late") is False
+    # Even with the done mark cleared, the unique constraint refuses the second copy of the neurons.
+    with db.session(engine) as session, session.begin():
+        session.execute(T.Shard.__table__.update().values(done_at=None))
+    assert jobs.commit_shard(engine, shard.id, records, seconds=1.0, worker="late") is False
+    assert shard_rows(engine)[0].done_at is None and shard_rows(engine)[0].worker != "late"
+    with db.session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(T.Neuron)) == 4
+    engine.dispose()
+
+
+# --- crash safety ---------------------------------------------------------------------------------
+
+
+def test_decompose_killed_mid_run_resumes_to_exactly_the_expected_rows(database_url, tiny_folder, tmp_path):
+    args = ["decompose", tiny_folder, "--layers", "0-1", "--sides", "out", "--neurons", "0-23",
+            "--shard-size", "4", "--heartbeat-seconds", "0.5", "--stalled-seconds", "2", *SMALL]  # fmt: skip
+    data = tmp_path / "data"
+    engine = db.make_engine(database_url)
+    log = tmp_path / "first.log"
+    first = spawn(database_url, data, log, *args)
+
+    def some_done():
+        rows = shard_rows(engine)
+        return rows and 2 <= sum(s.done_at is not None for s in rows) < len(rows)
+
+    wait_for(some_done, 120, "two shards done", first, log)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {s.id: s.done_at for s in shard_rows(engine) if s.done_at is not None}
+    assert 2 <= len(before) < 12
+    assert_rows_match_done_shards(engine, 3)  # nothing partial left behind
+
+    log = tmp_path / "second.log"
+    second = spawn(database_url, data, log, *args)
+    assert second.wait(timeout=180) == 0, log.read_text()[-3000:]
+    after = shard_rows(engine)
+    assert len(after) == 12 and all(s.done_at is not None for s in after)
+    assert {s.id: s.done_at for s in after if s.id in before} == before  # committed shards kept
+    keys = assert_rows_match_done_shards(engine, 3)
+    assert {key[1:] for key in keys} == {(layer, "out", n) for layer in (0, 1) for n in range(24)}
+    engine.dispose()
+
+
+def test_two_workers_share_a_run_and_survive_one_being_killed(postgres_url, tiny_folder, tmp_path, run_cli):
+    assert run_cli(postgres_url, "decompose", tiny_folder, "--layers", "0-1", "--sides", "out,in",
+                   "--neurons", "0-31", "--shard-size", "8", "--channels", "6", "--reference-count", "8",
+                   "--enqueue-only") == 0  # fmt: skip
+    engine = db.make_engine(postgres_url)
+    total = len(shard_rows(engine))
+    assert total == 16
+    # Each worker has a data folder of its own: it takes the run's reference from the database.
+    options = ["--heartbeat-seconds", "0.5", "--stalled-seconds", "2"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = spawn(postgres_url, tmp_path / "a", logs[0], "worker", *options)
+    b = spawn(postgres_url, tmp_path / "b", logs[1], "worker", *options)
+    host = socket.gethostname()
+    try:
+
+        def a_in_flight():
+            return [s for s in shard_rows(engine) if s.worker == f"{host}:{a.pid}" and s.done_at is None]
+
+        (victim,) = wait_for(a_in_flight, 120, "worker A to start a shard", a, logs[0])
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        wait_for(
+            lambda: all(s.done_at is not None for s in shard_rows(engine)),
+            120,
+            "worker B to finish the run",
+            b,
+            logs[1],
+        )
+    finally:
+        for process in (a, b):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    rows = {s.id: s for s in shard_rows(engine)}
+    assert rows[victim.id].worker == f"{host}:{b.pid}" and rows[victim.id].attempts == 2
+    assert {s.worker for s in rows.values()} <= {f"{host}:{a.pid}", f"{host}:{b.pid}"}
+    keys = assert_rows_match_done_shards(engine, 6)
+    assert len(keys) == 2 * 2 * 32
+    with engine.connect() as connection:
+        queued = connection.exec_driver_sql(
+            "SELECT (args->>'shard')::int, status::text, attempts FROM procrastinate_jobs"
+        ).all()
+    assert sorted(shard for shard, _, _ in queued) == sorted(rows)  # one job per shard
+    assert {status for _, status, _ in queued} == {"succeeded"}
+    assert {shard for shard, _, attempts in queued if attempts > 1} == {victim.id}  # retried once
+    assert "queued again" in logs[1].read_text()
+    engine.dispose()
+
+
+# --- status and errors ----------------------------------------------------------------------------
+
+
+def test_status_reports_progress_as_json(sqlite_url, tiny_folder, run_cli, capsys):
+    assert run_cli(sqlite_url, "decompose", tiny_folder, "--layers", "0", "--sides", "out",
+                   "--neurons", "0-5", "--shard-size", "4", *SMALL) == 0  # fmt: skip
+    capsys.readouterr()
+    assert run_cli(sqlite_url, "status", "--json") == 0
+    import json
+
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["complete"] and run["shards_done"] == run["shards_total"] == 2
+    assert run["neurons_stored"] == run["neurons_total"] == 6
+    assert run["failed"] == 0 and run["layers"] == [0] and run["sides"] == ["out"]
+    assert run["compute_rate"] > 0 and run["channels"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["decompose", "no-such-model", "--layers", "0"], "no model at"),
+        (["decompose", "{tiny}", "--layers", "5-3"], "--layers: '5-3' is an empty range"),
+        (["decompose", "{tiny}", "--layers", "0-9"], "layer 2 is out of range: tiny-llama has layers 0-1"),
+        (["decompose", "{tiny}", "--layers", "0", "--neurons", "120-130"], "neuron 128 is out of range"),
+        (["decompose", "{tiny}", "--layers", "0", "--sides", "out,up"], "unknown side 'up'"),
+        (["worker"], "workers share a queue in PostgreSQL"),
+        (["export", "abcdef"], "no run 'abcdef' in this database"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(args, message, sqlite_url, tiny_folder, run_cli, capsys):
+    args = [a.replace("{tiny}", str(tiny_folder)) for a in args]
+    assert run_cli(sqlite_url, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_database_that_cannot_be_reached_gets_one_clear_line(run_cli, capsys):
+    assert run_cli("postgresql://someone:secret@127.0.0.1:9/nowhere", "status") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        "error: cannot connect to the database at postgresql+psycopg://someone:***@127.0.0.1:9"
+    )
+    assert "secret" not in err and len(err.splitlines()) == 1
+
+
+def test_an_old_schema_is_refused_with_the_command_that_fixes_it(tmp_path, run_cli, capsys):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db.upgrade(url, "0001")
+    assert run_cli(url, "status") == 2
+    assert "run `channelscope db upgrade`" in capsys.readouterr().err
+    assert run_cli(url, "db", "upgrade") == 0
+    assert run_cli(url, "status") == 0

@@ -18,6 +18,10 @@ class Config(BaseSettings):
     # Where the web app may load models from (os.pathsep-separated); the SmolLM2 wheel is always allowed.
     model_dirs: str = Field("", alias="CHANNELSCOPE_MODEL_DIRS")
     device: str = Field("auto", alias="CHANNELSCOPE_DEVICE")
+    # The ablation page's model runs: admitted at once (running + waiting; beyond: 429), and the
+    # time limit of one run in seconds (waiting for the model included).
+    model_runs: int = Field(2, alias="CHANNELSCOPE_MODEL_RUNS", ge=1)
+    model_timeout: float = Field(10.0, alias="CHANNELSCOPE_MODEL_TIMEOUT", gt=0)
 
     @property
     def database(self) -> str:

@@ -5,7 +5,8 @@ bytes (see `pack`/`unpack`): compact, and the same on SQLite and PostgreSQL.
 
     models ─< runs ─< shards             a run is split into shards (layer x side x neuron block)
       │        └─< neurons ─< channels ─< channel_tokens   (the token index)
-      └─< references                     random-vector reference per model and settings
+      ├─< references                     random-vector reference per model and settings
+      └─< activation_thresholds          per layer: each neuron's 90th percentile over the corpus
 """
 
 from __future__ import annotations
@@ -235,3 +236,22 @@ class ChannelToken(Base):
     kurtosis: Mapped[float] = mapped_column(Float)
     faithfulness_percentile: Mapped[float] = mapped_column(Float)
     generic: Mapped[bool] = mapped_column(Boolean)
+
+
+class ActivationThreshold(Base):
+    """Each neuron's activation quantile over the committed corpus (corpus/texts.jsonl), one row
+    per model, corpus, quantile and layer. A neuron is *active* at a position when its activation
+    act(g) * u is above its own 90th percentile (method.md, "Conventions"); the ablation page and
+    `channelscope eval-ablation` read it here rather than running the corpus per request."""
+
+    __tablename__ = "activation_thresholds"
+    __table_args__ = (UniqueConstraint("model_id", "corpus", "quantile", "layer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    corpus: Mapped[str] = mapped_column(String(16))  # sha256 prefix of the corpus file
+    quantile: Mapped[float] = mapped_column(Float)  # 0.9
+    layer: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)  # corpus positions the quantile is over
+    thresholds: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_mlp]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)

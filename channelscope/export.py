@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from sqlalchemy import Engine, select, tuple_
 
+from app import queries
 from app.schemas import NeuronSideOut, neuron_side
 from channelscope import db
 from channelscope import tables as T
@@ -29,41 +30,35 @@ BATCH = 256  # neuron sides per read: ~13k channel rows and ~256k token rows at 
 
 
 def neuron_sides(engine: Engine, run: T.Run, batch: int | None = None) -> Iterator[list[NeuronSideOut]]:
-    """The run's neuron sides, a batch at a time, in (layer, side, neuron) order."""
+    """The run's neuron sides, a batch at a time, in (layer, side, neuron) order. Channels and
+    token rows are read by the web app's own queries."""
     batch = batch or BATCH
     with db.session(engine) as session:
         model = session.get(T.Model, run.model_id)
         tokens = json.loads(zlib.decompress(model.vocabulary))["tokens"]
         after: tuple[int, str, int] | None = None
         while True:
-            query = select(T.Neuron).where(T.Neuron.run_id == run.id)
+            query = select(*queries.NEURON_COLUMNS).where(T.Neuron.run_id == run.id)
             if after is not None:
                 query = query.where(tuple_(T.Neuron.layer, T.Neuron.side, T.Neuron.neuron) > tuple_(*after))
-            neurons = session.scalars(
+            neurons = session.execute(
                 query.order_by(T.Neuron.layer, T.Neuron.side, T.Neuron.neuron).limit(batch)
             ).all()
             if not neurons:
                 return
             ids = [n.id for n in neurons]
             channels: dict[int, list] = {}
-            by_neuron = select(T.Channel).where(T.Channel.neuron_id.in_(ids))
-            for row in session.scalars(by_neuron.order_by(T.Channel.neuron_id, T.Channel.channel)):
+            for row in queries.channels(session, ids):
                 channels.setdefault(row.neuron_id, []).append(row)
             ranked: dict[int, dict[int, list[tuple[int, float]]]] = {}
-            ct = T.ChannelToken
-            for neuron_id, channel, token, z in session.execute(
-                select(ct.neuron_id, ct.channel, ct.token_id, ct.z)
-                .where(ct.neuron_id.in_(ids))
-                .order_by(ct.neuron_id, ct.channel, ct.rank)
-            ):
-                ranked.setdefault(neuron_id, {}).setdefault(channel, []).append((token, z))
+            for (neuron_id, index), pairs in queries.channel_tokens(session, ids).items():
+                ranked.setdefault(neuron_id, {})[index] = pairs
             yield [
                 neuron_side(model.name, run.hash, n, channels.get(n.id, []), ranked.get(n.id, {}), tokens)
                 for n in neurons
             ]
             last = neurons[-1]
             after = (last.layer, last.side, last.neuron)
-            session.expunge_all()  # the identity map would otherwise keep every row read
 
 
 def write(engine: Engine, run: T.Run, fmt: str, path: str | Path) -> int:

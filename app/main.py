@@ -17,7 +17,7 @@ from sqlalchemy.orm import sessionmaker
 
 from app import errors
 from app.responses import ROOT, CachedPages, PageStore, SecurityHeaders, render_html
-from app.routes import home, models, neurons, search
+from app.routes import ablation, home, models, neurons, search
 from channelscope import db
 
 STATEMENT_TIMEOUT_MS = 10_000  # a page query that runs longer is stopped and answered with 504
@@ -46,7 +46,7 @@ def create_app(database_url: str | None = None, page_cache_bytes: int = 64 * 2**
     app.state.pages = PageStore(page_cache_bytes)
 
     errors.install(app)
-    for module in (home, models, neurons, search):
+    for module in (home, models, neurons, search, ablation):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
 

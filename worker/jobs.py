@@ -128,7 +128,7 @@ def open_run(
                     session, model_row, decomposer.reference_key, decomposer.reference
                 )
                 run = store.ensure_run(session, model_row, settings, seed, reference_row)
-                added = _add_shards(session, run, request)
+                added = add_shards(session, run, request)
             return run, added
         except IntegrityError:
             # Another process created the model, reference or run between our read and write;
@@ -138,7 +138,7 @@ def open_run(
     raise AssertionError("unreachable")
 
 
-def _add_shards(session: Session, run: T.Run, request: Request) -> int:
+def add_shards(session: Session, run: T.Run, request: Request) -> int:
     # Serialise planners of one run (PostgreSQL; SQLite has one writer anyway), so two commands
     # with different --shard-size cannot cut overlapping shards.
     session.execute(select(T.Run.id).where(T.Run.id == run.id).with_for_update())

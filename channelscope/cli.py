@@ -273,11 +273,9 @@ def cmd_decompose(args) -> None:
     if progress is None:
         return
     if not progress.complete:
-        raise CliError(
-            f"run {run.hash}: {progress.shards_total - progress.shards_done} shards not done, "
-            f"{progress.failed} failed (first error: {progress.last_error}); "
-            "run the same command again to retry them"
-        )
+        missing = progress.shards_total - progress.shards_done
+        why = f"{progress.failed} failed, first: {progress.last_error}" if progress.failed else "not queued"
+        raise CliError(f"run {run.hash}: {missing} shards not done ({why}); run the same command again")
     print(f"run {run.hash} complete: {progress.shards_total} shards, {progress.neurons_stored} neuron sides")
 
 

@@ -3,6 +3,7 @@
 Subprocesses get their database and data folder through DATABASE_URL and CHANNELSCOPE_DATA_DIR,
 and one torch thread each: two of them share this machine's two cores with pytest."""
 
+import json
 import os
 import signal
 import socket
@@ -302,8 +303,6 @@ def test_status_reports_progress_as_json(sqlite_url, tiny_folder, run_cli, capsy
                    "--neurons", "0-5", "--shard-size", "4", *SMALL) == 0  # fmt: skip
     capsys.readouterr()
     assert run_cli(sqlite_url, "status", "--json") == 0
-    import json
-
     (run,) = json.loads(capsys.readouterr().out)["runs"]
     assert run["complete"] and run["shards_done"] == run["shards_total"] == 2
     assert run["neurons_stored"] == run["neurons_total"] == 6
@@ -346,3 +345,40 @@ def test_an_old_schema_is_refused_with_the_command_that_fixes_it(tmp_path, run_c
     assert "run `channelscope db upgrade`" in capsys.readouterr().err
     assert run_cli(url, "db", "upgrade") == 0
     assert run_cli(url, "status") == 0
+
+
+def test_a_failing_shard_is_recorded_reported_and_retried_by_the_next_command(
+    database_url, tiny_folder, run_cli, monkeypatch, capsys
+):
+    args = ["decompose", tiny_folder, "--layers", "0", "--sides", "out", "--neurons", "0-7",
+            "--shard-size", "4", *SMALL]  # fmt: skip
+    original = Decomposer.neurons
+
+    def fails_on_the_second_block(self, layer, side, ids, on_channel=None):
+        if ids[0] == 4:
+            raise RuntimeError("out of memory on this block")
+        return original(self, layer, side, ids, on_channel)
+
+    monkeypatch.setattr(Decomposer, "neurons", fails_on_the_second_block)
+    if database_url.startswith("sqlite"):
+        with pytest.raises(RuntimeError, match="out of memory"):  # in-process: the error itself
+            run_cli(database_url, *args)
+    else:
+        assert run_cli(database_url, *args) == 2
+        assert (
+            "1 shards not done (1 failed, first: RuntimeError: out of memory on this block)"
+            in capsys.readouterr().err
+        )
+    capsys.readouterr()
+    assert run_cli(database_url, "status", "--json") == 0
+    (status,) = json.loads(capsys.readouterr().out)["runs"]
+    assert status["shards_done"] == 1 and status["failed"] == 1
+    assert status["last_error"] == "RuntimeError: out of memory on this block"
+
+    monkeypatch.setattr(Decomposer, "neurons", original)
+    assert run_cli(database_url, *args) == 0
+    engine = db.make_engine(database_url)
+    retried = [s for s in shard_rows(engine) if s.neuron_start == 4]
+    assert retried[0].done_at is not None and retried[0].attempts == 2
+    assert len(assert_rows_match_done_shards(engine, 3)) == 8
+    engine.dispose()

@@ -7,6 +7,7 @@ reaches a query, so hostile input never becomes a database error.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import PurePath
 
 import numpy as np
@@ -35,6 +36,12 @@ def model_out(row: Row) -> pages.ModelOut:
     )
 
 
+def utc(moment: datetime) -> datetime:
+    """Stored times are UTC (tables.now); SQLite hands them back without the zone, and JSON's
+    date-time (RFC 3339) needs one."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def run_out(model_name: str, run: Row, progress: Row) -> pages.RunOut:
     return pages.RunOut(
         hash=run.hash,
@@ -44,7 +51,7 @@ def run_out(model_name: str, run: Row, progress: Row) -> pages.RunOut:
         channels=run.run_channels,
         projection=run.projection,
         algorithm_version=run.algorithm_version,
-        created_at=run.run_created_at,
+        created_at=utc(run.run_created_at),
         settings=run.settings,
         shards_done=progress.shards_done,
         shards_total=progress.shards_total,

@@ -167,7 +167,7 @@ def finish(request: Request, body: bytes, media_type: str, immutable: bool, stat
     return Response(body, status_code=status, media_type=media_type, headers=headers)
 
 
-def _problem_responses(html: bool) -> dict:
+def problem_responses(html: bool) -> dict:
     content = {"text/html": {"schema": {"type": "string"}}} if html else None
     out = {}
     for status, description in [
@@ -216,7 +216,7 @@ def page(router: APIRouter, path: str, template: str, model: type[BaseModel], su
             response_model=model,
             response_class=JSONResponse,
             summary=summary + " (JSON)",
-            responses=_problem_responses(html=False),
+            responses=problem_responses(html=False),
             tags=["json"],
         )
         router.add_api_route(
@@ -226,7 +226,7 @@ def page(router: APIRouter, path: str, template: str, model: type[BaseModel], su
             response_class=HTMLResponse,
             summary=summary,
             responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
-            | _problem_responses(html=True),
+            | problem_responses(html=True),
             tags=["pages"],
         )
         return build

@@ -12,7 +12,7 @@ from fastapi.responses import RedirectResponse
 from app import lookup, pages, plots, queries, urls
 from app.database import DbSession
 from app.errors import Malformed, NotFound
-from app.responses import Result, page
+from app.responses import Result, page, problem_responses
 
 router = APIRouter()
 
@@ -37,7 +37,8 @@ SORT_LABELS = {
     tags=["pages"],
     summary="A random computed neuron (redirect)",
     status_code=303,
-    responses={303: {"description": "to a neuron page"}, 404: {"model": pages.Problem}},
+    response_class=RedirectResponse,
+    responses={303: {"description": "to a neuron page"}} | problem_responses(html=True),
 )
 def random_neuron(
     request: Request, session: DbSession, model: ModelName, run: RunParam = None, side: Side | None = None

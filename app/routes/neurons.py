@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app import lookup, nearest, pages, plots, queries, urls
 from app.database import DbSession
 from app.errors import NotFound
-from app.responses import Result, finish, page, render_html
+from app.responses import Result, finish, page, problem_responses, render_html
 from app.schemas import TokenScore, neuron_side
 from channelscope import tables as T
 from channelscope.tokens import visible
@@ -188,7 +188,7 @@ HistogramRun = Annotated[
     response_model=pages.Histogram,
     tags=["json"],
     summary="z-score histogram of a neuron side's projection (JSON)",
-    responses={404: {"model": pages.Problem}, 422: {"model": pages.Problem}},
+    responses=problem_responses(html=False),
 )
 def neuron_histogram_json(
     request: Request,
@@ -207,11 +207,8 @@ def neuron_histogram_json(
     "/m/{model}/{layer}/{neuron}/histogram.svg",
     tags=["pages"],
     summary="z-score histogram of a neuron side's projection, log scale (SVG)",
-    responses={
-        200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}}},
-        404: {"content": {"text/html": {"schema": {"type": "string"}}}},
-        422: {"content": {"text/html": {"schema": {"type": "string"}}}},
-    },
+    responses={200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}}}}
+    | problem_responses(html=True),
 )
 def neuron_histogram_svg(
     request: Request,
@@ -367,7 +364,9 @@ def compare_page(
         neuron=neuron,
         side=side,
         runs=[
-            pages.RunChoice(hash=r.hash, solver=r.solver, seed=r.seed, created_at=r.run_created_at)
+            pages.RunChoice(
+                hash=r.hash, solver=r.solver, seed=r.seed, created_at=lookup.utc(r.run_created_at)
+            )
             for r in runs
         ],
         run_a=None,

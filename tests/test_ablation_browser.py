@@ -1,0 +1,120 @@
+"""The ablation controls in a real browser (Debian's Chromium through Playwright): on the neuron
+page, switching a channel off shows its result in place (htmx), and with JavaScript off the same
+form submits to the ablation page, whose result changes with the toggles."""
+
+import socket
+import threading
+import time
+
+import pytest
+from ablationstore import LAYER, fill_store, make_app
+
+from channelscope import db
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_gguf):
+    import uvicorn
+
+    folder = tmp_path_factory.mktemp("ablation-browser")
+    url = f"sqlite:///{folder / 'store.db'}"
+    db.upgrade(url)
+    run = fill_store(url, tiny_gguf, folder)
+    app = make_app(url, [tiny_gguf.parent])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if uv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", run
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from pathlib import Path
+
+    from conftest import unavailable
+
+    if not Path(CHROMIUM).exists():
+        unavailable(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+def check(page, channel: int) -> None:
+    """Tick a channel's toggle, opening the folded generic / below-cut-off list if it is there."""
+    box = page.locator(f"form.ablation-form input[name=channels][value='{channel}']")
+    if not box.is_visible():
+        page.locator("form.ablation-form details summary").first.click()
+    box.check()
+
+
+def _selectivity(page) -> str:
+    return page.locator("#ablation-result .selectivity").first.inner_text()
+
+
+def test_with_javascript_a_toggle_updates_the_result_in_place(server, browser):
+    base, run = server
+    page = browser.new_page()
+    page.goto(f"{base}/m/tiny-llama/{LAYER}/0?run={run}")
+    form = page.locator("form.ablation-form")
+    assert form.count() == 1
+    assert page.locator("#ablation-result .selectivity").count() == 0  # nothing ablated yet
+    check(page, 0)
+    page.wait_for_selector("#ablation-result .selectivity", timeout=30_000)
+    assert "/ablate?" in page.url and "channels=0" in page.url  # the permalink was pushed
+    assert page.locator("h1").inner_text().startswith(f"Layer {LAYER}, neuron 0")  # still the neuron page
+    first = _selectivity(page)
+    assert "S at weight level" in first and "random-direction baseline" in first
+    assert page.locator("#ablation-result .strip .tok").count() > 5  # the real model ran on the prompt
+
+    check(page, 1)
+    page.wait_for_function(
+        "() => document.querySelector('#ablation-result .applied')?.innerText.includes('channel 1')",
+        timeout=30_000,
+    )
+    assert "channels=0" in page.url and "channels=1" in page.url
+    page.close()
+
+
+def test_without_javascript_the_form_submits_to_the_ablation_page(server, browser):
+    base, run = server
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(f"{base}/m/tiny-llama/{LAYER}/0?run={run}")
+    check(page, 0)
+    page.locator("form.ablation-form button[type=submit]").click()
+    page.wait_for_url("**/ablate?**")
+    assert "ablation" in page.locator("h1").inner_text()
+    applied = page.locator("#ablation-result .applied").inner_text()
+    assert "channel 0" in applied and "channel 2" not in applied
+    assert page.locator("#ablation-result .strip .tok").count() > 5
+
+    check(page, 2)
+    page.locator("form.ablation-form button[type=submit]").click()
+    page.wait_for_function("() => location.search.includes('channels=2')")
+    applied = page.locator("#ablation-result .applied").inner_text()
+    assert "channel 0" in applied and "channel 2" in applied
+    context.close()

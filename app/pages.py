@@ -84,8 +84,9 @@ class LayerSideCell(BaseModel):
 
 class ModelPage(BaseModel):
     model: ModelOut
-    run: RunOut | None
+    run: RunOut | None  # the run shown: pinned, or the newest with neurons
     pinning: Pinning | None
+    runs: list[RunOut]  # every run of the model, each URL pinning this page to it
     cells: list[LayerSideCell]
     random_url: str
 

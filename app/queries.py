@@ -117,8 +117,9 @@ def _progress_columns():
     )
 
 
-def runs_with_progress(session: Session) -> Sequence[Row]:
-    """Every run with its model's name and its shard counts, newest first (the home page)."""
+def runs_with_progress(session: Session, model_id: int | None = None) -> Sequence[Row]:
+    """Every run (of one model, if given) with its model's name and its shard counts, newest
+    first (the home and model pages)."""
     query = (
         select(*RUN_COLUMNS, T.Model.name.label("model_name"), *_progress_columns())
         .join(T.Model, T.Model.id == T.Run.model_id)
@@ -126,6 +127,8 @@ def runs_with_progress(session: Session) -> Sequence[Row]:
         .group_by(T.Run.id, T.Model.name)
         .order_by(*NEWEST)
     )
+    if model_id is not None:
+        query = query.where(T.Run.model_id == model_id)
     return session.execute(query).all()
 
 

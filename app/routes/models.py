@@ -64,14 +64,14 @@ def model_page(request: Request, session: DbSession, model: ModelName, run: RunP
     for the pinned run or the newest run with neurons."""
     model_row = lookup.model(session, model)
     out = lookup.model_out(model_row)
+    runs = [lookup.run_out(model_row.name, r, r) for r in queries.runs_with_progress(session, model_row.id)]
     if run is None:
         run_row = queries.newest_run(session, model_row.id)
     else:
         run_row = lookup.run(session, model_row, run)
     if run_row is None:
-        return Result(pages.ModelPage(model=out, run=None, pinning=None, cells=[], random_url=""))
-    progress = queries.run_progress(session, run_row.run_id)
-    run_out = lookup.run_out(model_row.name, run_row, progress)
+        return Result(pages.ModelPage(model=out, run=None, pinning=None, runs=runs, cells=[], random_url=""))
+    run_out = next(r for r in runs if r.hash == run_row.hash)
     pin = run if run is not None else None
     cells = [
         pages.LayerSideCell(
@@ -90,6 +90,7 @@ def model_page(request: Request, session: DbSession, model: ModelName, run: RunP
         model=out,
         run=run_out,
         pinning=lookup.pinning(run is not None, urls.model(model_row.name, run=run_row.hash)),
+        runs=runs,
         cells=cells,
         random_url=urls.random_neuron(model_row.name, run=pin),
     )

@@ -311,7 +311,7 @@ def _decompose_here(args, engine, run, cache_dir):
         nonlocal neurons
         neurons += result.neurons
         bar.update(1)
-        bar.set_postfix_str(f"{neurons / (time.perf_counter() - started):.1f} neurons/s")
+        bar.set_postfix_str(f"{neurons / (time.perf_counter() - started):.3g} neurons/s")
 
     try:
         for _ in jobs.compute_pending(
@@ -373,7 +373,7 @@ def _decompose_queued(args, url, engine, run, cache_dir):
         bar.total = progress.shards_total
         bar.update(progress.shards_done - bar.n)
         if progress.rate:
-            bar.set_postfix_str(f"{progress.rate:.1f} neurons/s (all workers)")
+            bar.set_postfix_str(f"{progress.rate:.3g} neurons/s (all workers)")
 
     try:
         _, progress = asyncio.run(

@@ -20,7 +20,7 @@ from app import pages
 from app.schemas import ChannelOut, TokenScore
 from channelscope import tables as T
 from channelscope.tokens import visible
-from worker import ablation, corpus, rotate
+from worker import ablation, corpus, measures, rotate
 from worker.intervention import Effect
 
 MAX_PROMPT_TOKENS = 512
@@ -384,8 +384,6 @@ class Prepared:
         e, scored = self.effect, self.scored
         sign = 1.0 if float(rotate.skewness(e.before)) >= 0 else -1.0
         zs = rotate.z_scores(torch.stack([e.before, e.after]), scored)
-        from worker import measures
-
         top_before = measures.top_tokens(zs[0], scored, sign, LIST_TOKENS)[0]
         top_after = measures.top_tokens(zs[1], scored, sign, LIST_TOKENS)[0]
         drops, rises = ablation.moved_tokens(e.before, e.after, scored, LIST_TOKENS)

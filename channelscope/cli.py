@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from channelscope.settings import config
 from channelscope.tokens import visible
@@ -552,6 +553,54 @@ def cmd_serve(args) -> None:
     )
 
 
+# --- ablation: activation thresholds and the evaluation (issue 6) ------------------------------
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_thresholds(args) -> None:
+    from worker import corpus
+    from worker.intervention import load_language_model
+
+    model = _load(args.model)
+    _, engine = _database(migrate=True)
+    lm = load_language_model(model.source, args.device if args.device != "auto" else "cpu")
+    found = corpus.ensure_thresholds(engine, model, lm, recompute=args.recompute, log=_log)
+    print(f"{model.name}: activation thresholds (90th percentile) of {len(found)} layers are stored")
+
+
+def cmd_eval_ablation(args) -> None:
+    from channelscope import db
+    from worker import ablation_eval, corpus, rotate
+    from worker.analysis import Decomposer
+    from worker.intervention import load_language_model
+
+    model = _load(args.model)
+    layers = _parse_list(args.layers, "--layers")
+    if max(layers) >= model.n_layers:
+        raise CliError(f"--layers: {model.name} has layers 0-{model.n_layers - 1}")
+    _, engine = _database(migrate=True)
+    lm = load_language_model(model.source)
+    thresholds = corpus.ensure_thresholds(engine, model, lm, log=_log)
+    settings = rotate.with_overrides(rotate.Settings(), channels=args.channels)
+    decomposer = Decomposer(
+        model, settings, device=args.device, seed=args.seed, cache_dir=config().data_dir / "references"
+    )
+    with db.session(engine) as session:
+        result = ablation_eval.evaluate(
+            model, lm, decomposer, session, thresholds, layers, per_cell=args.per_cell, aligned=args.aligned,
+            channels=args.channels, draws=args.draws, texts=args.texts, seed=args.seed, log=_log,
+        )  # fmt: skip
+    command = (
+        f"channelscope eval-ablation {args.model} --layers {args.layers} --per-cell {args.per_cell} "
+        f"--aligned {args.aligned} --channels {args.channels} --draws {args.draws} --texts {args.texts} "
+        f"--seed {args.seed}"
+    )
+    print(f"wrote {ablation_eval.write_report(result, args.out, command)}")
+
+
 # --- the parser ----------------------------------------------------------------------------------
 
 
@@ -636,6 +685,26 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="the database schema (Alembic migrations)")
     p.add_argument("action", choices=["upgrade", "current"])
     p.set_defaults(run=cmd_db)
+    p = sub.add_parser("thresholds", help="each neuron's activation 90th percentile over the corpus, stored")
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--recompute", action="store_true", help="even if stored for this corpus")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
+    p.set_defaults(run=cmd_thresholds)
+
+    p = sub.add_parser(
+        "eval-ablation", help="selectivity of channel ablations, weights and real model (reports/ablation.md)"
+    )
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--layers", default="2,8,14,20,25,29", help="layers to sample (default 2,8,14,20,25,29)")
+    p.add_argument("--per-cell", type=int, default=3, help="random neurons per layer and side (default 3)")
+    p.add_argument("--aligned", type=int, default=2, help="highest-kurtosis out neurons per late layer")
+    p.add_argument("--channels", type=int, default=None, help="first channels of each neuron (default 5)")
+    p.add_argument("--draws", type=int, default=8, help="random directions per channel (default 8)")
+    p.add_argument("--texts", type=int, default=6, help="corpus texts per out neuron for forward passes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="for decomposing missing channels (default: auto)")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.set_defaults(run=cmd_eval_ablation, default_channels=5)
     return top
 
 

@@ -136,13 +136,13 @@ def weight_effect(
     U: torch.Tensor,
     scored: torch.Tensor,
 ) -> WeightEffect:
-    """The vocabulary projection before and after, and S with its random baseline."""
+    """The vocabulary projection before and after, and S with its random baseline. Deltas are
+    (w' - w) @ U, exactly zero where every alpha* is 0 (S undefined, not rounding noise)."""
     before, after = w @ U, ablation.vector @ U
-    s = measures.selectivity(after - before, T[0], T[1], scored)
-    random_after = apply(w, draws.directions, ablation.alphas) @ U  # [R, V]
+    s = measures.selectivity((ablation.vector - w) @ U, T[0], T[1], scored)
+    random_delta = (apply(w, draws.directions, ablation.alphas) - w) @ U  # [R, V]
     baseline = [
-        measures.selectivity(random_after[r] - before, *draws.targets[r], scored)
-        for r in range(len(random_after))
+        measures.selectivity(random_delta[r], *draws.targets[r], scored) for r in range(len(random_delta))
     ]
     return WeightEffect(before, after, s, baseline)
 

@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from pydantic import BaseModel
 
-from app import pages
+from app import pages, urls
 from channelscope.tokens import visible
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,12 @@ def _number(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def _z_class(z: float) -> str:
+    """A token chip's shade, by how far out on its tail the token is."""
+    a = abs(z)
+    return "z5" if a >= 12 else "z4" if a >= 9 else "z3" if a >= 6 else "z2" if a >= 4 else "z1"
+
+
 templates = Environment(
     loader=FileSystemLoader(ROOT / "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
@@ -60,6 +66,8 @@ templates = Environment(
 )
 templates.filters["visible"] = visible
 templates.filters["num"] = _number
+templates.filters["zclass"] = _z_class
+templates.globals["token_search"] = urls.token_search
 
 
 @dataclass

@@ -79,3 +79,9 @@ def random_neuron(name: str, run: str | None = None) -> str:
 
 def search(**params) -> str:
     return with_query("/search", **params)
+
+
+def token_search(token: str, model: str) -> str:
+    """A token chip's link: every channel with exactly this token. Written out rather than
+    through urlencode: a neuron page holds a couple of hundred of these."""
+    return f"/search?token={quote(token, safe='')}&exact=1&model={quote(model, safe='')}"

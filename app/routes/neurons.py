@@ -105,13 +105,11 @@ def neuron_page(
     order with faithfulness and its percentile against random vectors, kurtosis curves, the
     reconstruction beside its random baseline, and the channel x channel cosines."""
     model_row, row = _located(session, model, layer, neuron, side, run)
-    progress = queries.run_progress(session, row.run_id)
     channel_rows = queries.channels(session, [row.id])
     tokens_by_channel = queries.channel_tokens(session, [row.id])
-    around = queries.computed_neighbours(session, row.run_id, layer, side, neuron)
     vocab = lookup.vocab(session, model_row)
 
-    name, run_out = model_row.name, lookup.run_out(model_row.name, row, progress)
+    name, run_out = model_row.name, lookup.run_out(model_row.name, row, row)
     pin = row.hash if run is not None else None
     data = neuron_side(
         name,
@@ -151,11 +149,9 @@ def neuron_page(
         },
         layer_url=urls.layer(name, layer, side, run=pin),
         previous_url=None
-        if around.previous is None
-        else urls.neuron(name, layer, around.previous, side, pin, min_kurtosis),
-        next_url=None
-        if around.next is None
-        else urls.neuron(name, layer, around.next, side, pin, min_kurtosis),
+        if row.previous is None
+        else urls.neuron(name, layer, row.previous, side, pin, min_kurtosis),
+        next_url=None if row.next is None else urls.neuron(name, layer, row.next, side, pin, min_kurtosis),
         random_url=urls.random_neuron(name, run=pin),
         histogram_url=urls.histogram(name, layer, neuron, side, row.hash),
         compare_url=urls.compare(name, layer, neuron, side),
@@ -248,7 +244,6 @@ def channel_page(
     """One channel: its top tokens on its tail with z (recomputed from the stored vector and U),
     its z-score histogram, and its nearest channels elsewhere in the run."""
     model_row, row = _located(session, model, layer, neuron, side, run)
-    progress = queries.run_progress(session, row.run_id)
     channel_rows = queries.channels(session, [row.id])
     tokens_by_channel = queries.channel_tokens(session, [row.id])
     vocab = lookup.vocab(session, model_row)
@@ -276,7 +271,7 @@ def channel_page(
     k = min(CHANNEL_TOKENS, int(scored.sum()))
     top = np.argpartition(-oriented, k - 1)[:k]
     top = top[np.argsort(-oriented[top], kind="stable")]
-    run_out = lookup.run_out(model_row.name, row, progress)
+    run_out = lookup.run_out(model_row.name, row, row)
     neighbours, note = nearest.nearest(
         session, row.run_id, run_out.neurons_done, row.run_channels, (layer, side, neuron), ch_row.vector
     )

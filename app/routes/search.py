@@ -17,8 +17,8 @@ from channelscope.tokens import visible
 router = APIRouter()
 
 MAX_TOKEN = 100  # characters: the longest SmolLM2 token is 64 (a run of spaces)
+PAGE = 25  # hits per page; keyset pagination gives the next ones
 MAX_VARIANTS = 32  # token ids one query may match per model (case and leading-space variants)
-LABEL_TOKENS = 3
 SUGGESTIONS = 10
 
 # Empty form fields arrive as `layer_min=`; they mean "no filter", so these are strings checked
@@ -63,7 +63,7 @@ def search_page(
     generic: Annotated[bool, Query(description="include generic channels")] = False,
     sort: Literal["percentile", "z"] = "percentile",
     after: Annotated[str | None, Query(max_length=100)] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: Annotated[int, Query(ge=1, le=200)] = PAGE,
 ) -> Result:
     """Every channel whose top tokens include the token, most trustworthy first (faithfulness
     percentile, ties by the token's z; sort=z for z first). Matching ignores case and leading
@@ -152,11 +152,11 @@ def search_page(
     rows = queries.search(session, targets, filters, cursor, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
-    labels = queries.channel_labels(session, [(r.neuron_id, r.channel) for r in rows], LABEL_TOKENS)
     for r in rows:
         vocab = vocab_of_run[r.run_id]
         name, run_hash = model_of_run[r.run_id]
-        label = " / ".join(visible(vocab.tokens[t]) for t in labels.get((r.neuron_id, r.channel), []))
+        label_ids = [getattr(r, f"label_{i}") for i in range(queries.LABEL_TOKENS)]
+        label = " / ".join(visible(vocab.tokens[t]) for t in label_ids if t is not None)
         page_out.hits.append(
             pages.SearchHit(
                 model=name,
@@ -206,7 +206,7 @@ def _here(query: pages.SearchQuery, **changes) -> str:
         else f"{query.min_kurtosis:g}",
         "generic": 1 if query.include_generic else None,
         "sort": None if query.sort == "percentile" else query.sort,
-        "limit": None if query.limit == 50 else query.limit,
+        "limit": None if query.limit == PAGE else query.limit,
     } | changes
     return urls.search(**params)
 

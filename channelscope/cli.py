@@ -487,6 +487,8 @@ def cmd_status(args) -> None:
         )
         if r["last_error"]:
             print(f"    first error: {r['last_error']}")
+        if r.get("queue"):
+            print("    queue: " + ", ".join(f"{n} {status}" for status, n in sorted(r["queue"].items())))
     if workers is not None:
         print(f"live workers: {workers}")
 

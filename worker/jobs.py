@@ -231,8 +231,9 @@ class Decomposers:
                 model.sha256, store.run_settings(settings, projection, count), run.seed
             ):
                 raise JobError(
-                    f"run {run.hash} was made by algorithm version {run.algorithm_version}; this worker "
-                    f"has version {store.ALGORITHM_VERSION} and cannot reproduce it: update the worker"
+                    f"run {run.hash} was made with settings or an algorithm version "
+                    f"({run.algorithm_version}) that this code (version {store.ALGORITHM_VERSION}) does "
+                    "not reproduce: compute it with the code that created it"
                 )
             if run.reference_id is not None:
                 seed_reference(session.get(T.Reference, run.reference_id), model, cache_dir)

@@ -428,6 +428,29 @@ def findings(rows: list[dict]) -> list[str]:
     return out
 
 
+def caveats(rows: list[dict], settings: dict) -> list[str]:
+    """What limits the numbers above, counted from them."""
+    read = [r for r in rows if r["side"] != "out" and r["alpha"] > 0]
+    absent = sum(1 for r in read if r["positions"] == 0)
+    generic = sum(1 for r in rows if r["generic"])
+    return [
+        f"- Read sides: {absent} of {len(read)} ablated `gate`/`in` channels have no target position at all "
+        f"in the corpus ({settings['corpus_positions']:,} positions): their tokens (often word fragments) "
+        "never occur in it, or next to it, so their S in the model is undefined.",
+        "- Read sides measure the channel against the raw U, as the method does; the neuron reads the "
+        "residual stream after RMSNorm's elementwise weight, so a channel's tokens in U need not be the "
+        "tokens whose residual streams it responds to. Folding that weight into the projection for read "
+        "sides is untested here.",
+        "- `out` in the model: one random draw per channel (a forward row each), so a single channel's "
+        "baseline is noisy; the medians over channels are not.",
+        f"- {generic} of {len(rows)} channels are flagged generic by the run's random-vector reference "
+        '(method.md, "Generic channels"); their selectivity is reported separately above.',
+        f"- A small sample: {settings['per_cell']} random neurons per layer and side over "
+        f"{len(settings['layers'])} layers, plus {settings['aligned']} highest-kurtosis `out` neurons per "
+        "late layer; each channel's S is one number, so read the spreads in the plots.",
+    ]
+
+
 def _trusted(row: dict) -> bool:
     return not row["generic"] and row["kurtosis"] >= 5
 
@@ -479,7 +502,7 @@ def markdown(result: dict, plots: list[str], command: str) -> str:
             cell = [r for r in rows if r["layer"] == layer and r["side"] == side and r["group"] == "random"]
             if cell:
                 lines.append(_line(f"{layer} `{side}`", cell))
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Caveats", "", *caveats(rows, s), "", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 

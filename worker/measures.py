@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from worker.rotate import excess_kurtosis
-
 TOP_K = 20  # tokens per channel in top lists, faithfulness and the token index
 
 
@@ -93,10 +91,22 @@ def alpha_star(
     no alpha lowers the kurtosis. Raw projections neuron_z, channel_z [V]; channel z-scores
     channel_zs [V]; measured over the scored tokens."""
     alphas = torch.linspace(0, 1, grid, dtype=torch.float64)
-    r = neuron_z[scored].double() - alphas.unsqueeze(-1) * channel_z[scored].double()  # [grid, V']
-    kurt = excess_kurtosis(r)
-    strong = channel_zs[scored].abs() >= 7
-    penalty = r[:, strong].abs().mean(-1) if strong.any() else torch.zeros_like(kurt)
+    a, b = neuron_z[scored].double(), channel_z[scored].double()
+    a, b = a - a.mean(), b - b.mean()
+    # r - mean(r) = a - alpha b, so its moments are polynomials in alpha: eight sums over the
+    # vocabulary instead of a [grid, V] matrix (which was a third of the worker's time).
+    e = {
+        (i, j): (a**i * b**j).mean()
+        for i, j in [(2, 0), (1, 1), (0, 2), (4, 0), (3, 1), (2, 2), (1, 3), (0, 4)]
+    }
+    m2 = e[2, 0] - 2 * alphas * e[1, 1] + alphas**2 * e[0, 2]
+    m4 = (e[4, 0] - 4 * alphas * e[3, 1] + 6 * alphas**2 * e[2, 2] - 4 * alphas**3 * e[1, 3]
+          + alphas**4 * e[0, 4])  # fmt: skip
+    kurt = m4 / m2**2 - 3
+    strong = channel_zs.abs() >= 7
+    strong &= scored
+    r = neuron_z[strong].double() - alphas.unsqueeze(-1) * channel_z[strong].double()  # [grid, strong]
+    penalty = r.abs().mean(-1) if strong.any() else torch.zeros_like(kurt)
     if not (kurt[1:] < kurt[0]).any():
         return 0.0
     return float(alphas[torch.argmin(kurt + 5 * penalty)])

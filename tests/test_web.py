@@ -575,3 +575,34 @@ def test_docs_describe_the_api_from_its_openapi_schema(client):
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', page)  # nothing from another site (no CDN)
     schema = get(client, "/openapi.json").json()
     assert "/search.json" in schema["paths"]
+
+
+def test_serve_command_prints_its_url_and_serves(store):  # noqa: F811
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": store.url}
+    command = [sys.executable, "-m", "channelscope.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.strip() == f"Channelscope is serving at http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/m/{store.model}/1/0.json") as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(10)

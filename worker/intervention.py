@@ -127,7 +127,12 @@ def forward(
 ) -> Probe:
     """One forward pass of the token ids, once per row of deltas [R, d]: row r runs with the
     neuron's `side` vector w replaced by w + deltas[r] (row 0 should be zeros: the clean run).
-    positions [P]: where to keep the final hidden state (default: every position)."""
+    positions [P]: where to keep the final hidden state (default: every position).
+
+    The rows only differ from layer `layer` on, so the layers before it run once, on one row,
+    and their output is repeated for every row (on SmolLM2's layer 25 and 5 rows: 55 layer-rows
+    instead of 150). The layers from `layer` on are called with exactly the arguments the model
+    gave the first of them."""
     if side not in SIDE_MODULE:
         raise ModelError(f"unknown side {side!r}")
     mlp = lm.mlp(layer)
@@ -136,7 +141,6 @@ def forward(
         raise ModelError(f"neuron {neuron} is out of range: layers have neurons 0-{d_mlp - 1}")
     rows = deltas.shape[0]
     deltas = deltas.to(lm.device, torch.float32)
-    batch = torch.tensor([ids], dtype=torch.long, device=lm.device).expand(rows, -1)
     seen: dict[str, torch.Tensor] = {}
 
     def change_read(_module, args, output):  # gate_proj / up_proj: [R, T, d_mlp]
@@ -155,7 +159,19 @@ def forward(
     def change_write(_module, args, output):  # down_proj: [R, T, d]
         return output + args[0][..., neuron, None] * deltas[:, None, :]
 
+    def stop_before(_module, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise _PrefixDone
+
+    layers = lm.decoder_layers
     with ExitStack() as stack, _deadline_hooks(lm, deadline):
+        handle = layers[layer].register_forward_pre_hook(stop_before, with_kwargs=True)
+        try:
+            lm.model.base_model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
+        except _PrefixDone:
+            pass
+        finally:
+            handle.remove()
         stack.callback(mlp.register_forward_pre_hook(record_input).remove)
         stack.callback(mlp.down_proj.register_forward_pre_hook(record_activation).remove)
         if side == "out":
@@ -163,7 +179,11 @@ def forward(
         else:
             module = getattr(mlp, SIDE_MODULE[side])
             stack.callback(module.register_forward_hook(change_read).remove)
-        hidden = lm.model.base_model(input_ids=batch, use_cache=False).last_hidden_state  # [R, T, d]
+        hidden = seen["args"][0].expand(rows, -1, -1)  # [R, T, d], the input of `layer`
+        for block in layers[layer:]:
+            hidden = block(hidden, *seen["args"][1:], **seen["kwargs"])
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = lm.model.base_model.norm(hidden)  # the final norm: last_hidden_state
     if positions is not None:
         hidden = hidden[:, positions.to(lm.device)]
     return Probe(
@@ -172,6 +192,10 @@ def forward(
         mlp_input=seen["x"].cpu(),
         hidden=hidden.cpu(),
     )
+
+
+class _PrefixDone(Exception):
+    """Raised by a hook to end the one-row pass at the layer where the rows start to differ."""
 
 
 def logits(lm: LanguageModel, hidden: torch.Tensor) -> torch.Tensor:

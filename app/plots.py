@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from app import pages
 
 WIDTH, HEIGHT = 420, 180
@@ -107,7 +109,13 @@ def _y_scale(lo, hi, height=HEIGHT):
 
 
 def _points(xs, ys, sx: Scale, sy: Scale) -> str:
-    return " ".join(f"{sx(x)},{sy(y)}" for x, y in zip(xs, ys, strict=True) if math.isfinite(y))
+    """A polyline's points, scaled with numpy (a neuron page draws hundreds of them)."""
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    keep = np.isfinite(y)
+    x, y = x[keep], y[keep]
+    px = sx.out_lo + (np.clip(x, sx.lo, sx.hi) - sx.lo) / (sx.hi - sx.lo) * (sx.out_hi - sx.out_lo)
+    py = sy.out_lo + (np.clip(y, sy.lo, sy.hi) - sy.lo) / (sy.hi - sy.lo) * (sy.out_hi - sy.out_lo)
+    return " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px.tolist(), py.tolist(), strict=True))
 
 
 def histogram(hist: pages.Histogram, title: str, marks: list[tuple[float, str]] | None = None) -> Chart:
@@ -175,7 +183,7 @@ def kurtosis_curves(channels: list[pages.ChannelOut], step_size: int, unit: str)
     return chart
 
 
-def kurtosis_by_index(channels: list[pages.ChannelOut], min_kurtosis: float, url_of) -> Chart:
+def kurtosis_by_index(channels: list[pages.ChannelOut], min_kurtosis: float, urls: dict[int, str]) -> Chart:
     """Kurtosis against channel index with the junk cut-off (min_kurtosis) drawn across."""
     chart = Chart(
         title="Kurtosis by channel",
@@ -203,7 +211,7 @@ def kurtosis_by_index(channels: list[pages.ChannelOut], min_kurtosis: float, url
                 height=round(sy(0) - y, 2),
                 fill=fill,
                 title=f"channel {ch.index}: kurtosis {ch.kurtosis:.1f}{note}",
-                href=url_of(ch.index),
+                href=urls.get(ch.index),
             )
         )
     chart.rules.append(
@@ -267,7 +275,7 @@ def _sequential(v: float, lo: float, hi: float) -> tuple[str, str]:
     return f"#{r:02x}{g:02x}{b:02x}", "#fff" if t > 0.55 else "#000"
 
 
-def cosine_heatmap(cosines: list[list[float]], url_of) -> Chart:
+def cosine_heatmap(cosines: list[list[float]], urls: list[str]) -> Chart:
     n = len(cosines)
     cell = max(8, min(28, 360 // max(1, n)))
     size = LEFT + cell * n + RIGHT
@@ -290,7 +298,7 @@ def cosine_heatmap(cosines: list[list[float]], url_of) -> Chart:
                     height=cell,
                     fill=fill,
                     title=f"channels {i} and {j}: cos {v:.2f}",
-                    href=url_of(j),
+                    href=urls[j] if j < len(urls) else None,
                     text=f"{v:.1f}".replace("0.", ".") if cell >= 22 else None,
                     ink=ink,
                 )

@@ -160,9 +160,11 @@ def neuron_page(
     step_size, unit = _step_unit(row)
     charts = {
         "curves": plots.kurtosis_curves(data.channels, step_size, unit),
-        "by_index": plots.kurtosis_by_index(data.channels, min_kurtosis, channel_url),
+        "by_index": plots.kurtosis_by_index(
+            data.channels, min_kurtosis, {c.index: c.url for c in result.channels}
+        ),
         "reconstruction": plots.reconstruction(data),
-        "cosines": plots.cosine_heatmap(result.cosines, channel_url),
+        "cosines": plots.cosine_heatmap(result.cosines, [c.url for c in result.channels]),
     }
     return Result(result, immutable=run is not None and run_out.complete, plots=charts)
 

@@ -340,6 +340,8 @@ def _free_port() -> int:
 def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dict:
     import psycopg
 
+    load_before = os.getloadavg()  # other work on the machine shares its two cores
+
     with psycopg.connect(url) as connection:
         model, run_hash = connection.execute(
             "SELECT m.name, r.hash FROM runs r JOIN models m ON m.id = r.model_id ORDER BY r.id LIMIT 1"
@@ -411,7 +413,8 @@ def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dic
         "clients": clients,
         "seconds_per_endpoint": seconds,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "load_average_before": os.getloadavg(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "results": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

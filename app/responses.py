@@ -90,8 +90,11 @@ class PageStore:
         self.lock = threading.Lock()
 
     @staticmethod
-    def key(path: str, query: str) -> str:
-        return f"{path}?{query}"
+    def key(host: str, path: str, query: str) -> str:
+        # The Host header is part of the key: a page holds absolute URLs built from it (the
+        # permalink, og:url), and one request with a forged Host must not poison the page that
+        # everyone else is served.
+        return f"{host}\n{path}?{query}"
 
     def get(self, key: str) -> tuple[bytes, bytes, bytes] | None:
         with self.lock:
@@ -123,7 +126,8 @@ class CachedPages:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "GET":
             return await self.app(scope, receive, send)
-        hit = self.store.get(PageStore.key(scope["path"], scope["query_string"].decode("latin-1")))
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        hit = self.store.get(PageStore.key(host, scope["path"], scope["query_string"].decode("latin-1")))
         if hit is None:
             return await self.app(scope, receive, send)
         body, etag, media_type = hit
@@ -169,7 +173,8 @@ def finish(request: Request, body: bytes, media_type: str, immutable: bool, stat
     if immutable and status == 200:
         store: PageStore | None = getattr(request.app.state, "pages", None)
         if store is not None:
-            store.put(PageStore.key(request.url.path, request.url.query), body, etag, media_type)
+            key = PageStore.key(request.headers.get("host", ""), request.url.path, request.url.query)
+            store.put(key, body, etag, media_type)
     if status == 200 and etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
     return Response(body, status_code=status, media_type=media_type, headers=headers)

@@ -211,6 +211,9 @@ def test_pinned_pages_of_a_complete_run_are_immutable_and_cached(client, store, 
     assert count_queries == []  # served from the page cache: no query at all
     not_modified = client.get(url, headers={"If-None-Match": etag})
     assert not_modified.status_code == 304
+    forged = client.get(url, headers={"Host": "evil.example"})  # rendered for that host alone
+    assert "http://evil.example/" in forged.text
+    assert "evil.example" not in get(client, url).text
     for unpinned_or_incomplete in [
         f"/m/{store.model}/0/4?side=in",
         f"/m/{store.model}/1/4?run={store.run_b}",

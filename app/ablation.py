@@ -108,7 +108,8 @@ class WeightPreview(BaseModel):
     targets: int  # |T|
     top_before: list[TokenScore]  # the neuron's top tokens (its dominant tail) before
     top_after: list[TokenScore]  # and after, z over the scored tokens of w' @ U
-    drops: list[TokenMove]
+    tail: int  # +1 / -1: the first ablated channel's tail, which orients drops and rises
+    drops: list[TokenMove]  # lose most of what the channels did: fall on a +1 tail, rise on -1
     rises: list[TokenMove]
     seconds: float
 
@@ -386,7 +387,7 @@ class Prepared:
         zs = rotate.z_scores(torch.stack([e.before, e.after]), scored)
         top_before = measures.top_tokens(zs[0], scored, sign, LIST_TOKENS)[0]
         top_after = measures.top_tokens(zs[1], scored, sign, LIST_TOKENS)[0]
-        drops, rises = ablation.moved_tokens(e.before, e.after, scored, LIST_TOKENS)
+        drops, rises = ablation.moved_tokens(e.before, e.after, scored, self.signs[0], LIST_TOKENS)
         in_t = set(self.targets[0].tolist())
 
         def moves(items) -> list[TokenMove]:
@@ -398,6 +399,7 @@ class Prepared:
         return WeightPreview(
             selectivity=selectivity(e.selectivity, e.baseline),
             targets=len(self.targets[0]),
+            tail=int(self.signs[0]),
             top_before=_scores(top_before, zs[0], tokens),
             top_after=_scores(top_after, zs[1], tokens),
             drops=moves(drops),

@@ -147,20 +147,24 @@ def weight_effect(
     return WeightEffect(before, after, s, baseline)
 
 
-def moved_tokens(before: torch.Tensor, after: torch.Tensor, scored: torch.Tensor, count: int = 15):
-    """The tokens that drop and rise most, in z units of the original projection.
-    Returns (drops, rises): lists of (token id, z before, z after), largest change first."""
+def moved_tokens(
+    before: torch.Tensor, after: torch.Tensor, scored: torch.Tensor, sign: float = 1.0, count: int = 15
+):
+    """The tokens that lose and gain most, in z units of the original projection, oriented by
+    the ablated channels' tail: on a positive tail (sign +1) a token loses when it falls, on a
+    negative one (the neuron pushes its tokens down) when it rises back toward the rest.
+    Returns (lose, gain): lists of (token id, z before, z after), largest change first."""
     values = before[scored]
     mean, std = values.mean(), values.std(unbiased=False)
     z_before, z_after = (before - mean) / std, (after - mean) / std
-    change = torch.where(scored, z_after - z_before, torch.zeros_like(before))
+    change = torch.where(scored, sign * (z_after - z_before), torch.zeros_like(before))
 
     def listed(order: torch.Tensor) -> list[tuple[int, float, float]]:
         return [(int(i), float(z_before[i]), float(z_after[i])) for i in order.tolist()]
 
-    drops = torch.topk(-change, count).indices
-    rises = torch.topk(change, count).indices
-    return listed(drops[change[drops] < 0]), listed(rises[change[rises] > 0])
+    lose = torch.topk(-change, count).indices
+    gain = torch.topk(change, count).indices
+    return listed(lose[change[lose] < 0]), listed(gain[change[gain] > 0])
 
 
 # --- in the real model -------------------------------------------------------------------------------

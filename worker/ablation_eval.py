@@ -441,6 +441,10 @@ def caveats(rows: list[dict], settings: dict) -> list[str]:
         "residual stream after RMSNorm's elementwise weight, so a channel's tokens in U need not be the "
         "tokens whose residual streams it responds to. Folding that weight into the projection for read "
         "sides is untested here.",
+        '- `out`: "active" counts positions above the neuron\'s 90th percentile only (method.md, '
+        '"Conventions"). Some late neurons do their work with large negative activations: on SmolLM2, '
+        "layer 29 neuron 1260 (channel 0: `).` `)` `.)`) reaches -7.9 right before a `)` and pushes it "
+        "down there, while its 90th percentile is 2.3; those positions are not in this measure.",
         "- `out` in the model: one random draw per channel (a forward row each), so a single channel's "
         "baseline is noisy; the medians over channels are not.",
         f"- {generic} of {len(rows)} channels are flagged generic by the run's random-vector reference "

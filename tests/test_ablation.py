@@ -244,3 +244,14 @@ def test_ablation_effect_on_the_write_side_measures_s_at_active_positions(lm, ti
     assert len(effect.next_before) == intervention.TOP_NEXT
     if active.any():
         assert np.isfinite(effect.selectivity)
+
+
+def test_a_hugging_face_folder_runs_the_same_as_its_gguf(lm, tiny_folder):
+    folder = intervention.load_language_model(tiny_folder)
+    ids = lm.encode("The capital of Japan is Tokyo.")
+    delta = torch.randn(2, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    delta[0] = 0
+    a = intervention.forward(lm, ids, 1, "in", 2, delta)
+    b = intervention.forward(folder, ids, 1, "in", 2, delta)
+    assert torch.allclose(a.hidden, b.hidden, atol=1e-4)
+    assert torch.allclose(a.pre_activation, b.pre_activation, atol=1e-4)

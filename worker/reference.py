@@ -23,9 +23,11 @@ from worker import measures, rotate
 # A direction is generic when channels of this share of the random vectors converge to it
 # (the "incinnati" direction of SmolLM2 caught 8 of 32).
 GENERIC_SHARE = 0.06
-# Tokens claimed by channels of more than this share of random vectors (method.md: 34 tokens
+# Tokens claimed by more than this share of the random vectors' channels (method.md: 34 tokens
 # on SmolLM2) are the ones `downweight_generic` down-weights.
 TAIL_SHARE = 0.25
+# Part of the cache key: bump when the reference's computation changes.
+REFERENCE_VERSION = 2
 
 
 @dataclass
@@ -33,7 +35,7 @@ class Reference:
     faithfulness: np.ndarray  # [R, C] faithfulness of random vectors' channels
     kurtosis: np.ndarray  # [R, C]
     generic: torch.Tensor  # [G, d] generic directions (unit)
-    tail_tokens: list[int]  # tokens claimed by channels of > TAIL_SHARE of random vectors
+    tail_tokens: list[int]  # tokens claimed by > TAIL_SHARE of the random vectors' channels
 
     def percentile(self, index: int, value: float) -> float:
         return measures.percentile(value, self.faithfulness[:, min(index, self.faithfulness.shape[1] - 1)])
@@ -43,7 +45,9 @@ def reference_key(
     settings: rotate.Settings, model_sha256: str, projection: str, count: int, seed: int
 ) -> str:
     """Everything the reference's numbers depend on (the channel count C too)."""
-    blob = json.dumps([asdict(settings), model_sha256, projection, count, seed], sort_keys=True)
+    blob = json.dumps(
+        [asdict(settings), model_sha256, projection, count, seed, REFERENCE_VERSION], sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -80,14 +84,12 @@ def compute_reference(
             kurt[r, k] = ch.kurtosis
         residuals.append(measures.residual_directions(vectors[r], vecs).cpu())
         owners += [r] * len(found)
-        claimed = torch.zeros(len(m0), dtype=torch.bool)
         for ch in found:
-            claimed[ch.masked] = True
-        claimed_by += claimed.long()
+            claimed_by[ch.masked] += 1
     generic = measures.generic_directions(
         torch.cat(residuals), torch.tensor(owners), min_owners=max(3, math.ceil(GENERIC_SHARE * count))
     )
-    tail_tokens = torch.nonzero(claimed_by > TAIL_SHARE * count).flatten().tolist()
+    tail_tokens = torch.nonzero(claimed_by > TAIL_SHARE * count * settings.channels).flatten().tolist()
     return Reference(faith, kurt, generic, tail_tokens)
 
 

@@ -523,6 +523,18 @@ def cmd_db(args) -> None:
     print(f"schema revision {db.current_revision(engine)} (head {db.head_revision()})")
 
 
+# --- eval --------------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> None:
+    from worker.report import evaluate
+
+    model = _load(args.model)
+    evaluate(model, args.out, per_cell=args.per_cell, channels=args.channels, aligned=args.aligned,
+             seed=args.seed, cache_dir=config().data_dir / "references", progress=_progress)  # fmt: skip
+    print(f"wrote {args.out / 'eval.md'}")
+
+
 # --- serve ---------------------------------------------------------------------------------------
 
 
@@ -631,7 +643,10 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="channelscope", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(
+        prog="channelscope",
+        description="Browse the MLP neurons of a language model through their vocabulary channels (ROTATE).",
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("rotate", help="decompose one neuron vector and print its channels")
@@ -648,6 +663,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--workers", type=int, default=1, help="web processes (default 1)")
     p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser(
+        "eval", help="the scientific report: channels against random vectors (reports/eval.md)"
+    )
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--per-cell", type=int, default=8, help="random neurons per layer group and side")
+    p.add_argument("--aligned", type=int, default=8, help="highest-kurtosis late neurons per side")
+    p.add_argument("--channels", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.set_defaults(run=cmd_eval, default_channels=10)
 
     p = sub.add_parser("decompose", help="create or resume a run and compute its channels")
     p.add_argument("model", help="smollm2, a .gguf file or a Hugging Face model folder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from functools import lru_cache
 from urllib.parse import quote, urlencode
 
 import numpy as np
@@ -277,7 +278,7 @@ def example_prompts(
         ]
         if not words:
             continue
-        text, source = _passage(texts, words, side)
+        text, source = _passage(tuple(words), side) if texts else (None, "")
         if text is None:
             text, source = " ".join(w.strip() for w in words[:8]), "the channel's top tokens"
         out.append(
@@ -293,9 +294,12 @@ def example_prompts(
     return out
 
 
-def _passage(texts, words: list[str], side: str) -> tuple[str | None, str]:
+@lru_cache(maxsize=65536)
+def _passage(words: tuple[str, ...], side: str) -> tuple[str | None, str]:
+    """Scanning the corpus for a channel's tokens took half of a neuron page's server time;
+    the answer depends on nothing but the tokens and the side, so it is kept."""
     best, best_hits = None, 0
-    for text in texts:
+    for text in corpus.load().texts:
         hits = sum(1 for w in words if w in text)
         if hits > best_hits:
             best, best_hits = text, hits

@@ -110,7 +110,7 @@ def test_adamw_is_torch_adamw_with_warmup():
         param.grad = grad.clone()
         opt.step()
         sched.step()
-        u = R._adamw(u, grad, moments, torch.arange(3), step, s.lr, s.warmup_steps, s)
+        u = R._adamw(u, grad, moments, torch.arange(3), step, s.lr, s.warmup_steps, s.betas, s)
     assert torch.allclose(u, param.detach(), atol=1e-6)
 
 

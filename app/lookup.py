@@ -135,3 +135,20 @@ def projection(session: Session, model_row: Row, run_row: Row) -> tuple[vocabula
         excluded = queries.reference_tail_tokens(session, run_row.reference_id)
     kinds = vocab(session, model_row).kinds
     return proj, proj.scored(kinds, float(settings.get("glitch_quantile", 0.99)), excluded)
+
+
+def neuron_side(session: Session, model_name: str, layer: int, neuron: int, side: str, pinned: str | None):
+    """The model row and the neuron side's row joined with its run, or a 404 naming what is missing."""
+    model_row = model(session, model_name)
+    check_layer(model_row, layer)
+    check_neuron(model_row, neuron)
+    check_side(model_row, side)
+    row = queries.neuron_with_run(session, model_row.id, layer, side, neuron, run_hash(pinned))
+    if row is None:
+        if pinned is not None:
+            run(session, model_row, pinned)  # a 404 for an unknown run first
+            raise NotFound(f"Run {pinned} has not computed layer {layer} neuron {neuron} ({side}) yet.")
+        raise NotFound(
+            f"Layer {layer} neuron {neuron} ({side}) of {model_row.name} has not been computed yet."
+        )
+    return model_row, row

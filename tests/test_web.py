@@ -542,7 +542,7 @@ def test_each_page_makes_a_constant_number_of_queries(client, store, count_queri
         "channel": [f"/m/{m}/0/{n}/in/{c}" for n, c in [(0, 0), (4, 2)]],
         "layer": [f"/m/{m}/0?limit=1", f"/m/{m}/0?limit=500", f"/m/{m}/1?side=in&sort=reconstruction"],
         "search": [
-            f"/search?token={t}&min_kurtosis=-100&generic=1&limit={k}"
+            "/search?" + urlencode({"token": t, "min_kurtosis": -100, "generic": 1, "limit": k})
             for t, k in [(token, 1), (token, 200), ("the", 50)]
         ],
         "model": [f"/m/{m}", f"/m/{m}?run={a}"],

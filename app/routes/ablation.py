@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from app import ablation as A
 from app import lookup, queries, urls
 from app.database import session as db_session
-from app.errors import Malformed, NotFound
+from app.errors import Malformed
 from app.responses import Result, page, templates
 from app.runtime import Busy, ModelRuntime, ModelUnavailable
 from app.schemas import neuron_side
@@ -79,18 +79,7 @@ def ablation_page(
     current w' for every channel after the first): the vocabulary projection before and after
     with selectivity S beside its random-direction baseline, and, given a prompt, the real
     model run with the neuron's vector replaced (forward hooks; the weights are never written)."""
-    model_row = lookup.model(session, model)
-    lookup.check_layer(model_row, layer)
-    lookup.check_neuron(model_row, neuron)
-    lookup.check_side(model_row, side)
-    row = queries.neuron_with_run(session, model_row.id, layer, side, neuron, lookup.run_hash(run))
-    if row is None:
-        if run is not None:
-            lookup.run(session, model_row, run)
-            raise NotFound(f"Run {run} has not computed layer {layer} neuron {neuron} ({side}) yet.")
-        raise NotFound(
-            f"Layer {layer} neuron {neuron} ({side}) of {model_row.name} has not been computed yet."
-        )
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
     try:
         chosen = A.parse_channels(channels)
     except ValueError as error:

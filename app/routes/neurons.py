@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy.engine import Row
-from sqlalchemy.orm import Session
 
 from app import lookup, nearest, pages, plots, queries, urls
 from app.database import DbSession
@@ -41,23 +40,6 @@ HISTOGRAM_BINS = 60
 
 def _label(tokens: list[TokenScore]) -> str:
     return " / ".join(visible(t.token) for t in tokens[:LABEL_TOKENS]) or "(no tokens)"
-
-
-def _located(session: Session, model: str, layer: int, neuron: int, side: str, run: str | None):
-    """The model row and the neuron side's row joined with its run, or a 404 naming what is missing."""
-    model_row = lookup.model(session, model)
-    lookup.check_layer(model_row, layer)
-    lookup.check_neuron(model_row, neuron)
-    lookup.check_side(model_row, side)
-    row = queries.neuron_with_run(session, model_row.id, layer, side, neuron, lookup.run_hash(run))
-    if row is None:
-        if run is not None:
-            lookup.run(session, model_row, run)  # a 404 for an unknown run first
-            raise NotFound(f"Run {run} has not computed layer {layer} neuron {neuron} ({side}) yet.")
-        raise NotFound(
-            f"Layer {layer} neuron {neuron} ({side}) of {model_row.name} has not been computed yet."
-        )
-    return model_row, row
 
 
 def _step_unit(run_row: Row) -> tuple[int, str]:
@@ -104,7 +86,7 @@ def neuron_page(
     """One side of a neuron: its kurtosis, top and bottom tokens, its channels in discovery
     order with faithfulness and its percentile against random vectors, kurtosis curves, the
     reconstruction beside its random baseline, and the channel x channel cosines."""
-    model_row, row = _located(session, model, layer, neuron, side, run)
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
     channel_rows = queries.channels(session, [row.id])
     tokens_by_channel = queries.channel_tokens(session, [row.id])
     vocab = lookup.vocab(session, model_row)
@@ -170,7 +152,7 @@ def neuron_page(
 
 
 def _neuron_histogram(session, model, layer, neuron, side, run) -> pages.Histogram:
-    model_row, row = _located(session, model, layer, neuron, side, run)
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
     projection, scored = lookup.projection(session, model_row, row)
     zs = projection.z_scores(T.unpack(row.vector, "float32")[None, :], scored)[0]
     return _histogram(zs[scored])
@@ -245,7 +227,7 @@ def channel_page(
 ) -> Result:
     """One channel: its top tokens on its tail with z (recomputed from the stored vector and U),
     its z-score histogram, and its nearest channels elsewhere in the run."""
-    model_row, row = _located(session, model, layer, neuron, side, run)
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
     channel_rows = queries.channels(session, [row.id])
     tokens_by_channel = queries.channel_tokens(session, [row.id])
     vocab = lookup.vocab(session, model_row)

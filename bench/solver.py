@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from worker import rotate
-from worker.analysis import keep_freed_memory
+from worker.analysis import keep_freed_memory, pick_device
 from worker.weights import load_model
 
 GROUPS = {"early": range(0, 10), "middle": range(10, 20), "late": range(20, 30)}
@@ -47,30 +47,41 @@ def sample(model, per_cell: int, seed: int):
 
 def first_channels(solver: str, w, U, m, u0, settings):
     proj = rotate.Projection(U, settings.precision)
+    synchronize(U.device)
     start = time.perf_counter()
     found = rotate.SOLVERS[solver](w, proj, m, u0, settings)
+    synchronize(U.device)
     seconds = time.perf_counter() - start
     z = found.vector @ U  # fp32, for both solvers
     loss = rotate.loss(z, m, found.vector, w, settings)
     return found, loss, proj.passes, seconds
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gemm_flops(U: torch.Tensor, dtype: torch.dtype, rows: int = 256, repeats: int = 10) -> float:
-    a, b = torch.randn(rows, U.shape[0]).to(dtype), U.to(dtype)
+    a, b = torch.randn(rows, U.shape[0], device=U.device).to(dtype), U.to(dtype)
     a @ b
+    synchronize(U.device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(U.device)
     return 2 * rows * U.shape[0] * U.shape[1] * repeats / (time.perf_counter() - start)
 
 
 def throughput(model, U, m0, precision: str, neurons: int = 256, channels: int = 3) -> dict:
     settings = rotate.with_overrides(rotate.Settings(), channels=channels, precision=precision)
-    w = model.vectors(25, "out")[:neurons]
+    w = model.vectors(25, "out")[:neurons].to(U.device)
     seeds = [rotate.neuron_seed(0, 25, "out", i) for i in range(neurons)]
     proj = rotate.Projection(U, precision)
+    synchronize(U.device)
     start = time.perf_counter()
     rotate.decompose(w, proj, m0, seeds, settings, batch_size=neurons)
+    synchronize(U.device)
     seconds = time.perf_counter() - start
     flops_per_pass = 2 * U.shape[0] * U.shape[1]
     engine = proj.passes * flops_per_pass / seconds
@@ -97,25 +108,29 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=["parity", "throughput", "all"], default="all", help="parts to (re)measure"
     )
+    parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda when present)")
+    parser.add_argument("--batch", type=int, default=256, help="neurons in the throughput batch")
     args = parser.parse_args()
     keep_freed_memory()
 
     model = load_model("smollm2")
-    U = model.projection()
+    device = pick_device(args.device)
+    U = model.projection().to(device)
     fast, paper = rotate.Settings(channels=1), rotate.with_overrides(rotate.PAPER, channels=1)
     m0 = rotate.initial_token_weights(U, model.vocabulary.kinds, fast)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     result["machine"] = {
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     if args.part in ("parity", "all"):
         result.update(parity(model, U, m0, fast, paper, args))
     if args.part in ("throughput", "all"):
         print("throughput ...", flush=True)
-        rates = [throughput(model, U, m0, precision) for precision in ("bf16", "fp32")]
+        rates = [throughput(model, U, m0, precision, args.batch) for precision in ("bf16", "fp32")]
         result["throughput"] = rates
-        result["full_model_hours_cpu"] = {
+        result["full_model_hours"] = {
             r["precision"]: FULL_MODEL_VECTORS * FULL_MODEL_CHANNELS / r["neuron_channels_per_s"] / 3600
             for r in rates
         }
@@ -126,6 +141,7 @@ def main() -> None:
 
 def parity(model, U, m0, fast, paper, args) -> dict:
     rows, w = sample(model, args.per_cell, args.seed)
+    w = w.to(U.device)
     n = len(rows)
     m = m0.expand(n, -1).clone()
     u0 = torch.stack(
@@ -138,7 +154,7 @@ def parity(model, U, m0, fast, paper, args) -> dict:
             )
             for r in rows
         ]
-    )
+    ).to(U.device)
     print(f"{n} neurons; fast solver ...", flush=True)
     fast_found, fast_loss, fast_passes, fast_seconds = first_channels("fast", w, U, m, u0, fast)
     print(f"  {fast_seconds:.1f} s, {fast_passes / n:.0f} passes per neuron; paper preset ...", flush=True)

@@ -90,7 +90,7 @@ def alpha_star(
     values minimising kurt(r) + 5 * mean(|r| over c's tokens with |z| >= 7), r = w' @ U, and 0 if
     no alpha lowers the kurtosis. Raw projections neuron_z, channel_z [V]; channel z-scores
     channel_zs [V]; measured over the scored tokens."""
-    alphas = torch.linspace(0, 1, grid, dtype=torch.float64)
+    alphas = torch.linspace(0, 1, grid, dtype=torch.float64, device=neuron_z.device)
     a, b = neuron_z[scored].double(), channel_z[scored].double()
     a, b = a - a.mean(), b - b.mean()
     # r - mean(r) = a - alpha b, so its moments are polynomials in alpha: eight sums over the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from functools import lru_cache
 from urllib.parse import quote, urlencode
 
@@ -295,16 +296,21 @@ def example_prompts(
 
 
 @lru_cache(maxsize=65536)
+def _texts_containing(word: str) -> tuple[int, ...]:
+    """The corpus texts a token string occurs in; tokens recur across channels, so this turns
+    each page's corpus scan into a few lookups."""
+    return tuple(i for i, text in enumerate(corpus.load().texts) if word in text)
+
+
+@lru_cache(maxsize=65536)
 def _passage(words: tuple[str, ...], side: str) -> tuple[str | None, str]:
     """Scanning the corpus for a channel's tokens took half of a neuron page's server time;
     the answer depends on nothing but the tokens and the side, so it is kept."""
-    best, best_hits = None, 0
-    for text in corpus.load().texts:
-        hits = sum(1 for w in words if w in text)
-        if hits > best_hits:
-            best, best_hits = text, hits
-    if best is None:
+    hits = Counter(i for w in words for i in _texts_containing(w))
+    if not hits:
         return None, ""
+    best_hits = max(hits.values())
+    best = corpus.load().texts[min(i for i, n in hits.items() if n == best_hits)]
     first = min((best.find(w), w) for w in words if w in best)
     at, word = first
     if side == "out":

@@ -13,8 +13,14 @@ Notation, as in method.md:
 
 Two solvers minimise the same loss for one channel:
   paper_channel  the published preset: AdamW on the Householder vector u (reference, slow);
-  fast_channel   a subspace method on the sphere |c| = |w| (default, ~50x fewer passes over U).
+  fast_channel   a subspace method on the sphere |c| = |w| (default, ~60x fewer passes over U).
 `decompose` peels off channels one after another by masking the tokens each channel claimed.
+
+Determinism: each neuron has its own generator seed and its own plateau stop, so its channels
+do not depend on its batch-mates. On the CPU they are bit-identical in any batch (tested). On
+CUDA, cuBLAS and PyTorch's reductions choose their summation order by the batch's shape, so a
+neuron in another batch differs in the last bits, and a token near the masking threshold can
+turn that into a different later channel (measured on an H200: bench/README.md).
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def channels_for(
     model, decomposer: Decomposer, rows, session, channels: int, progress=None
 ) -> list[NeuronSample]:
     out: dict[tuple, NeuronSample] = {}
-    missing: dict[tuple[int, str], list[int]] = {}
+    missing: list[tuple[int, str, int]] = []
     for group, layer, side, neuron in rows:
         w = model.vectors(layer, side)[neuron]
         stored = from_store(session, model.sha256, layer, side, neuron, channels) if session else None
@@ -151,29 +151,29 @@ def channels_for(
                 group, layer, side, neuron, w, stored[1], f"store {stored[0]}"
             )
         else:
-            missing.setdefault((layer, side), []).append(neuron)
-    for (layer, side), neurons in missing.items():
-        for record in decomposer.neurons(layer, side, sorted(set(neurons)), progress):
-            out[(layer, side, record.neuron)] = NeuronSample(
-                "",
-                layer,
-                side,
-                record.neuron,
-                torch.from_numpy(record.vector),
-                [
-                    ChannelSample(
-                        vector=torch.from_numpy(ch.vector),
-                        alpha=ch.alpha,
-                        cos=ch.cos,
-                        skew=ch.skew,
-                        kurtosis=ch.kurtosis,
-                        generic=ch.generic,
-                        masked=torch.from_numpy(ch.masked).long(),
-                    )
-                    for ch in record.channels
-                ],
-                "computed",
-            )
+            missing.append((layer, side, neuron))
+    coords = sorted(set(missing))
+    for (layer, side, _), record in zip(coords, decomposer.anywhere(coords, progress), strict=True):
+        out[(layer, side, record.neuron)] = NeuronSample(
+            "",
+            layer,
+            side,
+            record.neuron,
+            torch.from_numpy(record.vector),
+            [
+                ChannelSample(
+                    vector=torch.from_numpy(ch.vector),
+                    alpha=ch.alpha,
+                    cos=ch.cos,
+                    skew=ch.skew,
+                    kurtosis=ch.kurtosis,
+                    generic=ch.generic,
+                    masked=torch.from_numpy(ch.masked).long(),
+                )
+                for ch in record.channels
+            ],
+            "computed",
+        )
     samples = []
     for group, layer, side, neuron in rows:
         found = out[(layer, side, neuron)]

@@ -132,10 +132,22 @@ class Decomposer:
         return found, m0
 
     def neurons(self, layer: int, side: str, ids: list[int], on_channel=None) -> list[NeuronRecord]:
-        w = self.model.vectors(layer, side)[ids].to(self.device)
-        seeds = [rotate.neuron_seed(self.seed, layer, side, i) for i in ids]
+        return self.anywhere([(layer, side, i) for i in ids], on_channel)
+
+    def anywhere(self, coords: list[tuple[int, str, int]], on_channel=None) -> list[NeuronRecord]:
+        """Neurons from any layers and sides, (layer, side, neuron) each, in shared batches: a
+        neuron's channels do not depend on its batch-mates, and a sample scattered over the
+        model would otherwise run in batches of one."""
+        matrices = {(layer, side): None for layer, side, _ in coords}
+        for layer, side in matrices:
+            matrices[layer, side] = self.model.vectors(layer, side)
+        w = torch.stack([matrices[layer, side][i] for layer, side, i in coords]).to(self.device)
+        seeds = [rotate.neuron_seed(self.seed, layer, side, i) for layer, side, i in coords]
         found = rotate.decompose(w, self.proj, self.m0, seeds, self.settings, self.batch_size, on_channel)
-        return [self._record(layer, side, i, w[n], found[n], seeds[n]) for n, i in enumerate(ids)]
+        return [
+            self._record(layer, side, i, w[n], found[n], seeds[n])
+            for n, (layer, side, i) in enumerate(coords)
+        ]
 
     def _record(self, layer, side, neuron, w, channels, seed) -> NeuronRecord:
         scored = self.scored

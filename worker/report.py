@@ -60,13 +60,8 @@ def sample_neurons(model, per_cell: int, seed: int, aligned: int) -> list[Sample
 
 
 def decompose_all(decomposer: Decomposer, rows: list[Sampled], progress=None) -> list[NeuronRecord]:
-    by_vector: dict[tuple[int, str], list[int]] = {}
-    for row in rows:
-        by_vector.setdefault((row.layer, row.side), []).append(row.neuron)
-    found = {}
-    for (layer, side), neurons in by_vector.items():
-        for record in decomposer.neurons(layer, side, sorted(set(neurons)), progress):
-            found[(layer, side, record.neuron)] = record
+    coords = sorted({(r.layer, r.side, r.neuron) for r in rows})
+    found = dict(zip(coords, decomposer.anywhere(coords, progress), strict=True))
     return [found[(r.layer, r.side, r.neuron)] for r in rows]
 
 

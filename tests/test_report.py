@@ -1,0 +1,46 @@
+"""`channelscope eval` on the tiny Llama, and the batching across layers it relies on."""
+
+import json
+import re
+
+import numpy as np
+import torch
+
+from worker import report, rotate
+from worker.analysis import Decomposer
+from worker.weights import load_model
+
+
+def test_neurons_from_several_layers_and_sides_batch_together_unchanged(tiny_folder, tmp_path):
+    model = load_model(tiny_folder)
+    settings = rotate.with_overrides(rotate.Settings(), channels=2)
+    decomposer = Decomposer(model, settings, reference_count=8, cache_dir=tmp_path)
+    coords = [(1, "gate", 3), (0, "out", 7), (1, "in", 0), (0, "out", 2)]
+    together = decomposer.anywhere(coords)
+    for (layer, side, neuron), record in zip(coords, together, strict=True):
+        (alone,) = decomposer.neurons(layer, side, [neuron])
+        assert (record.layer, record.side, record.neuron) == (layer, side, neuron)
+        assert np.array_equal(record.vector, model.vectors(layer, side)[neuron].numpy())
+        for a, b in zip(record.channels, alone.channels, strict=True):
+            assert np.array_equal(a.vector, b.vector) and a.kurtosis == b.kurtosis
+
+
+def test_the_report_puts_every_measure_beside_its_baseline(tiny_folder, tmp_path):
+    model = load_model(tiny_folder)
+    result = report.evaluate(model, tmp_path / "out", per_cell=1, channels=2, aligned=1, cache_dir=tmp_path)
+    sides = len(model.sides)
+    groups = len({layer // 10 for layer in range(model.n_layers)})  # the tiny model's layers are all "early"
+    assert len(result["neurons"]) == groups * sides + sides  # random ones, then one aligned per side
+    for neuron in result["neurons"]:
+        for measure in ("reconstruction", "consistency", "selectivity"):
+            assert f"{measure}_baseline" in neuron
+        assert len(neuron["channel_kurtosis"]) == 2 and len(neuron["generic"]) == 2
+        assert all(0 <= p <= 100 for p in neuron["percentile"])
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["random_vectors"]["count"] == result["random_vectors"]["count"] > 0
+    summary = (tmp_path / "out" / "eval.md").read_text()
+    assert "generic" in summary.lower() and "baseline" in summary.lower()
+    for image in re.findall(r"\]\(([^)]+\.png)\)", summary):
+        assert (tmp_path / "out" / image).stat().st_size > 1000
+    assert re.findall(r"\]\(([^)]+\.png)\)", summary)
+    assert torch.isfinite(torch.tensor(result["random_vectors"]["faithfulness_median_by_channel"])).all()

@@ -12,6 +12,7 @@ Each has a JSON twin at the same path + `.json`; `?run=<hash>` pins a run anywhe
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import quote, urlencode
 
 DEFAULT_SIDE = "out"  # what the neuron writes: its direct effect on the next-token logits
@@ -81,6 +82,7 @@ def search(**params) -> str:
     return with_query("/search", **params)
 
 
+@functools.lru_cache(maxsize=65536)
 def token_search(token: str, model: str) -> str:
     """A token chip's link: every channel with exactly this token. Written out rather than
     through urlencode: a neuron page holds a couple of hundred of these."""

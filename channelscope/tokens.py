@@ -5,11 +5,13 @@ This only makes them visible; HTML escaping is the template engine's job (autoes
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 _WHITESPACE = {" ": "\u00b7", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
+@functools.lru_cache(maxsize=65536)  # the same tokens recur on every page
 def visible(token: str) -> str:
     """A middle dot for each space, \\n and \\t for newlines and tabs, and \\uXXXX escapes for
     control, format (zero-width, bidi overrides), separator and unassigned characters."""

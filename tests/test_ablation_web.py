@@ -174,3 +174,14 @@ def test_a_missing_model_file_is_said_on_the_page_and_the_preview_still_works(
         data = c.get(ablate_url(run, "gate", "0", json=True)).json()
         assert data["model_effect"] is None and data["preview"]["top_before"]
     app.state.engine.dispose()
+
+
+def test_the_trigram_lookup_finds_exactly_the_texts_a_scan_finds():
+    from app import ablation as A
+    from worker import corpus
+
+    texts = corpus.load().texts
+    words = [" the", "ing", " Paris", "tion", "\n\n", " quantum", "zzqx", "abc", " of the"]
+    words += [texts[7][40:46], texts[100][3:12]]
+    for word in words:
+        assert A._texts_containing(word) == tuple(i for i, t in enumerate(texts) if word in t), word

@@ -138,9 +138,8 @@ class Decomposer:
         """Neurons from any layers and sides, (layer, side, neuron) each, in shared batches: a
         neuron's channels do not depend on its batch-mates, and a sample scattered over the
         model would otherwise run in batches of one."""
-        matrices = {(layer, side): None for layer, side, _ in coords}
-        for layer, side in matrices:
-            matrices[layer, side] = self.model.vectors(layer, side)
+        parts = dict.fromkeys((layer, side) for layer, side, _ in coords)
+        matrices = {part: self.model.vectors(*part) for part in parts}
         w = torch.stack([matrices[layer, side][i] for layer, side, i in coords]).to(self.device)
         seeds = [rotate.neuron_seed(self.seed, layer, side, i) for layer, side, i in coords]
         found = rotate.decompose(w, self.proj, self.m0, seeds, self.settings, self.batch_size, on_channel)

@@ -213,9 +213,15 @@ def test_a_neurons_channels_do_not_depend_on_its_batch(solver):
     seeds = [R.neuron_seed(0, 3, "out", i) for i in range(12)]
     alone = R.decompose(batch[:1], R.Projection(U), m0, seeds[:1], s)[0]
     together = R.decompose(batch, R.Projection(U), m0, seeds, s, batch_size=5)[0]
-    for a, b in zip(alone, together, strict=True):
-        assert torch.equal(a.vector, b.vector)
-        assert a.step == b.step and torch.equal(a.masked, b.masked)
+    # The CUDA mode: batches padded to batch_size, converged neurons frozen in place.
+    fixed = R.decompose(batch, R.Projection(U), m0, seeds, s, batch_size=8, fixed_shape=True)
+    assert len(fixed) == len(batch)
+    for a, b, c in zip(alone, together, fixed[0], strict=True):
+        assert torch.equal(a.vector, b.vector) and torch.equal(a.vector, c.vector)
+        assert a.step == b.step == c.step and torch.equal(a.masked, b.masked)
+        assert torch.equal(a.masked, c.masked) and a.history == c.history
+    last = R.decompose(batch[11:], R.Projection(U), m0, seeds[11:], s)[0]  # padded in `fixed`
+    assert all(torch.equal(a.vector, c.vector) for a, c in zip(last, fixed[11], strict=True))
 
 
 def test_neuron_seed_depends_only_on_coordinates():

@@ -18,9 +18,12 @@ Two solvers minimise the same loss for one channel:
 
 Determinism: each neuron has its own generator seed and its own plateau stop, so its channels
 do not depend on its batch-mates. On the CPU they are bit-identical in any batch (tested). On
-CUDA, cuBLAS and PyTorch's reductions choose their summation order by the batch's shape, so a
-neuron in another batch differs in the last bits, and a token near the masking threshold can
-turn that into a different later channel (measured on an H200: bench/README.md).
+CUDA, cuBLAS and PyTorch's reductions choose their summation order by the shape of the batch,
+and a token near the masking threshold can turn a last-bit difference into a different later
+channel (measured on an H200: bench/README.md). So on CUDA every batch has the same shape:
+`decompose` pads it to batch_size rows, and the solvers freeze a converged neuron in place
+instead of dropping it (`fixed_shape`). A neuron's channels then depend on batch_size, never on
+its batch-mates.
 """
 
 from __future__ import annotations
@@ -185,9 +188,12 @@ class Found:
     steps: torch.Tensor | None = None  # [N] optimisation steps run until the stop rule
 
 
-def paper_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings):
+def paper_channel(
+    w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings, fixed_shape=False
+):
     """AdamW on u, warm-up, plateau stop per neuron, best checkpoint by |K| of the unweighted
-    projection (method.md, "One channel"). A neuron that stops is frozen; the rest go on."""
+    projection (method.md, "One channel"). A neuron that stops is frozen; the rest go on.
+    With fixed_shape, stopped neurons stay in the batch (their updates are ignored)."""
     n = w.shape[0]
     u = u0.clone()
     moments = (torch.zeros_like(u), torch.zeros_like(u))  # AdamW's exp_avg, exp_avg_sq
@@ -199,14 +205,16 @@ def paper_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.
     history = w.new_full((n, s.max_steps // s.checkpoint_every + 2), float("nan"))
     scored_count = torch.zeros(n, dtype=torch.long, device=w.device)
     active = torch.arange(n, device=w.device)
+    running = torch.ones(n, dtype=torch.bool, device=w.device)
     for step in range(s.max_steps + 1):  # `step` updates of u have been made so far
         c, z, loss_now, grad_u = _loss_and_u_gradient(u[active], w[active], proj, m[active], s)
+        live = running[active]
         recent[active, step % s.plateau_window] = loss_now
         plateau = torch.zeros_like(loss_now, dtype=torch.bool)
         if step >= max(s.plateau_from, s.plateau_window):
             plateau = recent[active].std(-1) < s.plateau_std
-        stopping = plateau | (step == s.max_steps)
-        scoring = stopping | (step > 0 and step % s.checkpoint_every == 0)
+        stopping = (plateau | (step == s.max_steps)) & live
+        scoring = (stopping | (step > 0 and step % s.checkpoint_every == 0)) & live
         if scoring.any():
             kurt = excess_kurtosis(z)
             rows = active[scoring]
@@ -217,10 +225,12 @@ def paper_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.
             best_abs_k[idx], best.vector[idx] = kurt[kept].abs(), c[kept]
             best.loss[idx], best.step[idx.cpu()] = loss_now[kept], step
         best.steps[active[stopping].cpu()] = step
-        if stopping.all():
+        running[active[stopping]] = False
+        if not running.any():
             break
         u[active] = _adamw(u[active], grad_u, moments, active, step, s.lr, s.warmup_steps, s.betas, s)
-        active = active[~stopping]
+        if not fixed_shape:
+            active = active[running[active]]
     best.history = _rows_without_nan(history)
     return best
 
@@ -252,7 +262,9 @@ def _adamw(u, grad, moments, active, step: int, lr: float, warmup: int, betas, s
 # --- one channel, fast solver ------------------------------------------------------------------
 
 
-def fast_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings):
+def fast_channel(
+    w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings, fixed_shape=False
+):
     """The same loss in two phases.
 
     Explore: the paper's own optimiser (AdamW on the Householder vector u, from the same u0) at
@@ -282,38 +294,41 @@ def fast_channel(w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.T
         _, z, _, grad_u = _loss_and_u_gradient(u, w, proj, m, s)
         history[:, step] = excess_kurtosis(z)
         u = _adamw(u, grad_u, moments, everyone, step, s.fast_explore_lr, s.fast_explore_warmup, betas, s)
-    found = _descend(w, proj, m, reflect(u, w), s, history, s.fast_explore_steps)
+    found = _descend(w, proj, m, reflect(u, w), s, history, s.fast_explore_steps, fixed_shape)
     found.history = _rows_without_nan(history)
     found.steps = found.step.clone()
     return found
 
 
-def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int) -> Found:
+def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, fixed_shape: bool) -> Found:
     n = w.shape[0]
     radius = w.norm(dim=-1, keepdim=True)
     z = proj.forward(c)
     past: list[tuple[torch.Tensor, torch.Tensor]] = []  # previous steps and their projections
     found = Found(c.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [])
     active = torch.arange(n, device=w.device)
+    running = torch.ones(n, dtype=torch.bool, device=w.device)
     previous_loss = w.new_full((n,), float("inf"))
     for iteration in range(s.fast_max_iters + 1):
         k_term, gz, _ = loss_gradient_z(z, m[active], s)
         cos_term, gc = cosine_gradient(c, w[active], s)
         loss_now = k_term + cos_term
-        history[active, first_step + iteration] = excess_kurtosis(z)
-        done = (previous_loss - loss_now < s.fast_tol) | (iteration == s.fast_max_iters)
+        live = running[active]
+        history[active[live], first_step + iteration] = excess_kurtosis(z)[live]
+        done = ((previous_loss - loss_now < s.fast_tol) | (iteration == s.fast_max_iters)) & live
+        previous_loss = loss_now
         if done.any():
             idx = active[done]
             found.vector[idx], found.loss[idx] = c[done], loss_now[done]
             found.step[idx.cpu()] = first_step + iteration
-            keep = ~done
-            active, c, z, previous_loss = active[keep], c[keep], z[keep], loss_now[keep]
-            gz, gc = gz[keep], gc[keep]
-            past = [(p[keep], zp[keep]) for p, zp in past]
-            if active.numel() == 0:
+            running[idx] = False
+            if not running.any():
                 break
-        else:
-            previous_loss = loss_now
+            if not fixed_shape:
+                keep = ~done
+                active, c, z, previous_loss = active[keep], c[keep], z[keep], previous_loss[keep]
+                gz, gc = gz[keep], gc[keep]
+                past = [(p[keep], zp[keep]) for p, zp in past]
         r = radius[active]
         grad = proj.backward(gz) + gc
         c_hat = c / r
@@ -499,36 +514,46 @@ def decompose(
     s: Settings,
     batch_size: int = 256,
     on_channel: Callable[[int], None] | None = None,
+    fixed_shape: bool | None = None,
 ):
     """C channels for each neuron vector in w [N, d]: a list (per neuron) of lists of Channel.
 
     Every channel is a reflection of the original w; only the token weights change between
     channels. `seeds` gives each neuron its own generator (see neuron_seed), so a neuron's
-    channels are the same in any batch. `on_channel(n)` reports n neuron-channels done."""
+    channels are the same in any batch. `on_channel(n)` reports n neuron-channels done.
+    fixed_shape (default: on CUDA) pads every batch to batch_size rows (see the module's
+    "Determinism")."""
+    if fixed_shape is None:
+        fixed_shape = w.is_cuda
     results = []
     for start in range(0, w.shape[0], batch_size):
-        part = w[start : start + batch_size]
-        results += _decompose_batch(part, proj, m0, seeds[start : start + len(part)], s, on_channel)
+        part, part_seeds = w[start : start + batch_size], seeds[start : start + batch_size]
+        n = len(part)
+        if fixed_shape and n < batch_size:  # copies of the first neuron, dropped afterwards
+            part = torch.cat([part, part[:1].expand(batch_size - n, -1)])
+            part_seeds = part_seeds + part_seeds[:1] * (batch_size - n)
+        results += _decompose_batch(part, proj, m0, part_seeds, s, fixed_shape, n, on_channel)
     return results
 
 
-def _decompose_batch(w, proj, m0, seeds, s, on_channel):
+def _decompose_batch(w, proj, m0, seeds, s, fixed_shape, real, on_channel):
+    """The channels of the first `real` rows of w (the rest is padding)."""
     n, d = w.shape
     scored = m0 == 1
     m = m0.expand(n, -1).clone()
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     solve = SOLVERS[s.solver]
-    channels: list[list[Channel]] = [[] for _ in range(n)]
+    channels: list[list[Channel]] = [[] for _ in range(real)]
     for _ in range(s.channels):
         u0 = torch.stack([torch.randn(d, generator=g) for g in generators]).to(w.device)
-        found = solve(w, proj, m, u0, s)
+        found = solve(w, proj, m, u0, s, fixed_shape)
         z = proj.forward(found.vector, exact=True)
         found.loss = loss(z, m, found.vector, w, s)  # in fp32, whatever the solver's precision
         kurt, skew = excess_kurtosis(z), skewness(z)
         claimed = tail_mask(z_scores(z, scored), skew, scored, s)
         m = torch.where(claimed, torch.clamp(m, max=s.mask_weight), m)
         cos = cosine(w, found.vector)
-        for i in range(n):
+        for i in range(real):
             channels[i].append(
                 Channel(
                     vector=found.vector[i].cpu(),
@@ -542,7 +567,7 @@ def _decompose_batch(w, proj, m0, seeds, s, on_channel):
                 )
             )
         if on_channel:
-            on_channel(n)
+            on_channel(real)
     return channels
 
 

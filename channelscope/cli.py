@@ -234,14 +234,18 @@ def _model_spec(spec: str) -> str:
 
 def cmd_decompose(args) -> None:
     from worker import jobs, store
-    from worker.analysis import Decomposer
+    from worker.analysis import Decomposer, default_batch_size, pick_device
 
     layers = _parse_list(args.layers, "--layers")
     neurons = _parse_list(args.neurons, "--neurons") if args.neurons else None
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     url, engine = _database(migrate=True)
     model = _load(args.model)
-    request = jobs.Request(layers, sides, neurons or list(range(model.d_mlp)), args.shard_size)
+    shard_size = args.shard_size
+    if shard_size is None:  # on a GPU a shard fills one padded batch (worker/rotate.py, "Determinism")
+        device = pick_device(args.device)
+        shard_size = default_batch_size(device) if device.type == "cuda" else jobs.DEFAULT_SHARD_SIZE
+    request = jobs.Request(layers, sides, neurons or list(range(model.d_mlp)), shard_size)
     try:
         jobs.check_request(model, request)
     except jobs.JobError as error:
@@ -680,7 +684,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", required=True, help="e.g. 20-29 or 0-3,7")
     p.add_argument("--sides", default="out,in,gate", help="comma-separated (default out,in,gate)")
     p.add_argument("--neurons", default=None, help="e.g. 0-1535 (default: every neuron)")
-    p.add_argument("--shard-size", type=int, default=64, help="neurons per shard (default 64)")
+    p.add_argument(
+        "--shard-size", type=int, default=None, help="neurons per shard (default 64; 1024 on a GPU)"
+    )
     p.add_argument("--projection", choices=["unembedding", "embedding"], default="unembedding")
     p.add_argument("--reference-count", type=int, default=64, help="random vectors in the reference")
     _add_worker_options(p)

@@ -78,6 +78,12 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Neurons per solver batch. On CUDA every batch is padded to this many rows (rotate.py,
+    "Determinism"), so it is also what a GPU run's shards should hold."""
+    return 1024 if device.type == "cuda" else 256
+
+
 class Decomposer:
     """A model's projection, token weights and random-vector reference, ready to decompose."""
 
@@ -97,7 +103,7 @@ class Decomposer:
         keep_freed_memory()
         self.model, self.settings, self.seed = model, settings, seed
         self.device = pick_device(device)
-        self.batch_size = batch_size or (1024 if self.device.type == "cuda" else 256)
+        self.batch_size = batch_size or default_batch_size(self.device)
         U = model.projection(projection).to(self.device)
         self.proj = rotate.Projection(U, settings.precision)
         self.m0 = rotate.initial_token_weights(U, model.vocabulary.kinds, settings)

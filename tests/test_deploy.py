@@ -71,3 +71,12 @@ def test_the_image_holds_every_package_and_the_gpu_override_only_changes_workers
     gpu = _compose("docker-compose.gpu.yml")["services"]
     assert set(gpu) == {"worker"}
     assert gpu["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_the_main_commands_channelscope_calls_parse_with_the_cli():
+    text = re.sub(r'"\$\{\w+:-([^}]*)\}"', r"\1", (ROOT / "bin" / "up").read_text())  # "${PORT:-8000}"
+    calls = re.findall(r"\.venv/bin/channelscope ([^&>\n\"]+)", text)  # the echoed hint too
+    assert any(c.startswith("decompose ") for c in calls) and any(c.startswith("serve ") for c in calls)
+    for call in calls:
+        args = parser().parse_args(call.split())
+        assert callable(args.run), call

@@ -381,7 +381,9 @@ def _subspace_minimum(Q, ZQ, m, w, r, s: Settings, newton_steps: int = 12):
     value, grad, hess = subspace_loss(with_e1(t), S2, M4, w_q, s)
     for _ in range(newton_steps):
         g, h = grad[:, 1:], hess[:, 1:, 1:]  # a = e1 + (0, t) is affine in t
-        if g.abs().max() < 1e-12:
+        # Per row, not over the batch: whether a neuron moves must not depend on its batch-mates.
+        moving = g.abs().amax(-1) >= 1e-12
+        if not moving.any():
             break
         # Levenberg-Marquardt: a rejected step retries next round with ten times the damping.
         scale = h.abs().amax((1, 2), keepdim=True) + 1e-12
@@ -389,7 +391,7 @@ def _subspace_minimum(Q, ZQ, m, w, r, s: Settings, newton_steps: int = 12):
         trial = t - step
         trial = trial * (radius / trial.norm(dim=-1, keepdim=True).clamp_min(radius))
         trial_value, trial_grad, trial_hess = subspace_loss(with_e1(trial), S2, M4, w_q, s)
-        better = (trial_value < value) & torch.isfinite(trial_value)
+        better = (trial_value < value) & torch.isfinite(trial_value) & moving
         t = torch.where(better.unsqueeze(-1), trial, t)
         value = torch.where(better, trial_value, value)
         grad = torch.where(better.unsqueeze(-1), trial_grad, grad)

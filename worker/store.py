@@ -25,7 +25,8 @@ from worker.weights import Model
 
 # Bump when a change to the algorithm changes results: runs are identified by their settings,
 # the model file and this number, never by the git commit.
-ALGORITHM_VERSION = 1
+# 2: the fast solver's rescaled AdamW moments, first-channel tail tokens, fixed-shape CUDA batches.
+ALGORITHM_VERSION = 2
 JUNK_KURTOSIS = 5.0  # channels below this are counted as junk (the UI's default cut-off)
 
 

@@ -21,6 +21,7 @@ from worker import measures, rotate
 from worker.analysis import Decomposer, NeuronRecord
 
 GROUPS = {"early": range(0, 10), "middle": range(10, 20), "late": range(20, 30)}
+ALIGNED = "late, highest kurtosis"  # the group of the most vocabulary-aligned neurons
 
 
 @dataclass
@@ -55,7 +56,7 @@ def sample_neurons(model, per_cell: int, seed: int, aligned: int) -> list[Sample
                 kurt = rotate.excess_kurtosis(model.vectors(layer, side) @ U)
                 scored += [(float(k), layer, n) for n, k in enumerate(kurt)]
             for _, layer, neuron in sorted(scored, reverse=True)[:aligned]:
-                rows.append(Sampled("late, highest kurtosis", layer, side, neuron))
+                rows.append(Sampled(ALIGNED, layer, side, neuron))
     return rows
 
 
@@ -278,10 +279,6 @@ def _markdown(result: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _channels_where(neurons, keep):
-    return [(n, k) for n in neurons for k in range(len(n["generic"])) if keep(n, k)]
-
-
 def _generic_check(neurons) -> list[str]:
     """Does the flag, which looks only at directions, agree with faithfulness, which looks only
     at the neuron's own tokens? Two independent readings of "generic"."""
@@ -297,10 +294,10 @@ def _generic_check(neurons) -> list[str]:
         ("not flagged", lambda n, k: not n["generic"][k]),
         (
             "not flagged, random neurons only",
-            lambda n, k: not n["generic"][k] and "highest" not in n["group"],
+            lambda n, k: not n["generic"][k] and n["group"] != ALIGNED,
         ),
     ]:
-        chosen = _channels_where(neurons, keep)
+        chosen = [(n, k) for n in neurons for k in range(len(n["generic"])) if keep(n, k)]
         faith = [n["faithfulness"][k] for n, k in chosen]
         pct = [n["percentile"][k] for n, k in chosen]
         lines.append(
@@ -312,8 +309,8 @@ def _generic_check(neurons) -> list[str]:
 
 def _against_the_paper(neurons) -> list[str]:
     """The paper's claims, each next to what this sample measured (the numbers are this run's)."""
-    random_ones = [n for n in neurons if "highest" not in n["group"]]
-    aligned = [n for n in neurons if "highest" in n["group"]]
+    random_ones = [n for n in neurons if n["group"] != ALIGNED]
+    aligned = [n for n in neurons if n["group"] == ALIGNED]
     recon = _median(n["reconstruction"][-1] for n in neurons)
     recon_base = _median(n["reconstruction_baseline"][-1] for n in neurons)
     lines = ["## Where SmolLM2 disagrees with the paper", ""]

@@ -62,7 +62,13 @@ def run_out(model_name: str, run: Row, progress: Row) -> pages.RunOut:
 
 
 def model(session: Session, name: str) -> Row:
-    found = queries.model(session, name) if MODEL_NAME.fullmatch(name) else None
+    """The model's row; from the app's cache once found (app.main: model rows never change)."""
+    cache = session.info.get("models", {})
+    found = cache.get(name)
+    if found is None and MODEL_NAME.fullmatch(name):
+        found = queries.model(session, name)
+        if found is not None:
+            cache[name] = found
     if found is None:
         raise NotFound(f"There is no model named {name!r} here.")
     return found

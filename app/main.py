@@ -43,7 +43,9 @@ def create_app(database_url: str | None = None, page_cache_bytes: int = 64 * 2**
             connection.commit()
 
     app.state.engine = engine
-    app.state.sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    # Model rows are written once and never changed or deleted (worker/store.ensure_model), so
+    # every session shares one cache of them by name (lookup.model): a page saves a round trip.
+    app.state.sessions = sessionmaker(bind=engine, expire_on_commit=False, info={"models": {}})
     app.state.head_revision = db.head_revision()
     app.state.pages = PageStore(page_cache_bytes)
 

@@ -169,24 +169,27 @@ def newest_run(session: Session, model_id: int, layer: int | None = None) -> Row
 
 
 @functools.cache
-def _newest_runs():
+def _models_with_newest_run():
     ranked = (
         select(
             *RUN_COLUMNS,
             func.row_number().over(partition_by=T.Run.model_id, order_by=NEWEST).label("rank"),
         )
-        .where(
-            T.Run.model_id.in_(bindparam("model_ids", expanding=True)),
-            select(T.Neuron.id).where(T.Neuron.run_id == T.Run.id).exists(),
-        )
+        .where(select(T.Neuron.id).where(T.Neuron.run_id == T.Run.id).exists())
         .subquery()
     )
-    return select(ranked).where(ranked.c.rank == 1)
+    newest = select(ranked).where(ranked.c.rank == 1).subquery()
+    return (
+        select(*MODEL_COLUMNS, *(column for column in newest.c if column.name != "rank"))
+        .outerjoin(newest, newest.c.model_id == T.Model.id)
+        .order_by(T.Model.name)
+    )
 
 
-def newest_runs(session: Session, model_ids: list[int]) -> Sequence[Row]:
-    """Each model's newest run that has neurons (search's default), one query."""
-    return session.execute(_newest_runs(), {"model_ids": model_ids}).all()
+def models_with_newest_run(session: Session) -> Sequence[Row]:
+    """Every model (as `models`) with the columns of its newest run that has neurons (as
+    `run_by_hash`; run_id is None for a model with none yet): search's default, one query."""
+    return session.execute(_models_with_newest_run()).all()
 
 
 def runs_of_neuron(session: Session, model_id: int, layer: int, side: str, neuron: int) -> Sequence[Row]:

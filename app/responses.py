@@ -180,6 +180,15 @@ def finish(request: Request, body: bytes, media_type: str, immutable: bool, stat
     return Response(body, status_code=status, media_type=media_type, headers=headers)
 
 
+def _on_loop(endpoint: Callable[..., Response]) -> Callable[..., Any]:
+    """The same endpoint as a coroutine: FastAPI runs it on the event loop, not in a thread."""
+
+    async def run(request: Request, **params):
+        return endpoint(request=request, **params)
+
+    return run
+
+
 def problem_responses(html: bool) -> dict:
     content = {"text/html": {"schema": {"type": "string"}}} if html else None
     out = {}
@@ -196,10 +205,19 @@ def problem_responses(html: bool) -> dict:
     return out
 
 
-def page(router: APIRouter, path: str, template: str, model: type[BaseModel], summary: str):
+def page(
+    router: APIRouter, path: str, template: str, model: type[BaseModel], summary: str, on_loop: bool = False
+):
     """Registers a page builder twice: `path` renders `template` as HTML and `path.json`
     returns the same page object as JSON. The JSON route is added first: `{neuron}` would
-    otherwise swallow `5.json` and fail its integer check."""
+    otherwise swallow `5.json` and fail its integer check.
+
+    on_loop: build and render on the event loop instead of in a worker thread. For the pages
+    people open most (a neuron, a search), whose few queries are index lookups of a millisecond:
+    under load, dozens of threads taking turns at the GIL made each page wait for the others'
+    switches, and the loop's own turns, so p99 was twice p50 (bench/README.md, "Web"). A page
+    that computes for long (nearest channels, a model run) or aggregates a whole run stays in
+    a thread, where it cannot hold up every other request."""
 
     def register(build: Callable[..., Result]):
         signature = inspect.signature(build, eval_str=True)  # annotations are strings here
@@ -217,6 +235,9 @@ def page(router: APIRouter, path: str, template: str, model: type[BaseModel], su
                 return result
             body = render_html(template, request, page=result.page, plots=result.plots).encode()
             return finish(request, body, "text/html; charset=utf-8", result.immutable)
+
+        if on_loop:
+            as_json, as_html = _on_loop(as_json), _on_loop(as_html)
 
         for endpoint, suffix in ((as_json, "_json"), (as_html, "")):
             endpoint.__signature__ = signature

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from channelscope.settings import config
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+IDLE_PING_SECONDS = 5.0
 
 
 def normalise_url(url: str) -> str:
@@ -37,7 +39,29 @@ def make_engine(url: str | None = None) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Like pool_pre_ping, but only for a connection that sat in the pool for a while: a
+    database restart or a dropped link is found before a request uses the connection, and a
+    busy site does not pay a round trip per request for it. A connection that dies while in
+    use makes SQLAlchemy drop the whole pool, so the next request gets fresh ones either way."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection, record, _proxy):
+        if time.monotonic() - record.info.get("idle_since", time.monotonic()) < IDLE_PING_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            raise exc.DisconnectionError() from error  # the pool discards it and connects again
 
 
 @lru_cache

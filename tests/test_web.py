@@ -549,6 +549,9 @@ def test_each_page_makes_a_constant_number_of_queries(client, store, count_queri
         "home": ["/"],
         "compare": [f"/m/{m}/1/0/compare", f"/m/{m}/1/3/compare?side=out"],
     }
+    # The pages opened most have their own, tighter budgets (bench/web.py times them): a
+    # neuron side, its channels and their tokens; the models with their newest runs, then hits.
+    most = {family: 8 for family in families} | {"neuron": 3, "search": 2}
     for family, urls in families.items():
         counts = []
         for url in urls:
@@ -560,7 +563,7 @@ def test_each_page_makes_a_constant_number_of_queries(client, store, count_queri
             )
             counts.append(len(count_queries))
         assert len(set(counts)) == 1, (family, counts)
-        assert counts[0] <= 8, (family, counts)
+        assert counts[0] <= most[family], (family, counts)
 
 
 # --- health and outages ---------------------------------------------------------------------------

@@ -117,3 +117,20 @@ def test_healthz_reports_migrations_that_are_not_current(tmp_path):
         assert body["revision"] == "0001" and body["head"] != "0001"
         assert "run the migrations" in body["database"]
     app.state.engine.dispose()
+
+
+@pytest.mark.parametrize("store", ["postgresql"], indirect=True)
+def test_a_connection_that_died_while_idle_is_replaced_at_checkout(store, monkeypatch):  # noqa: F811
+    import psycopg
+    from sqlalchemy import text
+
+    engine = db.make_engine(store.url)
+    with engine.connect() as connection:
+        backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+    # Killed while it waits in the pool, as a database restart would.
+    with psycopg.connect(store.url, autocommit=True) as killer:
+        killer.execute("SELECT pg_terminate_backend(%s)", (backend,))
+    monkeypatch.setattr(db, "IDLE_PING_SECONDS", 0.0)  # every pooled connection now counts as idle
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT pg_backend_pid()")).scalar() != backend
+    engine.dispose()

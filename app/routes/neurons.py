@@ -71,7 +71,12 @@ def _cosines(channel_rows) -> list[list[float]]:
 
 
 @page(
-    router, "/m/{model}/{layer}/{neuron}", "neuron.html", pages.NeuronPage, "A neuron side and its channels"
+    router,
+    "/m/{model}/{layer}/{neuron}",
+    "neuron.html",
+    pages.NeuronPage,
+    "A neuron side and its channels",
+    on_loop=True,
 )
 def neuron_page(
     request: Request,

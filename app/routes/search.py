@@ -48,7 +48,7 @@ def _cursor(after: str | None) -> tuple[float, float, int, int] | None:
     return k1, k2, neuron_id, channel
 
 
-@page(router, "/search", "search.html", pages.SearchPage, "Search channels by token")
+@page(router, "/search", "search.html", pages.SearchPage, "Search channels by token", on_loop=True)
 def search_page(
     request: Request,
     session: DbSession,
@@ -82,7 +82,8 @@ def search_page(
         sort=sort,
         limit=limit,
     )
-    all_models = queries.models(session)
+    # Without ?run=, each model's newest run comes in the same round trip as the models.
+    all_models = queries.models(session) if query.run is not None else queries.models_with_newest_run(session)
     page_out = pages.SearchPage(
         query=query,
         models=[m.name for m in all_models],
@@ -108,7 +109,7 @@ def search_page(
             raise NotFound(f"There is no run {query.run!r}" + (f" of {query.model}." if query.model else "."))
         runs = {run_row.model_id: run_row}
     else:
-        runs = {r.model_id: r for r in queries.newest_runs(session, [m.id for m in chosen])}
+        runs = {m.id: m for m in chosen if m.run_id is not None}
     models_by_id = {m.id: m for m in chosen if m.id in runs}
 
     targets, vocab_of_run, model_of_run = [], {}, {}
@@ -211,7 +212,14 @@ def _here(query: pages.SearchQuery, **changes) -> str:
     return urls.search(**params)
 
 
-@page(router, "/search/suggest", "_suggest.html", pages.SuggestPage, "Autocomplete over the vocabulary")
+@page(
+    router,
+    "/search/suggest",
+    "_suggest.html",
+    pages.SuggestPage,
+    "Autocomplete over the vocabulary",
+    on_loop=True,
+)
 def suggest_page(
     request: Request, session: DbSession, token: TokenText = None, model: OptionalName = None
 ) -> Result:

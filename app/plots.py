@@ -275,37 +275,39 @@ def _sequential(v: float, lo: float, hi: float) -> tuple[str, str]:
     return f"#{r:02x}{g:02x}{b:02x}", "#fff" if t > 0.55 else "#000"
 
 
-def cosine_heatmap(cosines: list[list[float]], urls: list[str]) -> Chart:
+def cosine_heatmap(cosines: list[list[float]]) -> Chart:
+    """The cells below the diagonal: the matrix is symmetric and its diagonal is 1, so the rest
+    would say everything twice (and cost a neuron page of C = 50 channels 2,500 cells)."""
     n = len(cosines)
-    cell = max(8, min(28, 360 // max(1, n)))
-    size = LEFT + cell * n + RIGHT
+    rows = max(1, n - 1)
+    cell = max(8, min(28, 360 // rows))
     chart = Chart(
         title="Channel x channel cosine",
-        description="cos between channel vectors; each channel is a reflection of the same w, so a "
-        "shared component along w lifts every cell",
-        width=size,
-        height=TOP + cell * n + BOTTOM,
+        description="cos between channel vectors (row i, column j < i); each channel is a reflection of "
+        "the same w, so a shared component along w lifts every cell",
+        width=LEFT + cell * rows + RIGHT,
+        height=TOP + cell * rows + BOTTOM,
         axes=False,
     )
-    for i, row in enumerate(cosines):
-        for j, v in enumerate(row):
+    for i in range(1, n):
+        for j in range(i):
+            v = cosines[i][j]
             fill, ink = _diverging(v)
             chart.bars.append(
                 Bar(
                     x=LEFT + j * cell,
-                    y=TOP + i * cell,
+                    y=TOP + (i - 1) * cell,
                     width=cell,
                     height=cell,
                     fill=fill,
                     title=f"channels {i} and {j}: cos {v:.2f}",
-                    href=urls[j] if j < len(urls) else None,
                     text=f"{v:.1f}".replace("0.", ".") if cell >= 22 else None,
                     ink=ink,
                 )
             )
-    step = max(1, math.ceil(n / 12))
-    chart.row_labels = [(TOP + i * cell + cell / 2, str(i)) for i in range(0, n, step)]
-    chart.column_labels = [(LEFT + j * cell + cell / 2, str(j)) for j in range(0, n, step)]
+    step = max(1, math.ceil(rows / 12))
+    chart.row_labels = [(TOP + (i - 1) * cell + cell / 2, str(i)) for i in range(1, n, step)]
+    chart.column_labels = [(LEFT + j * cell + cell / 2, str(j)) for j in range(0, n - 1, step)]
     return chart
 
 

@@ -151,7 +151,7 @@ def neuron_page(
             data.channels, min_kurtosis, {c.index: c.url for c in result.channels}
         ),
         "reconstruction": plots.reconstruction(data),
-        "cosines": plots.cosine_heatmap(result.cosines, [c.url for c in result.channels]),
+        "cosines": plots.cosine_heatmap(result.cosines),
     }
     return Result(result, immutable=run is not None and run_out.complete, plots=charts)
 

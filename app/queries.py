@@ -401,7 +401,10 @@ def channels(session: Session, neuron_ids: list[int]) -> Sequence[Row]:
 def channel_tokens(session: Session, neuron_ids: list[int]) -> dict[tuple[int, int], list[tuple[int, float]]]:
     """(neuron id, channel) -> [(token id, oriented z)] by rank, for every channel of the neurons."""
     out: dict[tuple[int, int], list[tuple[int, float]]] = {}
-    for neuron_id, channel, token, z in _execute(session, _channel_tokens(), {"neuron_ids": neuron_ids}):
+    # .all(): iterating the result would fetch its ~200 rows one driver call at a time.
+    for neuron_id, channel, token, z in _execute(
+        session, _channel_tokens(), {"neuron_ids": neuron_ids}
+    ).all():
         out.setdefault((neuron_id, channel), []).append((token, z))
     return out
 

@@ -25,6 +25,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from pydantic import BaseModel
 
 from app import pages, urls
+from app.schemas import TokenScore
 from channelscope.tokens import visible
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +58,10 @@ def _z_class(z: float) -> str:
     return "z5" if a >= 12 else "z4" if a >= 9 else "z3" if a >= 6 else "z2" if a >= 4 else "z1"
 
 
+def _chip_title(t: TokenScore) -> str:
+    return f"token {t.id}, z {_number(t.z)}"
+
+
 templates = Environment(
     loader=FileSystemLoader(ROOT / "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
@@ -67,7 +72,8 @@ templates = Environment(
 templates.filters["visible"] = visible
 templates.filters["num"] = _number
 templates.filters["zclass"] = _z_class
-templates.globals["token_search"] = urls.token_search
+templates.filters["token_search"] = urls.token_search
+templates.filters["chip_title"] = _chip_title
 
 
 @dataclass

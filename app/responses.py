@@ -58,6 +58,10 @@ def _z_class(z: float) -> str:
     return "z5" if a >= 12 else "z4" if a >= 9 else "z3" if a >= 6 else "z2" if a >= 4 else "z1"
 
 
+def _percentile_class(p: float) -> str:
+    return "pct-high" if p >= 90 else "pct-mid" if p >= 60 else "pct-low"
+
+
 def _chip_title(t: TokenScore) -> str:
     return f"token {t.id}, z {_number(t.z)}"
 
@@ -74,6 +78,7 @@ templates.filters["num"] = _number
 templates.filters["zclass"] = _z_class
 templates.filters["token_search"] = urls.token_search
 templates.filters["chip_title"] = _chip_title
+templates.filters["pct_class"] = _percentile_class
 
 
 @dataclass

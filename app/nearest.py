@@ -1,15 +1,15 @@
-"""Nearest channels elsewhere in the model: exact cosine products against every channel of the
-run, computed by the web process itself.
+"""Nearest channels elsewhere in the model, for a channel page.
 
-What was chosen, and why: a channel page asks for its neighbours among all of the run's channel
-vectors. For runs up to MAX_CHANNELS channels (the README's default slice has ~4,000; a whole
-layer at 5 channels ~23,000) the web process reads the run's channel vectors once, keeps them
-unit-normalised as float32 (MAX_CHANNELS x d_model x 4 bytes: 138 MB on SmolLM2 at the cap),
-and answers each page with one matrix-vector product (a few ms). There is no worker step and no
-table to keep in step with the run: while a run is still being computed the vectors are read
-again once the run has grown and the copy is a minute old. Larger runs would need a kept
-nearest-neighbour index built by the worker after the run (faiss or usearch); that is not built,
-and their channel pages say so instead of showing a partial answer.
+Two sources, the first that has an answer:
+- stored: `channelscope neighbours RUN` (worker/neighbours.py) computed every channel's nearest
+  channels of the run, exactly, and stored them; one row read per page. The way for runs of any
+  size; for a whole model (SmolLM2 at 5 channels: 691,200 channels) the only one.
+- live: for runs up to MAX_CHANNELS channels (the README's default slice has ~4,000) the web
+  process reads the run's channel vectors once, keeps them unit-normalised as float32 (138 MB on
+  SmolLM2 at the cap), and answers each page with one matrix-vector product (a few ms), so a
+  small run needs no extra step. While a run is still being computed the vectors are read again
+  once the run has grown and the copy is a minute old.
+A large run without a stored build says so, and names the command, instead of a partial answer.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app import queries
+from app.lookup import utc
 from channelscope import tables as T
 
 MAX_CHANNELS = 60_000
 KEEP_RUNS = 2  # runs whose vectors stay in memory at once
 REFRESH_SECONDS = 60.0
-SIDE_CODES = {"gate": 0, "in": 1, "out": 2}
+SIDE_CODES = T.SIDE_CODES
 SIDE_NAMES = {v: k for k, v in SIDE_CODES.items()}
 
 
@@ -80,26 +81,49 @@ def _vectors(session: Session, run_id: int, neurons_done: int) -> RunVectors:
 def nearest(
     session: Session,
     run_id: int,
+    run_hash: str,
     neurons_done: int,
     channels_per_neuron: int,
-    where: tuple[int, str, int],
+    where: tuple[int, str, int, int],
+    neuron_id: int,
     vector: bytes,
     count: int = 12,
 ) -> tuple[list[Neighbour], str]:
     """The `count` channels of other neurons with the highest cos to this channel vector, and a
-    note saying how they were found (or why they were not)."""
+    note saying how they were found (or why they were not). `where`: layer, side, neuron and
+    channel index of the channel; neuron_id its neuron's row."""
+    estimate = neurons_done * channels_per_neuron
+    stored = queries.stored_neighbours(session, run_id, neuron_id, where[3])
+    if stored is not None and stored.neighbours is not None:
+        records = np.frombuffer(stored.neighbours, dtype=T.NEIGHBOUR)[:count]
+        note = (
+            f"Exact cos against all {stored.channels:,} channels of this run, computed "
+            f"{utc(stored.created_at):%Y-%m-%d %H:%M} UTC by `channelscope neighbours`."
+        )
+        if estimate > stored.channels:
+            note += f" The run has about {estimate:,} channels now; run it again to include them."
+        return [
+            Neighbour(
+                int(r["layer"]),
+                SIDE_NAMES[int(r["side"])],
+                int(r["neuron"]),
+                int(r["channel"]),
+                float(r["cos"]),
+            )
+            for r in records
+        ], note
     estimate = neurons_done * channels_per_neuron
     if estimate > MAX_CHANNELS:
         return [], (
-            f"Not computed: this run has about {estimate:,} channels, and exact products are only kept "
-            f"for runs of up to {MAX_CHANNELS:,}."
+            f"Not computed yet: this run has about {estimate:,} channels, more than the {MAX_CHANNELS:,} "
+            f"this page compares live; `channelscope neighbours {run_hash}` computes and stores them."
         )
     run = _vectors(session, run_id, neurons_done)
     if not len(run.keys):
         return [], "No channels computed yet."
     v = T.unpack(vector, "float16").astype(np.float32)
     cos = run.unit @ (v / max(float(np.linalg.norm(v)), 1e-12))
-    layer, side, neuron = where
+    layer, side, neuron, _ = where
     own = (run.keys[:, 0] == layer) & (run.keys[:, 1] == SIDE_CODES[side]) & (run.keys[:, 2] == neuron)
     cos[own] = -np.inf  # "elsewhere": not the neuron's own channels
     count = min(count, int((~own).sum()))

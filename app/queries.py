@@ -419,9 +419,23 @@ def run_channel_vectors(session: Session, run_id: int) -> Sequence[Row]:
     return _execute(session, query).all()
 
 
-def run_channel_count(session: Session, run_id: int) -> int:
-    query = select(func.count()).select_from(T.Channel).join(T.Neuron, T.Neuron.id == T.Channel.neuron_id)
-    return _scalar(session, query.where(T.Neuron.run_id == run_id)) or 0
+@functools.cache
+def _stored_neighbours():
+    found = T.ChannelNeighbour
+    here = and_(found.neuron_id == bindparam("neuron_id"), found.channel == bindparam("channel"))
+    return (
+        select(T.NeighbourBuild.channels, T.NeighbourBuild.created_at, found.neighbours)
+        .select_from(T.NeighbourBuild)
+        .outerjoin(found, here)
+        .where(T.NeighbourBuild.run_id == bindparam("run_id"))
+    )
+
+
+def stored_neighbours(session: Session, run_id: int, neuron_id: int, channel: int) -> Row | None:
+    """The run's neighbour build (None if it has none) with this channel's stored neighbours
+    (None if the channel came after the build)."""
+    params = {"run_id": run_id, "neuron_id": neuron_id, "channel": channel}
+    return _execute(session, _stored_neighbours(), params).one_or_none()
 
 
 # --- search ------------------------------------------------------------------------------------------

@@ -520,6 +520,34 @@ def cmd_export(args) -> None:
     print(f"wrote {count} neuron sides of run {run.hash} to {output}", file=sys.stderr)
 
 
+def cmd_neighbours(args) -> None:
+    from tqdm import tqdm
+
+    from channelscope import db
+    from worker import jobs, neighbours
+    from worker.analysis import pick_device
+
+    _, engine = _database()
+    with db.session(engine) as session:
+        try:
+            run = jobs.find_run(session, args.run_hash)
+        except jobs.JobError as error:
+            raise CliError(str(error)) from None
+    device = pick_device(args.device)
+    with tqdm(desc=f"run {run.hash} neighbours", unit="channel", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def on_block(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        found = neighbours.build(engine, run, device, args.count, on_block)
+    print(
+        f"run {found.run_hash}: the {args.count} nearest channels of each of its "
+        f"{found.channels:,} channels, exact, on {found.device} in {found.seconds:.1f} s",
+        file=sys.stderr,
+    )
+
+
 def cmd_db(args) -> None:
     from channelscope import db
 
@@ -715,6 +743,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     p.add_argument("-o", "--output", help="file to write (jsonl default: stdout; parquet: RUN.parquet)")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser(
+        "neighbours", help="each channel's nearest channels in its run, computed and stored (large runs)"
+    )
+    p.add_argument("run_hash", metavar="RUN", help="the run's hash (or a unique prefix)")
+    p.add_argument("--count", type=int, default=12, help="neighbours kept per channel (default 12)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
+    p.set_defaults(run=cmd_neighbours)
 
     p = sub.add_parser("db", help="the database schema (Alembic migrations)")
     p.add_argument("action", choices=["upgrade", "current"])

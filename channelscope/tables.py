@@ -5,6 +5,8 @@ bytes (see `pack`/`unpack`): compact, and the same on SQLite and PostgreSQL.
 
     models ─< runs ─< shards             a run is split into shards (layer x side x neuron block)
       │        └─< neurons ─< channels ─< channel_tokens   (the token index)
+      │        └─ neighbour_builds       when a run's nearest channels were computed (worker/neighbours.py)
+      │           neurons ─< channel_neighbours   each channel's nearest channels elsewhere in its run
       ├─< references                     random-vector reference per model and settings
       └─< activation_thresholds          per layer: each neuron's 90th percentile over the corpus
 """
@@ -255,3 +257,41 @@ class ActivationThreshold(Base):
     tokens: Mapped[int] = mapped_column(Integer)  # corpus positions the quantile is over
     thresholds: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_mlp]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class NeighbourBuild(Base):
+    """A run's nearest channels were computed (worker/neighbours.py) over this many of its
+    channels; channels the run computed later have no row in channel_neighbours until the next
+    build."""
+
+    __tablename__ = "neighbour_builds"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    channels: Mapped[int] = mapped_column(Integer)  # channel vectors compared, all sides
+    count: Mapped[int] = mapped_column(Integer)  # neighbours kept per channel
+    device: Mapped[str] = mapped_column(String(32))
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+SIDE_CODES = {"gate": 0, "in": 1, "out": 2}
+NEIGHBOUR = np.dtype(
+    [("layer", "<i2"), ("side", "<i1"), ("neuron", "<i4"), ("channel", "<i2"), ("cos", "<f4")]
+)
+"""One nearest channel in channel_neighbours.neighbours (side as SIDE_CODES)."""
+
+
+class ChannelNeighbour(Base):
+    """A channel's nearest channels of other neurons in its run, by exact cos of the channel
+    vectors, best first: NEIGHBOUR records, one blob per channel."""
+
+    __tablename__ = "channel_neighbours"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["neuron_id", "channel"], ["channels.neuron_id", "channels.channel"], ondelete="CASCADE"
+        ),
+    )
+
+    neuron_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    neighbours: Mapped[bytes] = mapped_column(LargeBinary)

@@ -386,6 +386,8 @@ def test_layer_table_keyset_pagination_walks_every_neuron_in_order(client, store
 def test_jump_to_neuron_and_random_neuron_redirect(client, store):  # noqa: F811
     jump = get(client, f"/m/{store.model}/1?neuron=3&side=in", 303)
     assert jump.headers["location"] == f"/m/{store.model}/1/3?side=in"
+    twin = get(client, f"/m/{store.model}/1.json?neuron=3&side=in", 303)
+    assert twin.headers["location"] == f"/m/{store.model}/1/3.json?side=in"  # JSON stays JSON
     for _ in range(5):
         target = get(client, f"/m/{store.model}/random?run={store.run_a}", 303).headers["location"]
         assert get(client, target).status_code == 200

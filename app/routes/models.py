@@ -137,7 +137,8 @@ def layer_page(
     lookup.check_side(model_row, side)
     if neuron is not None:  # the jump-to-neuron box: a GET form cannot put a value in the path
         lookup.check_neuron(model_row, neuron)
-        target = urls.neuron(model_row.name, layer, neuron, side, run=lookup.run_hash(run))
+        json = request.url.path.endswith(".json")  # the JSON twin jumps to the neuron's JSON twin
+        target = urls.neuron(model_row.name, layer, neuron, side, run=lookup.run_hash(run), json=json)
         return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
     cursor = _cursor(after)
     run_row = lookup.run(session, model_row, run, layer)

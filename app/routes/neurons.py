@@ -262,7 +262,14 @@ def channel_page(
     top = top[np.argsort(-oriented[top], kind="stable")]
     run_out = lookup.run_out(model_row.name, row, row)
     neighbours, note = nearest.nearest(
-        session, row.run_id, run_out.neurons_done, row.run_channels, (layer, side, neuron), ch_row.vector
+        session,
+        row.run_id,
+        row.hash,
+        run_out.neurons_done,
+        row.run_channels,
+        (layer, side, neuron, channel),
+        row.id,
+        ch_row.vector,
     )
     name, pin = model_row.name, row.hash if run is not None else None
     indices = [ch.channel for ch in channel_rows]

@@ -217,11 +217,18 @@ def problem_responses(html: bool) -> dict:
 
 
 def page(
-    router: APIRouter, path: str, template: str, model: type[BaseModel], summary: str, on_loop: bool = False
+    router: APIRouter,
+    path: str,
+    template: str,
+    model: type[BaseModel],
+    summary: str,
+    on_loop: bool = False,
+    redirect: str | None = None,
 ):
     """Registers a page builder twice: `path` renders `template` as HTML and `path.json`
     returns the same page object as JSON. The JSON route is added first: `{neuron}` would
-    otherwise swallow `5.json` and fail its integer check.
+    otherwise swallow `5.json` and fail its integer check. `redirect` documents a 303 the
+    builder may answer with instead (what it leads to).
 
     on_loop: build and render on the event loop instead of in a worker thread. For the pages
     people open most (a neuron, a search), whose few queries are index lookups of a millisecond:
@@ -250,6 +257,7 @@ def page(
         if on_loop:
             as_json, as_html = _on_loop(as_json), _on_loop(as_html)
 
+        moved = {303: {"description": redirect}} if redirect else {}
         for endpoint, suffix in ((as_json, "_json"), (as_html, "")):
             endpoint.__signature__ = signature
             endpoint.__name__ = build.__name__ + suffix
@@ -261,7 +269,7 @@ def page(
             response_model=model,
             response_class=JSONResponse,
             summary=summary + " (JSON)",
-            responses=problem_responses(html=False),
+            responses=problem_responses(html=False) | moved,
             tags=["json"],
         )
         router.add_api_route(
@@ -271,7 +279,8 @@ def page(
             response_class=HTMLResponse,
             summary=summary,
             responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
-            | problem_responses(html=True),
+            | problem_responses(html=True)
+            | moved,
             tags=["pages"],
         )
         return build

@@ -115,7 +115,14 @@ def _cursor(after: str | None) -> tuple[float, int] | None:
     return parsed
 
 
-@page(router, "/m/{model}/{layer}", "layer.html", pages.LayerPage, "A layer's neurons, sortable")
+@page(
+    router,
+    "/m/{model}/{layer}",
+    "layer.html",
+    pages.LayerPage,
+    "A layer's neurons, sortable",
+    redirect="with ?neuron=: to that neuron's page (the jump-to-neuron box)",
+)
 def layer_page(
     request: Request,
     session: DbSession,

@@ -22,7 +22,6 @@ import torch
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Engine
 
-from channelscope import db
 from channelscope import tables as T
 
 COUNT = 12  # neighbours kept per channel (what a channel page lists)
@@ -71,6 +70,37 @@ class Build:
     device: str
 
 
+KEY = np.dtype([("layer", "<i2"), ("side", "<i1"), ("neuron", "<i4"), ("channel", "<i2")])
+
+
+def _channels(engine: Engine, run: T.Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The run's channels: neuron row ids, channel indices, KEY records and unit float32 vectors,
+    read in parts (a whole model's rows as Python objects would take several GB)."""
+    owners, indices, keys, vectors = [], [], [], []
+    query = (
+        select(
+            T.Neuron.id, T.Neuron.layer, T.Neuron.side, T.Neuron.neuron, T.Channel.channel, T.Channel.vector
+        )
+        .join(T.Channel, T.Channel.neuron_id == T.Neuron.id)
+        .where(T.Neuron.run_id == run.id)
+        .order_by(T.Neuron.id, T.Channel.channel)
+        .execution_options(yield_per=50_000)
+    )
+    with engine.connect() as connection:
+        for part in connection.execute(query).partitions():
+            owners.append(np.array([r.id for r in part], dtype=np.int64))
+            indices.append(np.array([r.channel for r in part], dtype=np.int16))
+            keys.append(
+                np.array([(r.layer, T.SIDE_CODES[r.side], r.neuron, r.channel) for r in part], dtype=KEY)
+            )
+            block = np.frombuffer(b"".join(r.vector for r in part), dtype="<f2").reshape(len(part), -1)
+            block = block.astype(np.float32)
+            vectors.append(block / np.linalg.norm(block, axis=1, keepdims=True).clip(1e-12))
+    if not owners:
+        return np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0, KEY), np.zeros((0, 1), np.float32)
+    return np.concatenate(owners), np.concatenate(indices), np.concatenate(keys), np.concatenate(vectors)
+
+
 def build(
     engine: Engine,
     run: T.Run,
@@ -81,55 +111,55 @@ def build(
     """Computes and stores the nearest channels of every channel the run has now, replacing an
     earlier build in one transaction (a reader sees the old answer or the new, never half)."""
     started = time.perf_counter()
-    with db.session(engine) as session:
-        rows = session.execute(
-            select(
-                T.Neuron.id,
-                T.Neuron.layer,
-                T.Neuron.side,
-                T.Neuron.neuron,
-                T.Channel.channel,
-                T.Channel.vector,
-            )
-            .join(T.Channel, T.Channel.neuron_id == T.Neuron.id)
-            .where(T.Neuron.run_id == run.id)
-            .order_by(T.Neuron.id, T.Channel.channel)
-        ).all()
-    n = len(rows)
-    if n:
-        vectors = np.stack([T.unpack(r.vector, "float16") for r in rows]).astype(np.float32)
-        unit = torch.from_numpy(vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12))
-        owners = torch.tensor([r.id for r in rows])
-        done = 0
+    owners, indices, keys, unit = _channels(engine, run)
+    n = len(owners)
+    done = 0
 
-        def block_done(size: int) -> None:
-            nonlocal done
-            done += size
-            if on_block is not None:
-                on_block(done, n)
+    def block_done(size: int) -> None:
+        nonlocal done
+        done += size
+        if on_block is not None:
+            on_block(done, n)
 
-        cos, index = nearest(unit.to(device), owners.to(device), count, on_block=block_done)
-        cos, index = cos.cpu().numpy(), index.cpu().numpy()
-        keys = np.array(
-            [(r.layer, T.SIDE_CODES[r.side], r.neuron, r.channel) for r in rows],
-            dtype=[("layer", "<i2"), ("side", "<i1"), ("neuron", "<i4"), ("channel", "<i2")],
-        )
-    blobs = []
-    for i, r in enumerate(rows):
-        found = index[i] >= 0
-        records = np.empty(int(found.sum()), dtype=T.NEIGHBOUR)
-        for name in ("layer", "side", "neuron", "channel"):
-            records[name] = keys[name][index[i][found]]
-        records["cos"] = cos[i][found]
-        blobs.append({"neuron_id": r.id, "channel": r.channel, "neighbours": records.tobytes()})
-    with db.session(engine) as session, session.begin():
+    cos, index = nearest(
+        torch.from_numpy(unit).to(device), torch.from_numpy(owners).to(device), count, on_block=block_done
+    )
+    cos, index = cos.cpu().numpy(), index.cpu().numpy()
+    del unit
+    records = np.zeros(index.shape, dtype=T.NEIGHBOUR)
+    found = keys[index.clip(0)]
+    for name in KEY.names:
+        records[name] = found[name]
+    records["cos"] = cos
+    valid = (index >= 0).sum(axis=1)  # missing ones come last (cos -inf sorts after every real one)
+    table = T.ChannelNeighbour.__table__
+    with engine.begin() as connection:
         neuron_ids = select(T.Neuron.id).where(T.Neuron.run_id == run.id)
-        session.execute(delete(T.ChannelNeighbour).where(T.ChannelNeighbour.neuron_id.in_(neuron_ids)))
-        session.execute(delete(T.NeighbourBuild).where(T.NeighbourBuild.run_id == run.id))
-        for first in range(0, len(blobs), 10_000):
-            session.execute(insert(T.ChannelNeighbour), blobs[first : first + 10_000])
+        connection.execute(delete(table).where(table.c.neuron_id.in_(neuron_ids)))
+        connection.execute(delete(T.NeighbourBuild.__table__).where(T.NeighbourBuild.run_id == run.id))
+        for first in range(0, n, 10_000):
+            rows = range(first, min(first + 10_000, n))
+            connection.execute(
+                insert(table),
+                [
+                    {
+                        "neuron_id": int(owners[i]),
+                        "channel": int(indices[i]),
+                        "neighbours": records[i, : valid[i]].tobytes(),
+                    }
+                    for i in rows
+                ],
+            )
         seconds = time.perf_counter() - started
-        session.add(
-            T.NeighbourBuild(run_id=run.id, channels=n, count=count, device=str(device), seconds=seconds)
+        connection.execute(
+            insert(T.NeighbourBuild.__table__),
+            {
+                "run_id": run.id,
+                "channels": n,
+                "count": count,
+                "device": str(device),
+                "seconds": seconds,
+                "created_at": T.now(),
+            },
         )
     return Build(run.hash, n, seconds, str(device))

@@ -245,7 +245,7 @@ def cmd_decompose(args) -> None:
     if shard_size is None:  # on a GPU a shard fills one padded batch (worker/rotate.py, "Determinism")
         device = pick_device(args.device)
         shard_size = default_batch_size(device) if device.type == "cuda" else jobs.DEFAULT_SHARD_SIZE
-    request = jobs.Request(layers, sides, neurons or list(range(model.d_mlp)), shard_size)
+    request = jobs.Request(layers, sides, neurons or list(range(model.d_mlp)), shard_size, args.first_neurons)
     try:
         jobs.check_request(model, request)
     except jobs.JobError as error:
@@ -714,6 +714,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--neurons", default=None, help="e.g. 0-1535 (default: every neuron)")
     p.add_argument(
         "--shard-size", type=int, default=None, help="neurons per shard (default 64; 1024 on a GPU)"
+    )
+    p.add_argument(
+        "--first-neurons",
+        type=int,
+        default=0,
+        help="the first N neurons of each layer side in shards of their own, before all others",
     )
     p.add_argument("--projection", choices=["unembedding", "embedding"], default="unembedding")
     p.add_argument("--reference-count", type=int, default=64, help="random vectors in the reference")

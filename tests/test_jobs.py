@@ -88,6 +88,7 @@ def shard_rows(engine):
                 T.Shard.done_at,
                 T.Shard.worker,
                 T.Shard.attempts,
+                T.Shard.priority,
             ).order_by(T.Shard.id)
         ).all()
 
@@ -124,6 +125,24 @@ def test_blocks_are_aligned_so_extending_cuts_the_same_shards():
     # Gaps in the request are never bridged.
     assert jobs.blocks([0, 1, 2, 3, 7], [], 64) == [(0, 4), (7, 8)]
     assert jobs.blocks([5, 6], [(0, 10)], 4) == []
+
+
+def test_first_neurons_are_planned_with_the_rest_and_computed_first(database_url, tiny_folder, run_cli):
+    args = ["decompose", tiny_folder, "--layers", "1", "--sides", "gate,out", "--neurons", "0-9"]
+    assert run_cli(database_url, *args, "--shard-size", "4", "--first-neurons", "2", *SMALL) == 0
+    engine = db.make_engine(database_url)
+    shards = shard_rows(engine)
+    # Every shard planned at once; the heads of both sides first, then the rest in aligned blocks.
+    assert [(s.side, s.neuron_start, s.neuron_stop, s.priority) for s in shards] == [
+        ("out", 0, 2, -3), ("out", 2, 4, 0), ("out", 4, 8, 0), ("out", 8, 10, 0),
+        ("gate", 0, 2, -1), ("gate", 2, 4, 2), ("gate", 4, 8, 2), ("gate", 8, 10, 2),
+    ]  # fmt: skip
+    done = sorted(shards, key=lambda s: s.done_at)
+    assert {(s.side, s.neuron_start) for s in done[:2]} == {("out", 0), ("gate", 0)}
+    # The same command again plans nothing new.
+    assert run_cli(database_url, *args, "--shard-size", "4", "--first-neurons", "2", *SMALL) == 0
+    assert len(shard_rows(engine)) == len(shards)
+    engine.dispose()
 
 
 def test_check_request_names_the_bad_value(tiny_folder):

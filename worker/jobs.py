@@ -62,6 +62,10 @@ class Request:
     sides: list[str]
     neurons: list[int]
     shard_size: int = DEFAULT_SHARD_SIZE
+    # The first `first` requested neurons of every layer side in shards of their own, computed
+    # before all other shards: the first pages appear soon, and because every shard is planned
+    # at once, the run is not "complete" (its pinned pages immutable) until all of it is done.
+    first: int = 0
 
 
 def check_request(model: Model, request: Request) -> None:
@@ -83,6 +87,8 @@ def check_request(model: Model, request: Request) -> None:
             raise JobError(f"unknown side {side!r}: {model.name} has sides {', '.join(model.sides)}")
     if request.shard_size < 1:
         raise JobError("--shard-size must be at least 1")
+    if request.first < 0:
+        raise JobError("--first-neurons cannot be negative")
 
 
 def blocks(neurons: list[int], covered: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -150,20 +156,28 @@ def add_shards(session: Session, run: T.Run, request: Request) -> int:
     ):
         existing.setdefault((layer, side), []).append((start, stop))
     rows = []
+    head = sorted(request.neurons)[: request.first]
     for side in sorted(request.sides, key=SIDE_PRIORITY.__getitem__):
         for layer in request.layers:
-            for start, stop in blocks(request.neurons, existing.get((layer, side), []), request.shard_size):
-                rows.append(
-                    dict(
-                        run_id=run.id,
-                        layer=layer,
-                        side=side,
-                        neuron_start=start,
-                        neuron_stop=stop,
-                        priority=SIDE_PRIORITY[side],
-                        attempts=0,
+            covered = existing.get((layer, side), [])
+            # (neurons, shard size, priority): the head before every ordinary shard of any side
+            for neurons, size, priority in (
+                (head, max(1, request.first), SIDE_PRIORITY[side] - len(SIDE_PRIORITY)),
+                (request.neurons, request.shard_size, SIDE_PRIORITY[side]),
+            ):
+                for start, stop in blocks(neurons, covered, size):
+                    covered = [*covered, (start, stop)]
+                    rows.append(
+                        dict(
+                            run_id=run.id,
+                            layer=layer,
+                            side=side,
+                            neuron_start=start,
+                            neuron_stop=stop,
+                            priority=priority,
+                            attempts=0,
+                        )
                     )
-                )
     if rows:
         session.execute(_insert_ignoring_duplicates(session, T.Shard), rows)
     return len(rows)

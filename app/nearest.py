@@ -51,7 +51,7 @@ class Neighbour:
 
 
 _lock = threading.Lock()
-_runs: OrderedDict[int, RunVectors] = OrderedDict()
+_runs: OrderedDict[tuple[str, int], RunVectors] = OrderedDict()  # by database and run id
 
 
 def _load(session: Session, run_id: int, neurons_done: int) -> RunVectors:
@@ -65,14 +65,15 @@ def _load(session: Session, run_id: int, neurons_done: int) -> RunVectors:
 
 
 def _vectors(session: Session, run_id: int, neurons_done: int) -> RunVectors:
+    key = (str(session.get_bind().url), run_id)  # run ids repeat across databases (tests hold several)
     with _lock:
-        found = _runs.get(run_id)
+        found = _runs.get(key)
         stale = found is not None and (
             found.neurons_done != neurons_done and time.monotonic() - found.loaded_at > REFRESH_SECONDS
         )
         if found is None or stale:
-            found = _runs[run_id] = _load(session, run_id, neurons_done)
-        _runs.move_to_end(run_id)
+            found = _runs[key] = _load(session, run_id, neurons_done)
+        _runs.move_to_end(key)
         while len(_runs) > KEEP_RUNS:
             _runs.popitem(last=False)
         return found

@@ -497,16 +497,23 @@ def cmd_status(args) -> None:
         print(f"live workers: {workers}")
 
 
-def cmd_export(args) -> None:
-    from channelscope import db, export
+def _stored_run(run_hash: str):
+    """The configured database's engine and the run that a hash (or a unique prefix) names."""
+    from channelscope import db
     from worker import jobs
 
     _, engine = _database()
     with db.session(engine) as session:
         try:
-            run = jobs.find_run(session, args.run_hash)
+            return engine, jobs.find_run(session, run_hash)
         except jobs.JobError as error:
             raise CliError(str(error)) from None
+
+
+def cmd_export(args) -> None:
+    from channelscope import export
+
+    engine, run = _stored_run(args.run_hash)
     output = args.output or ("-" if args.format == "jsonl" else f"{run.hash}.parquet")
     if output == "-" and args.format == "parquet":
         raise CliError("parquet cannot go to stdout: give -o FILE")
@@ -523,16 +530,10 @@ def cmd_export(args) -> None:
 def cmd_neighbours(args) -> None:
     from tqdm import tqdm
 
-    from channelscope import db
-    from worker import jobs, neighbours
+    from worker import neighbours
     from worker.analysis import pick_device
 
-    _, engine = _database()
-    with db.session(engine) as session:
-        try:
-            run = jobs.find_run(session, args.run_hash)
-        except jobs.JobError as error:
-            raise CliError(str(error)) from None
+    engine, run = _stored_run(args.run_hash)
     device = pick_device(args.device)
     with tqdm(desc=f"run {run.hash} neighbours", unit="channel", file=sys.stderr, dynamic_ncols=True) as bar:
 

@@ -17,6 +17,16 @@ class CliError(Exception):
     """A problem with the user's input, reported as one line."""
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _int_range(text: str) -> list[int]:
     """`20-29`, `3`, `0-3,7` -> a sorted list of ints."""
     values: set[int] = set()
@@ -282,6 +292,10 @@ def cmd_decompose(args) -> None:
         why = f"{progress.failed} failed, first: {progress.last_error}" if progress.failed else "not queued"
         raise CliError(f"run {run.hash}: {missing} shards not done ({why}); run the same command again")
     print(f"run {run.hash} complete: {progress.shards_total} shards, {progress.neurons_stored} neuron sides")
+    from app.nearest import MAX_CHANNELS
+
+    if progress.neurons_stored * settings.channels > MAX_CHANNELS:  # too many to compare live
+        print(f"nearest channels for its channel pages: channelscope neighbours {run.hash}", file=sys.stderr)
 
 
 def _shard_bar(engine, run):
@@ -665,7 +679,9 @@ def _add_solver_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_worker_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--concurrency", type=int, default=1, help="shards at once in this process (default 1)")
+    p.add_argument(
+        "--concurrency", type=_at_least_one, default=1, help="shards at once in this process (default 1)"
+    )
     p.add_argument("--heartbeat-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--stalled-seconds",

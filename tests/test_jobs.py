@@ -353,6 +353,12 @@ def test_bad_input_gets_one_clear_line(args, message, sqlite_url, tiny_folder, r
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_concurrency_below_one_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["decompose", "smollm2", "--layers", "0", "--concurrency", "0"])
+    assert stop.value.code == 2 and "--concurrency: must be at least 1, not 0" in capsys.readouterr().err
+
+
 def test_a_database_that_cannot_be_reached_gets_one_clear_line(run_cli, capsys):
     assert run_cli("postgresql://someone:secret@127.0.0.1:9/nowhere", "status") == 2
     err = capsys.readouterr().err.strip()

@@ -113,7 +113,6 @@ def nearest(
             )
             for r in records
         ], note
-    estimate = neurons_done * channels_per_neuron
     if estimate > MAX_CHANNELS:
         return [], (
             f"Not computed yet: this run has about {estimate:,} channels, more than the {MAX_CHANNELS:,} "

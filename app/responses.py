@@ -231,11 +231,13 @@ def page(
     builder may answer with instead (what it leads to).
 
     on_loop: build and render on the event loop instead of in a worker thread. For the pages
-    people open most (a neuron, a search), whose few queries are index lookups of a millisecond:
-    under load, dozens of threads taking turns at the GIL made each page wait for the others'
-    switches, and the loop's own turns, so p99 was twice p50 (bench/README.md, "Web"). A page
-    that computes for long (nearest channels, a model run) or aggregates a whole run stays in
-    a thread, where it cannot hold up every other request."""
+    people open most (a neuron, a search), whose few queries are index lookups of well under a
+    millisecond: under load, dozens of threads taking turns at the GIL made each page wait for
+    the others' turns and the loop's, so p99 was 2.4-3.3 times p50 (bench/README.md, "Web").
+    The price: while such a page waits on the database, nothing else runs, so a stalled
+    database stalls every request (up to the 10 s statement timeout, app.main). A page that
+    computes for long (nearest channels, a model run) or aggregates a whole run stays in a
+    thread, where it cannot hold up the others."""
 
     def register(build: Callable[..., Result]):
         signature = inspect.signature(build, eval_str=True)  # annotations are strings here

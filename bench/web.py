@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/web.py build   # once: ~1.1 M channels, ~22 M token-index rows (minutes)
     .venv/bin/python bench/web.py run     # the measurement, a few minutes
+    .venv/bin/python bench/web.py split   # where a page's time goes: build and render, in-process
         [--url postgresql://postgres@127.0.0.1:5432/channelscope_bench] [--clients 16]
         [--seconds 20] [--out bench/results/web.json]
 
@@ -427,9 +428,72 @@ def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dic
     return report
 
 
+# --- split: where a page's time goes -----------------------------------------------------------
+
+
+def split(url: str, count: int) -> None:
+    """Median time to build and to render an unpinned neuron page and a search, in this process:
+    the page builders and templates called directly, no HTTP (random neurons and sampled tokens,
+    as `run` asks for them)."""
+    import statistics
+
+    from sqlalchemy import text
+    from starlette.requests import Request
+
+    from app import lookup, queries
+    from app.main import create_app
+    from app.responses import render_html
+    from app.routes import neurons, search
+
+    app = create_app(url)
+    rng = random.Random(1)
+    with app.state.sessions() as session:
+        model = queries.models(session)[0].name
+        sample = text("SELECT token_id FROM channel_tokens TABLESAMPLE SYSTEM (0.01) LIMIT 200")
+        tokens = lookup.vocab(session, lookup.model(session, model)).tokens
+        words = [tokens[token_id] for (token_id,) in session.execute(sample)]
+
+    def request(path: str, query: str) -> Request:
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": query.encode(),
+                 "headers": [(b"host", b"bench")], "app": app, "scheme": "http",
+                 "server": ("bench", 80), "root_path": ""}  # fmt: skip
+        return Request(scope)
+
+    def neuron_page(session):
+        layer, neuron, side = rng.randrange(LAYERS), rng.randrange(NEURONS), rng.choice(SIDES)
+        made = request(f"/m/{model}/{layer}/{neuron}", f"side={side}")
+        built = neurons.neuron_page(request=made, session=session, model=model, layer=layer, neuron=neuron,
+                                    side=side, run=None, min_kurtosis=5.0)  # fmt: skip
+        return made, built, "neuron.html"
+
+    def search_page(session):
+        word = rng.choice(words)
+        made = request("/search", urlencode({"token": word}))
+        built = search.search_page(
+            request=made, session=session, token=word, exact=False, model=None, run=None,
+            layer_min=None, layer_max=None, side=None, min_kurtosis=5.0, generic=False,
+            sort="percentile", after=None, limit=25,
+        )  # fmt: skip
+        return made, built, "search.html"
+
+    for name, make in (("unpinned neuron page", neuron_page), ("search", search_page)):
+        times = []
+        for i in range(count + 50):  # the first 50 fill the per-process caches
+            with app.state.sessions() as session:
+                started = time.perf_counter()
+                made, built, template = make(session)
+                middle = time.perf_counter()
+                body = render_html(template, made, page=built.page, plots=built.plots)
+                if i >= 50:
+                    times.append((middle - started, time.perf_counter() - middle))
+        build_ms = statistics.median(b for b, _ in times) * 1000
+        render_ms = statistics.median(r for _, r in times) * 1000
+        print(f"{name}: build {build_ms:.2f} ms, render {render_ms:.2f} ms, {len(body):,} bytes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "run"])
+    parser.add_argument("action", choices=["build", "run", "split"])
     parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--channels", type=int, default=CHANNELS, help="channels per neuron (build)")
     parser.add_argument("--seed", type=int, default=0)
@@ -440,6 +504,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.action == "build":
         build(args.url, args.channels, args.seed)
+    elif args.action == "split":
+        split(args.url, 400)
     else:
         run(args.url, args.clients, args.seconds, args.warmup, args.out)
 

@@ -70,7 +70,7 @@ class Build:
     device: str
 
 
-KEY = np.dtype([("layer", "<i2"), ("side", "<i1"), ("neuron", "<i4"), ("channel", "<i2")])
+KEY = np.dtype([(name, T.NEIGHBOUR[name]) for name in ("layer", "side", "neuron", "channel")])
 
 
 def _channels(engine: Engine, run: T.Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

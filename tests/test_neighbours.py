@@ -42,8 +42,11 @@ def test_fewer_candidates_than_asked_are_marked_missing():
 
 
 def _run(url: str, run_hash: str) -> T.Run:
-    with db.session(db.make_engine(url)) as session:
-        return session.scalars(select(T.Run).where(T.Run.hash == run_hash)).one()
+    engine = db.make_engine(url)
+    with db.session(engine) as session:
+        found = session.scalars(select(T.Run).where(T.Run.hash == run_hash)).one()
+    engine.dispose()
+    return found
 
 
 def test_stored_neighbours_are_exact_and_a_rebuild_replaces_them(store):  # noqa: F811
@@ -109,13 +112,15 @@ def test_a_channel_page_of_a_large_run_reads_stored_neighbours(store, monkeypatc
 
 def _other_channels(url: str, run: T.Run) -> int:
     """Channels of the run's neurons other than the page's (all are neighbours if under 12)."""
-    with db.session(db.make_engine(url)) as session:
+    engine = db.make_engine(url)
+    with db.session(engine) as session:
         total = session.scalar(
             select(func.count())
             .select_from(T.Channel)
             .join(T.Neuron, T.Neuron.id == T.Channel.neuron_id)
             .where(T.Neuron.run_id == run.id)
         )
+    engine.dispose()
     return total - 3  # the neuron's own three channels
 
 

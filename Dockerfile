@@ -11,8 +11,6 @@ WORKDIR /app
 RUN pip install --no-cache-dir torch==2.13.0 --index-url "$TORCH_INDEX"
 COPY pyproject.toml README.md ./
 COPY channelscope channelscope
-COPY worker worker
-COPY app app
 COPY migrations migrations
 COPY templates templates
 COPY static static

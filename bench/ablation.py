@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker import ablation, intervention, measures, rotate  # noqa: E402
-from worker.analysis import keep_freed_memory  # noqa: E402
-from worker.weights import load_model, smollm2_path  # noqa: E402
+from channelscope.method import ablation, intervention, measures, rotate  # noqa: E402
+from channelscope.method.decomposer import keep_freed_memory  # noqa: E402
+from channelscope.method.weights import load_model, smollm2_path  # noqa: E402
 
 TEXT = (
     "The capital of France is Paris. The capital of Japan is Tokyo, and the capital of Italy is Rome. "

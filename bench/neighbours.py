@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.neighbours import COUNT, nearest  # noqa: E402
+from channelscope.worker.neighbours import COUNT, nearest  # noqa: E402
 
 D_MODEL, WHOLE_MODEL = 576, 30 * 3 * 1536 * 5
 
@@ -73,9 +73,9 @@ def main() -> None:
 def store(url: str) -> None:
     from sqlalchemy import select
 
-    from channelscope import db
-    from channelscope import tables as T
-    from worker import neighbours
+    from channelscope.core import db
+    from channelscope.core import tables as T
+    from channelscope.worker import neighbours
 
     def random_answer(unit, owners, count, on_block=None):
         n = unit.shape[0]

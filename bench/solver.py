@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from worker import rotate
-from worker.analysis import keep_freed_memory, pick_device
-from worker.weights import load_model
+from channelscope.method import rotate
+from channelscope.method.decomposer import keep_freed_memory, pick_device
+from channelscope.method.weights import load_model
 
 GROUPS = {"early": range(0, 10), "middle": range(10, 20), "late": range(20, 30)}
 FULL_MODEL_VECTORS = 30 * 1536 * 3

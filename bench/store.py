@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text
 
-from channelscope import db
-from worker import jobs, rotate, store
-from worker.analysis import TOP_K, ChannelRecord, Decomposer, NeuronRecord
-from worker.weights import load_model
+from channelscope.core import db
+from channelscope.method import rotate
+from channelscope.method.decomposer import TOP_K, ChannelRecord, Decomposer, NeuronRecord
+from channelscope.method.weights import load_model
+from channelscope.worker import jobs, store
 
 NEURONS, SIDES, CHANNELS, SHARD = 1536, ("out", "in", "gate"), 50, 64
 LAYER = 20

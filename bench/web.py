@@ -13,7 +13,7 @@ index. Rows are random, not the solver's; token ids are drawn with a heavy head 
 in the top lists of ~10^5 channels, as the generic fragments do) so search meets both popular and
 rare tokens. Rows go in with binary COPY built from numpy arrays, indexes afterwards.
 
-run: the app (`uvicorn app.main:create_app --factory`, one process) on loopback, and 16 clients
+run: the app (`uvicorn channelscope.web.main:create_app --factory`, one process) on loopback, and 16 clients
 with keep-alive connections, each sending its next request as soon as the last one is answered,
 for `--seconds` per endpoint after a warm-up:
   trivial    /ping (no database)
@@ -119,10 +119,11 @@ def build(url: str, channels: int, seed: int) -> None:
     import psycopg
     from sqlalchemy import select
 
-    from channelscope import db
-    from channelscope import tables as T
-    from worker import rotate, store
-    from worker.weights import load_model
+    from channelscope.core import db
+    from channelscope.core import tables as T
+    from channelscope.method import rotate
+    from channelscope.method.weights import load_model
+    from channelscope.worker import store
 
     admin = url.rsplit("/", 1)[0] + "/postgres"
     name = url.rsplit("/", 1)[1]
@@ -365,8 +366,8 @@ def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dic
     port = _free_port()
     env = {**os.environ, "DATABASE_URL": url}
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        [sys.executable, "-m", "uvicorn", "channelscope.web.main:create_app", "--factory",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
         cwd=ROOT, env=env,
     )  # fmt: skip
     rng = random.Random(0)
@@ -440,10 +441,10 @@ def split(url: str, count: int) -> None:
     from sqlalchemy import text
     from starlette.requests import Request
 
-    from app import lookup, queries
-    from app.main import create_app
-    from app.responses import render_html
-    from app.routes import neurons, search
+    from channelscope.web import lookup, queries
+    from channelscope.web.main import create_app
+    from channelscope.web.responses import render_html
+    from channelscope.web.routes import neurons, search
 
     app = create_app(url)
     rng = random.Random(1)

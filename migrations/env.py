@@ -1,9 +1,9 @@
-"""Alembic environment: the URL comes from the caller (channelscope.db.alembic_config)."""
+"""Alembic environment: the URL comes from the caller (channelscope.core.db.alembic_config)."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from channelscope.tables import Base
+from channelscope.core.tables import Base
 
 url = context.config.get_main_option("sqlalchemy.url")
 

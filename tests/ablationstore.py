@@ -4,12 +4,13 @@ neurons, three channels each) with its activation thresholds, and the app around
 from datetime import UTC, datetime
 from pathlib import Path
 
-from channelscope import db
-from channelscope import tables as T
-from worker import corpus, rotate, store
-from worker.analysis import Decomposer
-from worker.intervention import load_language_model
-from worker.weights import load_model
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.method import rotate
+from channelscope.method.decomposer import Decomposer
+from channelscope.method.intervention import load_language_model
+from channelscope.method.weights import load_model
+from channelscope.worker import corpus, store
 
 LAYER, NEURONS = 1, [0, 1, 2, 3]
 TEXTS = [
@@ -51,8 +52,8 @@ def fill_store(url: str, gguf: Path, cache: Path) -> str:
 
 
 def make_app(url: str, model_dirs: list[Path], **runtime):
-    from app.main import create_app
-    from app.runtime import ModelRuntime
+    from channelscope.web.main import create_app
+    from channelscope.web.runtime import ModelRuntime
 
     app = create_app(url)
     app.state.runtime = ModelRuntime(model_dirs, "cpu", **({"max_runs": 2, "timeout_s": 60.0} | runtime))

@@ -54,7 +54,7 @@ def _admin():
 @pytest.fixture(scope="session")
 def postgres_template():
     """A migrated database that per-test databases are copied from (CREATE DATABASE ... TEMPLATE)."""
-    from channelscope import db
+    from channelscope.core import db
 
     name = f"cs_template_{uuid.uuid4().hex[:8]}"
     with _admin() as admin:
@@ -89,7 +89,7 @@ def empty_postgres_url():
 
 @pytest.fixture
 def sqlite_url(tmp_path):
-    from channelscope import db
+    from channelscope.core import db
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     db.upgrade(url)

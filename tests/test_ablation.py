@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from worker import ablation, corpus, intervention, measures, rotate
-from worker.weights import load_model
+from channelscope.method import ablation, intervention, measures, rotate
+from channelscope.method.weights import load_model
+from channelscope.worker import corpus
 
 
 def grid_rule(neuron_z, channel_z, channel_zs, grid=1000):

@@ -9,7 +9,7 @@ import time
 import pytest
 from ablationstore import LAYER, fill_store, make_app
 
-from channelscope import db
+from channelscope.core import db
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

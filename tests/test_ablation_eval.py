@@ -6,10 +6,12 @@ import math
 
 import torch
 
-from worker import ablation_eval, corpus, rotate
-from worker.analysis import Decomposer
-from worker.intervention import load_language_model
-from worker.weights import load_model
+from channelscope.experiments import ablation_report
+from channelscope.method import rotate
+from channelscope.method.decomposer import Decomposer
+from channelscope.method.intervention import load_language_model
+from channelscope.method.weights import load_model
+from channelscope.worker import corpus
 
 
 def test_the_evaluation_measures_every_channel_and_writes_its_report(tiny_gguf, tmp_path):
@@ -19,7 +21,7 @@ def test_the_evaluation_measures_every_channel_and_writes_its_report(tiny_gguf, 
     thresholds = corpus.activation_thresholds(lm, sequences)
     settings = rotate.with_overrides(rotate.Settings(), channels=2, mask_z=3.0)
     decomposer = Decomposer(model, settings, reference_count=8, cache_dir=tmp_path)
-    result = ablation_eval.evaluate(
+    result = ablation_report.evaluate(
         model,
         lm,
         decomposer,
@@ -42,7 +44,7 @@ def test_the_evaluation_measures_every_channel_and_writes_its_report(tiny_gguf, 
         else:
             assert math.isnan(r["weight_s"]) and math.isnan(r["model_s"])
     assert any(math.isfinite(r["model_s"]) for r in rows if r["side"] == "out")
-    path = ablation_eval.write_report(result, tmp_path / "reports", "channelscope eval-ablation tiny")
+    path = ablation_report.write_report(result, tmp_path / "reports", "channelscope eval-ablation tiny")
     text = path.read_text()
     assert "## Findings" in text and "| `out`, all channels |" in text
     assert (tmp_path / "reports" / "ablation_selectivity.png").stat().st_size > 1000
@@ -51,12 +53,12 @@ def test_the_evaluation_measures_every_channel_and_writes_its_report(tiny_gguf, 
 
 def test_random_draws_for_the_baseline_are_the_same_for_the_same_neuron():
     w = torch.randn(8, generator=torch.Generator().manual_seed(0))
-    sample = ablation_eval.NeuronSample("random", 3, "out", 5, w, [], "computed")
+    sample = ablation_report.NeuronSample("random", 3, "out", 5, w, [], "computed")
     U = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
     scored = torch.ones(50, dtype=torch.bool)
     sample.channels = [
-        ablation_eval.ChannelSample(w.flip(0), 0.5, 0.1, 1.0, 6.0, False, torch.tensor([1, 2])),
+        ablation_report.ChannelSample(w.flip(0), 0.5, 0.1, 1.0, 6.0, False, torch.tensor([1, 2])),
     ]
-    a = ablation_eval._draws(sample, U, scored, 3, seed=0)
-    b = ablation_eval._draws(sample, U, scored, 3, seed=0)
+    a = ablation_report._draws(sample, U, scored, 3, seed=0)
+    b = ablation_report._draws(sample, U, scored, 3, seed=0)
     assert torch.equal(a[0].directions, b[0].directions)

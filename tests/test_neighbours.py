@@ -10,11 +10,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from webstore import store  # noqa: F401  (the fixture)
 
-from app import nearest as live
-from app.main import create_app
-from channelscope import cli, db
-from channelscope import tables as T
-from worker import neighbours
+from channelscope import cli
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.web import neighbours as live
+from channelscope.web.main import create_app
+from channelscope.worker import neighbours
 
 
 def _brute_force(unit: np.ndarray, owners: np.ndarray, count: int) -> np.ndarray:
@@ -127,7 +128,7 @@ def _other_channels(url: str, run: T.Run) -> int:
 @pytest.fixture(autouse=True)
 def _database_url(store, monkeypatch):  # noqa: F811
     """The CLI reads DATABASE_URL from the environment."""
-    from channelscope.settings import config
+    from channelscope.core.config import config
 
     monkeypatch.setenv("DATABASE_URL", store.url)
     config.cache_clear()

@@ -2,8 +2,9 @@
 
 from sqlalchemy import inspect, text
 
-from channelscope import cli, db
-from channelscope.settings import config
+from channelscope import cli
+from channelscope.core import db
+from channelscope.core.config import config
 
 PROCRASTINATE_OBJECTS = """
 SELECT (SELECT count(*) FROM pg_class WHERE relname LIKE 'procrastinate%')

@@ -6,9 +6,10 @@ import re
 import numpy as np
 import torch
 
-from worker import report, rotate
-from worker.analysis import Decomposer
-from worker.weights import load_model
+from channelscope.experiments import eval_report
+from channelscope.method import rotate
+from channelscope.method.decomposer import Decomposer
+from channelscope.method.weights import load_model
 
 
 def test_neurons_from_several_layers_and_sides_batch_together_unchanged(tiny_folder, tmp_path):
@@ -27,7 +28,9 @@ def test_neurons_from_several_layers_and_sides_batch_together_unchanged(tiny_fol
 
 def test_the_report_puts_every_measure_beside_its_baseline(tiny_folder, tmp_path):
     model = load_model(tiny_folder)
-    result = report.evaluate(model, tmp_path / "out", per_cell=1, channels=2, aligned=1, cache_dir=tmp_path)
+    result = eval_report.evaluate(
+        model, tmp_path / "out", per_cell=1, channels=2, aligned=1, cache_dir=tmp_path
+    )
     sides = len(model.sides)
     groups = len({layer // 10 for layer in range(model.n_layers)})  # the tiny model's layers are all "early"
     assert len(result["neurons"]) == groups * sides + sides  # random ones, then one aligned per side

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from worker import rotate as R
+from channelscope.method import rotate as R
 
 # --- the formulas, read straight off method.md -------------------------------------------------
 

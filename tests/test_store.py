@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from sqlalchemy import func, inspect, select
 
-from channelscope import db
-from channelscope import tables as T
-from worker import rotate, store
-from worker.analysis import Decomposer
-from worker.weights import load_model
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.method import rotate
+from channelscope.method.decomposer import Decomposer
+from channelscope.method.weights import load_model
+from channelscope.worker import store
 
 
 @pytest.mark.parametrize("flavour", ["sqlite", "postgresql"])

@@ -10,13 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select, text
 
-from app.queries import SearchFilters, search
-from app.schemas import NeuronSideOut
-from channelscope import db, export
-from channelscope import tables as T
-from worker import rotate, store
-from worker.analysis import ChannelRecord, NeuronRecord
-from worker.weights import load_model
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.core.schemas import NeuronSideOut
+from channelscope.method import rotate
+from channelscope.method.decomposer import ChannelRecord, NeuronRecord
+from channelscope.method.weights import load_model
+from channelscope.web import export
+from channelscope.web.queries import SearchFilters, search
+from channelscope.worker import store
 
 TOKEN = 100
 
@@ -197,7 +199,7 @@ def test_export_writes_every_neuron_side_in_the_json_api_layout(exported_run, tm
 
 def test_export_from_the_command_line(exported_run, tmp_path, monkeypatch, capsys):
     from channelscope import cli
-    from channelscope.settings import config
+    from channelscope.core.config import config
 
     url, run, _ = exported_run
     monkeypatch.setenv("DATABASE_URL", url)

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
 from webstore import store  # noqa: F401  (the fixture)
 
-from app.main import create_app
-from channelscope import db
-from channelscope import tables as T
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.web.main import create_app
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_pinned_pages_of_a_complete_run_are_immutable_and_cached(client, store, 
 
 def _variants(store):  # noqa: F811
     """A token key with several spellings in the vocabulary (leading space, case)."""
-    from app.vocabulary import normalise
+    from channelscope.web.vocabulary import normalise
 
     by_key: dict[str, list[str]] = {}
     for t in store.tokens:

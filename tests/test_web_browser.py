@@ -15,7 +15,7 @@ import uvicorn
 from conftest import unavailable
 from webstore import store  # noqa: F401  (the fixture)
 
-from app.main import create_app
+from channelscope.web.main import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 # Quiet and offline: without the background-networking flags Chromium keeps trying Google's hosts.

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from webstore import store  # noqa: F401  (the fixture)
 
-from app.main import create_app
-from channelscope import db
+from channelscope.core import db
+from channelscope.web.main import create_app
 
 
 class Proxy:

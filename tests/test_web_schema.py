@@ -13,7 +13,7 @@ from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from webstore import store  # noqa: F401  (the fixture)
 
-from app.main import create_app
+from channelscope.web.main import create_app
 
 
 def _with_examples(spec: dict, store) -> dict:  # noqa: F811

@@ -20,8 +20,8 @@ import pytest
 import tiny
 from sqlalchemy import select, update
 
-from channelscope import db
-from channelscope import tables as T
+from channelscope.core import db
+from channelscope.core import tables as T
 
 NEURONS = list(range(5))
 CHANNELS = 3
@@ -41,9 +41,9 @@ class Store:
 @functools.cache
 def _decomposed(gguf: str, cache_dir: str):
     """Records of both runs, computed once per test process (the solver is the slow part)."""
-    from worker import rotate
-    from worker.analysis import Decomposer
-    from worker.weights import load_model
+    from channelscope.method import rotate
+    from channelscope.method.decomposer import Decomposer
+    from channelscope.method.weights import load_model
 
     model = load_model(gguf)
     settings = rotate.with_overrides(rotate.Settings(), channels=CHANNELS)
@@ -56,7 +56,7 @@ def _decomposed(gguf: str, cache_dir: str):
 
 
 def fill(url: str, gguf: Path, cache_dir: Path, flavour: str) -> Store:
-    from worker import store
+    from channelscope.worker import store
 
     model, settings, runs = _decomposed(str(gguf), str(cache_dir))
     engine = db.make_engine(url)

@@ -1,0 +1,5 @@
+import sys
+
+from channelscope.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""The JSON layout of a neuron side and its channels: what pages render, what `.json` twins
+return and what `channelscope export` writes, so the three cannot drift apart.
+
+Built from stored rows by `neuron_side`; pages wrap these objects with their own context
+(links, plots, run information) in app/pages.py."""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel
+
+from channelscope.core import tables as T
+
+
+class TokenScore(BaseModel):
+    id: int
+    token: str  # the decoded text, exactly (escape for display with channelscope.tokens.visible)
+    z: float  # signed z-score over the scored tokens
+
+
+class ChannelOut(BaseModel):
+    index: int  # discovery order, from 0
+    kurtosis: float
+    skew: float
+    cos: float
+    loss: float
+    masked: int  # tokens claimed (|T_k|)
+    step: int
+    alpha: float
+    faithfulness: float
+    faithfulness_percentile: float
+    generic: bool
+    top_tokens: list[TokenScore]  # on the channel's dominant tail, furthest out first
+    history: list[float]  # unweighted kurtosis against optimisation step
+
+
+class NeuronSideOut(BaseModel):
+    model: str
+    run: str  # the run hash
+    layer: int
+    neuron: int
+    side: str
+    norm: float
+    kurtosis: float
+    skew: float
+    top_tokens: list[TokenScore]
+    bottom_tokens: list[TokenScore]
+    reconstruction: list[float]
+    reconstruction_baseline: list[float]
+    coverage: list[float]
+    channels: list[ChannelOut]
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def neuron_side(
+    model_name: str,
+    run_hash: str,
+    neuron: T.Neuron,
+    channels: list[T.Channel],
+    channel_tokens: dict[int, list[tuple[int, float]]],
+    tokens: list[str],
+) -> NeuronSideOut:
+    """channel_tokens: channel index -> [(token id, oriented z)] by rank, from channel_tokens rows.
+    Stored z is oriented (positive on the channel's tail); here it is signed again by the skew."""
+
+    def scores(pairs) -> list[TokenScore]:
+        return [TokenScore(id=i, token=tokens[i], z=z) for i, z in pairs]
+
+    out = []
+    for ch in channels:
+        sign = 1.0 if ch.skew >= 0 else -1.0
+        out.append(
+            ChannelOut(
+                index=ch.channel,
+                kurtosis=ch.kurtosis,
+                skew=ch.skew,
+                cos=ch.cos,
+                loss=ch.loss,
+                masked=len(ch.masked) // 4,
+                step=ch.step,
+                alpha=ch.alpha,
+                faithfulness=ch.faithfulness,
+                faithfulness_percentile=ch.faithfulness_percentile,
+                generic=ch.generic,
+                top_tokens=scores((i, z * sign) for i, z in channel_tokens.get(ch.channel, [])),
+                history=[_finite(float(x)) for x in T.unpack(ch.history, "float32")],
+            )
+        )
+    return NeuronSideOut(
+        model=model_name,
+        run=run_hash,
+        layer=neuron.layer,
+        neuron=neuron.neuron,
+        side=neuron.side,
+        norm=neuron.norm,
+        kurtosis=neuron.kurtosis,
+        skew=neuron.skew,
+        top_tokens=scores(neuron.top_tokens),
+        bottom_tokens=scores(neuron.bottom_tokens),
+        reconstruction=neuron.reconstruction,
+        reconstruction_baseline=neuron.reconstruction_baseline,
+        coverage=neuron.coverage,
+        channels=out,
+    )

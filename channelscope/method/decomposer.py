@@ -1,0 +1,223 @@
+"""From a model and run settings to finished neuron records: channels, top tokens and measures.
+
+The one path that both `channelscope rotate` and the decompose worker take, so a neuron's
+numbers are the same wherever they were computed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from channelscope.method import measures, reference, rotate
+from channelscope.method.weights import Model
+
+TOP_K = measures.TOP_K
+
+
+@dataclass
+class ChannelRecord:
+    index: int  # discovery order, from 0
+    vector: np.ndarray  # [d] float32
+    kurtosis: float
+    skew: float
+    cos: float
+    loss: float
+    masked: np.ndarray  # token ids the channel claimed (T_k)
+    step: int
+    history: list[float]
+    alpha: float  # the paper's subtraction rule, fitted on the original w
+    faithfulness: float
+    faithfulness_percentile: float
+    generic: bool
+    top_ids: np.ndarray  # [TOP_K] on the dominant tail
+    top_z: np.ndarray
+
+
+@dataclass
+class NeuronRecord:
+    layer: int
+    side: str
+    neuron: int
+    vector: np.ndarray  # [d] float32
+    norm: float
+    kurtosis: float
+    skew: float
+    top_ids: np.ndarray  # highest z (positive tail)
+    top_z: np.ndarray
+    bottom_ids: np.ndarray  # lowest z (negative tail)
+    bottom_z: np.ndarray
+    reconstruction: list[float]  # |P_k w| / |w|, k = 1..C
+    reconstruction_baseline: list[float]  # the same for random vectors at the channels' cosines
+    coverage: list[float]  # share of sum(z_w^2) on tokens claimed by channels 1..k
+    channels: list[ChannelRecord]
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the heap instead of handing it back to the OS.
+
+    glibc serves the solver's [N, V] temporaries (tens of MB) with mmap and unmaps them on free,
+    so every new one is page-faulted in again: elementwise work ran 4x slower for it (measured on
+    a 2-core CPU: 175 ms -> 41 ms for the kurtosis gradient of 256 x 49,152). Once per process;
+    a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve allocations up to 1 GiB from the heap
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never trim the heap back
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Neurons per solver batch. On CUDA every batch is padded to this many rows (rotate.py,
+    "Determinism"), so it is also what a GPU run's shards should hold."""
+    return 1024 if device.type == "cuda" else 256
+
+
+class Decomposer:
+    """A model's projection, token weights and random-vector reference, ready to decompose."""
+
+    def __init__(
+        self,
+        model: Model,
+        settings: rotate.Settings,
+        *,
+        projection: str = "unembedding",
+        device: str = "auto",
+        cache_dir: Path | None = None,
+        reference_count: int = 64,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress=None,
+    ):
+        keep_freed_memory()
+        self.model, self.settings, self.seed = model, settings, seed
+        self.device = pick_device(device)
+        self.batch_size = batch_size or default_batch_size(self.device)
+        U = model.projection(projection).to(self.device)
+        self.proj = rotate.Projection(U, settings.precision)
+        self.m0 = rotate.initial_token_weights(U, model.vocabulary.kinds, settings)
+        self.reference_key = reference.reference_key(
+            settings, model.sha256, projection, reference_count, seed
+        )
+        self.reference, self.m0 = self._reference(projection, reference_count, cache_dir, progress)
+        self.scored = self.m0 == 1
+
+    def _reference(self, projection, count, cache_dir, progress):
+        settings, m0 = self.settings, self.m0
+        if settings.downweight_generic:  # needs the tail tokens of the plain reference first
+            base = replace(settings, downweight_generic=False)
+            plain = Decomposer(
+                self.model,
+                base,
+                projection=projection,
+                device=str(self.device),
+                cache_dir=cache_dir,
+                reference_count=count,
+                seed=self.seed,
+                progress=progress,
+            )
+            m0 = reference.downweighted(m0, plain.reference, settings)
+        path = cache_dir / f"{self.model.name}-{self.reference_key}.pt" if cache_dir else None
+        found = reference.load(path) if path else None
+        if found is None:
+            on_channel = progress(count * settings.channels, "random-vector reference") if progress else None
+            found = reference.compute_reference(self.proj, m0, settings, count, self.seed, on_channel)
+            if path:
+                reference.save(found, path)
+        return found, m0
+
+    def neurons(self, layer: int, side: str, ids: list[int], on_channel=None) -> list[NeuronRecord]:
+        return self.anywhere([(layer, side, i) for i in ids], on_channel)
+
+    def anywhere(self, coords: list[tuple[int, str, int]], on_channel=None) -> list[NeuronRecord]:
+        """Neurons from any layers and sides, (layer, side, neuron) each, in shared batches: a
+        neuron's channels do not depend on its batch-mates, and a sample scattered over the
+        model would otherwise run in batches of one."""
+        parts = dict.fromkeys((layer, side) for layer, side, _ in coords)
+        matrices = {part: self.model.vectors(*part) for part in parts}
+        w = torch.stack([matrices[layer, side][i] for layer, side, i in coords]).to(self.device)
+        seeds = [rotate.neuron_seed(self.seed, layer, side, i) for layer, side, i in coords]
+        found = rotate.decompose(w, self.proj, self.m0, seeds, self.settings, self.batch_size, on_channel)
+        return [
+            self._record(layer, side, i, w[n], found[n], seeds[n])
+            for n, (layer, side, i) in enumerate(coords)
+        ]
+
+    def _record(self, layer, side, neuron, w, channels, seed) -> NeuronRecord:
+        scored = self.scored
+        z_w = self.proj.forward(w.unsqueeze(0), exact=True)[0]
+        zs_w = rotate.z_scores(z_w.unsqueeze(0), scored)[0]
+        vectors = torch.stack([ch.vector for ch in channels]).to(self.device)
+        z_c = self.proj.forward(vectors, exact=True)
+        zs_c = rotate.z_scores(z_c, scored)
+        generic = measures.generic_flags(
+            measures.residual_directions(w, vectors).cpu(), self.reference.generic
+        )
+        records = []
+        for k, ch in enumerate(channels):
+            sign = measures.tail_sign(ch.skew)
+            top, top_z = measures.top_tokens(zs_c[k], scored, sign)
+            faith = measures.faithfulness(zs_w, top, sign)
+            records.append(
+                ChannelRecord(
+                    index=k,
+                    vector=ch.vector.numpy(),
+                    kurtosis=ch.kurtosis,
+                    skew=ch.skew,
+                    cos=ch.cos,
+                    loss=ch.loss,
+                    masked=ch.masked.numpy().astype(np.int32),
+                    step=ch.step,
+                    history=ch.history,
+                    alpha=measures.alpha_star(z_w, z_c[k], zs_c[k], scored),
+                    faithfulness=faith,
+                    faithfulness_percentile=self.reference.percentile(k, faith),
+                    generic=bool(generic[k]),
+                    top_ids=_ints(top),
+                    top_z=_floats(top_z),
+                )
+            )
+        top, top_z = measures.top_tokens(zs_w, scored, 1.0)
+        bottom, bottom_z = measures.top_tokens(zs_w, scored, -1.0)
+        cosines = torch.tensor([ch.cos for ch in channels], dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        w_cpu = w.cpu().double()
+        baseline = measures.random_at_cosines(w_cpu, cosines, generator)
+        return NeuronRecord(
+            layer=layer,
+            side=side,
+            neuron=neuron,
+            vector=w.cpu().numpy().astype(np.float32),
+            norm=float(w.norm()),
+            kurtosis=float(rotate.excess_kurtosis(z_w)),
+            skew=float(rotate.skewness(z_w)),
+            top_ids=_ints(top),
+            top_z=_floats(top_z),
+            bottom_ids=_ints(bottom),
+            bottom_z=_floats(bottom_z),
+            reconstruction=measures.reconstruction(w_cpu, vectors.cpu().double()),
+            reconstruction_baseline=measures.reconstruction(w_cpu, baseline),
+            coverage=measures.vocabulary_coverage(
+                zs_w, scored, [ch.masked.to(self.device) for ch in channels]
+            ),
+            channels=records,
+        )
+
+
+def _ints(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy().astype(np.int32)
+
+
+def _floats(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy().astype(np.float32)

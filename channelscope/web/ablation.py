@@ -1,0 +1,498 @@
+"""The ablation page's objects and how they are filled: channel toggles, example prompts, the
+weight-level preview and the real model's response (issue 6).
+
+The HTML page, its `.json` twin and the htmx fragment are all rendered from one AblationPage.
+The numbers come from worker/ablation.py (pure) and worker/intervention.py (the model); this
+module only turns stored rows into tensors and results into page objects.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from functools import lru_cache
+from urllib.parse import quote, urlencode
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from channelscope.core import tables as T
+from channelscope.core.schemas import ChannelOut, TokenScore
+from channelscope.core.tokens import visible
+from channelscope.method import ablation, measures, rotate
+from channelscope.method.intervention import Effect
+from channelscope.web import pages
+from channelscope.worker import corpus
+
+MAX_PROMPT_TOKENS = 512
+MAX_PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # checked before tokenising; tokens are checked after
+WEIGHT_DRAWS = 16  # random draws for the weight-level baseline (cheap: one [R K, d] x [d, V] product)
+MODEL_DRAWS_OUT = 3  # random draws on the write side cost a batch row each in the forward pass
+LIST_TOKENS = 15
+EXAMPLES = 3
+EXAMPLE_CHARS = 320
+
+SELECTIVITY_DEFINITION = (
+    "S = the mean over T (the tokens the ablated channels claimed) of the oriented drop "
+    "−sign(skew_k)·Δ, divided by the mean over all other tokens of |Δ|. Δ is the change the "
+    "ablation causes: of the vocabulary projection w @ U (weight level); of the next-token logits "
+    "at the positions where the neuron is active (side out, real model); of the neuron's "
+    "pre-activation at positions whose token or next token is in T, against all other positions "
+    "(sides gate and in, real model). S ≈ 0 means the channel's tokens move no more than any others."
+)
+BASELINE_DEFINITION = (
+    "Random baseline: the same ablation with random directions at each channel's cosine to w and "
+    "the same α*, each claiming the |T_k| tokens furthest out on its own dominant tail; the median "
+    "over the draws. At weight level S is partly circular (removing a direction lowers its own "
+    "tail), so a random direction already scores well above 0 there: read S against this baseline."
+)
+
+
+# --- page objects -----------------------------------------------------------------------------------
+
+
+class ChannelToggle(BaseModel):
+    index: int
+    label: str  # its top tokens, made visible
+    kurtosis: float
+    cos: float
+    alpha: float  # stored alpha*, fitted on the original w
+    masked: int  # |T_k|
+    generic: bool
+    faithfulness_percentile: float
+    below_cutoff: bool
+    checked: bool
+
+
+class ExamplePrompt(BaseModel):
+    channel: int
+    text: str
+    source: str  # where it came from: a corpus passage, or the channel's tokens strung together
+    url: str  # the ablation of that channel on that prompt
+
+
+class Controls(BaseModel):
+    action: str  # the form's target: the ablation page
+    run: str
+    side: str
+    channels: list[ChannelToggle]
+    prompt: str
+    examples: list[ExamplePrompt]
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+
+
+class Applied(BaseModel):
+    channel: int
+    alpha: float  # alpha* as applied
+    refitted: bool  # refitted on the current w' (every channel after the first)
+    cos: float
+    masked: int
+
+
+class Selectivity(BaseModel):
+    value: float | None  # S; None where it is undefined (no target, or nothing changed)
+    baseline_median: float | None
+    baseline: list[float | None]  # each random draw
+    note: str | None = None
+
+
+class TokenMove(BaseModel):
+    id: int
+    token: str
+    z_before: float  # in z units of the original projection
+    z_after: float
+    target: bool  # in T
+
+
+class WeightPreview(BaseModel):
+    selectivity: Selectivity
+    targets: int  # |T|
+    top_before: list[TokenScore]  # the neuron's top tokens (its dominant tail) before
+    top_after: list[TokenScore]  # and after, z over the scored tokens of w' @ U
+    tail: int  # +1 / -1: the first ablated channel's tail, which orients drops and rises
+    drops: list[TokenMove]  # lose most of what the channels did: fall on a +1 tail, rise on -1
+    rises: list[TokenMove]
+    seconds: float
+
+
+class PromptToken(BaseModel):
+    position: int
+    id: int
+    token: str
+    pre_before: float | None  # read sides: x . w of this side
+    pre_after: float | None
+    act_before: float  # the neuron's activation act(g) * u
+    act_after: float
+    counted: bool  # a position S counts (read: token or next token in T; out: neuron active)
+    target: bool  # the token itself is in T
+    logit_drop: float | None  # out: mean oriented drop of T's next-token logits here
+
+
+class NextToken(BaseModel):
+    id: int
+    token: str
+    probability: float
+    target: bool
+
+
+class ModelEffect(BaseModel):
+    tokens: list[PromptToken]
+    scale: float  # the largest |value| in the strip, for shading
+    selectivity: Selectivity
+    positions: int  # where S is measured
+    threshold: float | None  # out: the activation threshold
+    threshold_note: str
+    next_before: list[NextToken]
+    next_after: list[NextToken]
+    seconds: float
+
+
+class AblationPage(BaseModel):
+    model: pages.ModelOut
+    run: pages.RunOut
+    pinning: pages.Pinning
+    layer: int
+    neuron: int
+    side: str
+    neuron_url: str
+    json_url: str
+    controls: Controls
+    applied: list[Applied]
+    preview: WeightPreview | None
+    model_effect: ModelEffect | None
+    model_note: str | None  # why there is no real-model effect, if there is none
+    selectivity_definition: str = SELECTIVITY_DEFINITION
+    baseline_definition: str = BASELINE_DEFINITION
+
+
+# --- URLs and controls --------------------------------------------------------------------------------
+
+
+def url(
+    model: str,
+    layer: int,
+    neuron: int,
+    side: str,
+    run: str,
+    channels: list[int],
+    prompt: str = "",
+    json: bool = False,
+) -> str:
+    """The permalink of an ablation: everything that determines its numbers is in the query."""
+    path = f"/m/{quote(model)}/{layer}/{neuron}/ablate{'.json' if json else ''}"
+    query = {"run": run, "side": side, "channels": ",".join(map(str, channels))}
+    if prompt:
+        query["prompt"] = prompt
+    return f"{path}?{urlencode(query)}"
+
+
+def parse_channels(values: list[str]) -> list[int]:
+    """`channels=0,3` or `channels=0&channels=3` (what a form of checkboxes sends) -> [0, 3].
+    Raises ValueError with a message for anything else."""
+    found: set[int] = set()
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if not re.fullmatch(r"\d{1,4}", part):
+                raise ValueError(f"channels: {part!r} is not a channel number (use channels=0,3)")
+            found.add(int(part))
+    return sorted(found)  # discovery order: the same set gives the same ablation and permalink
+
+
+def _label(tokens: list[TokenScore]) -> str:
+    return " / ".join(visible(t.token) for t in tokens[:3]) or "(no tokens)"
+
+
+def controls(
+    model: str,
+    layer: int,
+    neuron: int,
+    side: str,
+    run: str,
+    channels: list[ChannelOut],
+    checked: list[int],
+    prompt: str | None,
+    min_kurtosis: float = 5.0,
+) -> Controls:
+    examples = example_prompts(model, layer, neuron, side, run, channels, min_kurtosis)
+    return Controls(
+        action=f"/m/{quote(model)}/{layer}/{neuron}/ablate",
+        run=run,
+        side=side,
+        channels=[
+            ChannelToggle(
+                index=ch.index,
+                label=_label(ch.top_tokens),
+                kurtosis=ch.kurtosis,
+                cos=ch.cos,
+                alpha=ch.alpha,
+                masked=ch.masked,
+                generic=ch.generic,
+                faithfulness_percentile=ch.faithfulness_percentile,
+                below_cutoff=ch.kurtosis < min_kurtosis,
+                checked=ch.index in checked,
+            )
+            for ch in channels
+        ],
+        prompt=prompt if prompt is not None else (examples[0].text if examples else ""),
+        examples=examples,
+    )
+
+
+def neuron_page_controls(page) -> Controls | None:
+    """The controls for the neuron page's `{% include "_ablation.html" %}` (registered as the
+    template global `ablation_controls`); an ablation page carries its own."""
+    if isinstance(page, AblationPage):
+        return page.controls
+    data = getattr(page, "data", None)
+    if data is None or not data.channels:
+        return None
+    return controls(
+        page.model.name,
+        page.layer,
+        page.neuron,
+        page.side,
+        data.run,
+        data.channels,
+        [],
+        None,
+        page.min_kurtosis,
+    )
+
+
+def example_prompts(
+    model: str, layer: int, neuron: int, side: str, run: str, channels: list[ChannelOut], min_kurtosis: float
+) -> list[ExamplePrompt]:
+    """A few prompts that contain a channel's own top tokens, one per channel (non-generic
+    channels above the cut-off first, in discovery order): a corpus passage holding the most of
+    its tokens; on the write side it stops just before one of them, so the model's next token
+    is the channel's to promote. Without a match, the channel's tokens strung together."""
+    texts = corpus.load().texts if corpus.CORPUS.exists() else ()
+    ranked = sorted(channels, key=lambda ch: (ch.generic, ch.kurtosis < min_kurtosis, ch.index))
+    out: list[ExamplePrompt] = []
+    for ch in ranked:
+        words = [
+            t.token for t in ch.top_tokens if len(t.token.strip()) >= 3 and t.token.strip().isprintable()
+        ]
+        if not words:
+            continue
+        text, source = _passage(tuple(words), side) if texts else (None, "")
+        if text is None:
+            text, source = " ".join(w.strip() for w in words[:8]), "the channel's top tokens"
+        out.append(
+            ExamplePrompt(
+                channel=ch.index,
+                text=text,
+                source=source,
+                url=url(model, layer, neuron, side, run, [ch.index], text),
+            )
+        )
+        if len(out) == EXAMPLES:
+            break
+    return out
+
+
+@lru_cache(maxsize=1)
+def _trigrams() -> dict[str, frozenset[int]]:
+    """Which corpus texts hold each 3-character string (built once, ~0.1 s)."""
+    index: dict[str, set[int]] = {}
+    for i, text in enumerate(corpus.load().texts):
+        for j in range(len(text) - 2):
+            index.setdefault(text[j : j + 3], set()).add(i)
+    return {gram: frozenset(ids) for gram, ids in index.items()}
+
+
+@lru_cache(maxsize=65536)
+def _texts_containing(word: str) -> tuple[int, ...]:
+    """The corpus texts a token string occurs in: only texts that hold all of its trigrams are
+    read, so a page's example prompts cost a few set intersections instead of corpus scans."""
+    texts, index = corpus.load().texts, _trigrams()
+    grams = [index.get(word[j : j + 3], frozenset()) for j in range(len(word) - 2)]
+    candidates = sorted(frozenset.intersection(*grams)) if grams else range(len(texts))
+    return tuple(i for i in candidates if word in texts[i])
+
+
+@lru_cache(maxsize=65536)
+def _passage(words: tuple[str, ...], side: str) -> tuple[str | None, str]:
+    """Scanning the corpus for a channel's tokens took half of a neuron page's server time;
+    the answer depends on nothing but the tokens and the side, so it is kept."""
+    hits = Counter(i for w in words for i in _texts_containing(w))
+    if not hits:
+        return None, ""
+    best_hits = max(hits.values())
+    best = corpus.load().texts[min(i for i, n in hits.items() if n == best_hits)]
+    first = min((best.find(w), w) for w in words if w in best)
+    at, word = first
+    if side == "out":
+        start = max(0, at - EXAMPLE_CHARS)
+        snippet = best[start:at].rstrip()
+        if len(snippet) < 20:  # too little context before it: read the passage instead
+            snippet = best[:EXAMPLE_CHARS].rstrip()
+            return snippet, f"a corpus passage with {best_hits} of its top tokens"
+        return snippet.lstrip(), f"a corpus passage, cut just before {visible(word)!s}"
+    start = max(0, at - EXAMPLE_CHARS // 2)
+    return best[start : start + EXAMPLE_CHARS].strip(), f"a corpus passage with {best_hits} of its top tokens"
+
+
+# --- filling the page ----------------------------------------------------------------------------------
+
+
+def _scores(ids: torch.Tensor, zs: torch.Tensor, tokens: list[str]) -> list[TokenScore]:
+    return [TokenScore(id=int(i), token=tokens[int(i)], z=round(float(zs[i]), 3)) for i in ids]
+
+
+def _finite(x: float) -> float | None:
+    return round(float(x), 4) if x is not None and np.isfinite(x) else None
+
+
+def selectivity(value: float, baseline: list[float], note: str | None = None) -> Selectivity:
+    return Selectivity(
+        value=_finite(value),
+        baseline_median=_finite(ablation.median(baseline)),
+        baseline=[_finite(b) for b in baseline],
+        note=note
+        if note or np.isfinite(value)
+        else "undefined: nothing to compare (no target, or no change)",
+    )
+
+
+class Prepared:
+    """The tensors of one ablation request, from stored rows."""
+
+    def __init__(
+        self, neuron_row, channel_rows, chosen: list[int], U: np.ndarray, scored: np.ndarray, seed: int
+    ):
+        by_index = {ch.channel: ch for ch in channel_rows}
+        self.rows = [by_index[i] for i in chosen]
+        self.w = torch.from_numpy(T.unpack(neuron_row.vector, "float32").copy())
+        self.channels = torch.stack(
+            [torch.from_numpy(T.unpack(ch.vector, "float16").astype(np.float32)) for ch in self.rows]
+        )
+        self.U = torch.from_numpy(U)  # [d, V], shared with the process-wide cache: never written
+        self.scored = torch.from_numpy(scored)
+        self.masked = [torch.from_numpy(T.unpack(ch.masked, "int32").astype(np.int64)) for ch in self.rows]
+        self.signs = [1.0 if ch.skew >= 0 else -1.0 for ch in self.rows]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def ablate(self):
+        started = time.perf_counter()
+        self.ablation = ablation.ablate(
+            self.w, self.channels, self.U, self.scored, first_alpha=self.rows[0].alpha
+        )
+        self.targets = ablation.targets(self.masked, self.signs)
+        sizes = [len(m) for m in self.masked]
+        self.draws = ablation.random_draws(
+            self.w, self.channels, sizes, self.U, self.scored, WEIGHT_DRAWS, self.generator
+        )
+        self.effect = ablation.weight_effect(
+            self.w, self.ablation, self.targets, self.draws, self.U, self.scored
+        )
+        self.preview_seconds = time.perf_counter() - started
+
+    def applied(self) -> list[Applied]:
+        return [
+            Applied(
+                channel=ch.channel,
+                alpha=round(alpha, 4),
+                refitted=k > 0,
+                cos=round(ch.cos, 4),
+                masked=len(m),
+            )
+            for k, (ch, alpha, m) in enumerate(zip(self.rows, self.ablation.alphas, self.masked, strict=True))
+        ]
+
+    def preview(self, tokens: list[str]) -> WeightPreview:
+        e, scored = self.effect, self.scored
+        sign = 1.0 if float(rotate.skewness(e.before)) >= 0 else -1.0
+        zs = rotate.z_scores(torch.stack([e.before, e.after]), scored)
+        top_before = measures.top_tokens(zs[0], scored, sign, LIST_TOKENS)[0]
+        top_after = measures.top_tokens(zs[1], scored, sign, LIST_TOKENS)[0]
+        drops, rises = ablation.moved_tokens(e.before, e.after, scored, self.signs[0], LIST_TOKENS)
+        in_t = set(self.targets[0].tolist())
+
+        def moves(items) -> list[TokenMove]:
+            return [
+                TokenMove(id=i, token=tokens[i], z_before=round(b, 3), z_after=round(a, 3), target=i in in_t)
+                for i, b, a in items
+            ]
+
+        return WeightPreview(
+            selectivity=selectivity(e.selectivity, e.baseline),
+            targets=len(self.targets[0]),
+            tail=int(self.signs[0]),
+            top_before=_scores(top_before, zs[0], tokens),
+            top_after=_scores(top_after, zs[1], tokens),
+            drops=moves(drops),
+            rises=moves(rises),
+            seconds=round(self.preview_seconds, 3),
+        )
+
+    def model_deltas(self, side: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """delta = w' - w, the random draws' deltas and their targets for the model run."""
+        count = MODEL_DRAWS_OUT if side == "out" else WEIGHT_DRAWS
+        random_w = ablation.apply(self.w, self.draws.directions[:count], self.ablation.alphas)
+        return self.ablation.vector - self.w, random_w - self.w, self.draws.targets[:count]
+
+
+def model_effect(
+    effect: Effect, tokens: list[str], targets: torch.Tensor, threshold, seconds: float
+) -> ModelEffect:
+    in_t = set(targets.tolist())
+    counted = set(effect.positions.tolist())
+    pre = effect.pre_activation
+    values = [effect.activation.abs().max()]
+    if pre is not None:
+        values.append(pre.abs().max())
+    scale = float(max(values)) or 1.0
+    strip = [
+        PromptToken(
+            position=p,
+            id=i,
+            token=tokens[i],
+            pre_before=None if pre is None else round(float(pre[0, p]), 4),
+            pre_after=None if pre is None else round(float(pre[1, p]), 4),
+            act_before=round(float(effect.activation[0, p]), 4),
+            act_after=round(float(effect.activation[1, p]), 4),
+            counted=p in counted,
+            target=i in in_t,
+            logit_drop=None if effect.logit_drop is None else round(float(effect.logit_drop[p]), 4),
+        )
+        for p, i in enumerate(effect.ids)
+    ]
+
+    def nexts(items) -> list[NextToken]:
+        return [NextToken(id=i, token=tokens[i], probability=round(p, 4), target=i in in_t) for i, p in items]
+
+    if effect.active is None:
+        note = "Read side: no activation threshold is needed."
+        where = "positions whose token or next token is in T"
+    elif threshold is None:
+        note = (
+            "No activation thresholds are stored for this model (channelscope thresholds): S is "
+            "measured over every position of the prompt instead of the active ones."
+        )
+        where = "every position"
+    else:
+        note = (
+            f"Active: activation above {threshold.value:.4g}, the neuron's 90th percentile over "
+            f"{threshold.tokens:,} positions of corpus {threshold.corpus}."
+        )
+        where = "positions where the neuron is active"
+    sel_note = None
+    if not counted:
+        sel_note = f"undefined on this prompt: no {where}"
+    return ModelEffect(
+        tokens=strip,
+        scale=round(scale, 4),
+        selectivity=selectivity(effect.selectivity, effect.baseline, sel_note),
+        positions=len(counted),
+        threshold=None if threshold is None or effect.active is None else threshold.value,
+        threshold_note=note,
+        next_before=nexts(effect.next_before),
+        next_after=nexts(effect.next_after),
+        seconds=round(seconds, 3),
+    )

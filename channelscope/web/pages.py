@@ -1,0 +1,310 @@
+"""The page objects. Each page's HTML and its `.json` twin are rendered from one of these, so the
+two cannot drift (the Datasette habit, ../shared/style.md). A neuron side inside a page is
+app.schemas.NeuronSideOut, the same object `channelscope export` writes.
+
+Links are part of the data: a JSON reader can walk the site the way a person clicks through it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from channelscope.core.schemas import ChannelOut, NeuronSideOut, TokenScore
+
+
+class Problem(BaseModel):
+    """The body of every error: 404, 422, 503, 504 (RFC 9457 in spirit)."""
+
+    status: int
+    title: str
+    detail: str
+
+
+class ModelOut(BaseModel):
+    name: str
+    url: str
+    file: str  # the file or folder name it was read from (not the server's path to it)
+    sha256: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    vocab_size: int
+    sides: list[str]
+
+
+class RunOut(BaseModel):
+    hash: str
+    url: str  # the model page pinned to this run
+    solver: str
+    seed: int
+    channels: int  # C, channels per vector
+    projection: str
+    algorithm_version: int
+    created_at: datetime
+    settings: dict
+    shards_done: int
+    shards_total: int
+    neurons_done: int
+    neurons_total: int
+    complete: bool  # every shard done: its pinned pages are immutable
+
+
+class Pinning(BaseModel):
+    """Which run a page shows and how to get back to exactly this view."""
+
+    pinned: bool  # ?run= was given
+    permalink: str  # this page with the run pinned
+
+
+# --- home and model ---------------------------------------------------------------------------------
+
+
+class ModelRuns(BaseModel):
+    model: ModelOut
+    runs: list[RunOut]
+
+
+class HomePage(BaseModel):
+    models: list[ModelRuns]
+    search_url: str
+
+
+class LayerSideCell(BaseModel):
+    layer: int
+    side: str
+    url: str
+    neurons: int  # computed so far
+    mean_kurtosis: float
+    max_kurtosis: float
+    mean_channels: float  # channels with kurtosis >= 5 per neuron (the stored junk cut)
+    best_percentile: float
+
+
+class ModelPage(BaseModel):
+    model: ModelOut
+    run: RunOut | None  # the run shown: pinned, or the newest with neurons
+    pinning: Pinning | None
+    runs: list[RunOut]  # every run of the model, each URL pinning this page to it
+    cells: list[LayerSideCell]
+    random_url: str
+
+
+# --- layer -----------------------------------------------------------------------------------------
+
+
+class NeuronRow(BaseModel):
+    neuron: int
+    url: str
+    kurtosis: float
+    best_percentile: float  # max faithfulness percentile over the neuron's non-generic channels
+    best_kurtosis: float
+    channel_count: int  # channels with kurtosis >= 5
+    generic_count: int
+    reconstruction: float  # |P_C w| / |w| with all C channels
+    reconstruction_baseline: float  # the same for random vectors at the channels' cosines
+
+
+class SortLink(BaseModel):
+    sort: str
+    label: str
+    url: str
+    active: bool
+
+
+class LayerPage(BaseModel):
+    model: ModelOut
+    run: RunOut
+    pinning: Pinning
+    layer: int
+    side: str
+    side_urls: dict[str, str]
+    sort: str
+    order: str
+    sorts: list[SortLink]
+    limit: int
+    after: str | None
+    rows: list[NeuronRow]
+    first_url: str
+    next_url: str | None  # keyset: the page after the last row shown
+    layer_urls: dict[int, str]
+
+
+# --- neuron and channel -----------------------------------------------------------------------------
+
+
+class ChannelLink(BaseModel):
+    index: int
+    url: str
+    label: str  # its first top tokens, shown visibly
+    below_cutoff: bool  # kurtosis < min_kurtosis
+
+
+class NeuronPage(BaseModel):
+    model: ModelOut
+    run: RunOut
+    pinning: Pinning
+    layer: int
+    neuron: int
+    side: str
+    min_kurtosis: float
+    data: NeuronSideOut
+    channels: list[ChannelLink]
+    cosines: list[list[float]]  # channel x channel cos of the channel vectors
+    side_urls: dict[str, str]
+    layer_url: str
+    previous_url: str | None  # the previous and next neuron this run computed
+    next_url: str | None
+    random_url: str
+    histogram_url: str
+    compare_url: str
+    json_url: str
+
+
+class HistogramBin(BaseModel):
+    low: float
+    high: float
+    count: int
+
+
+class Histogram(BaseModel):
+    """z-scores of a vector's projection over the scored tokens."""
+
+    scored_tokens: int
+    bins: list[HistogramBin]
+
+
+class NearestChannel(BaseModel):
+    layer: int
+    side: str
+    neuron: int
+    channel: int
+    cos: float
+    url: str
+
+
+class ChannelPage(BaseModel):
+    model: ModelOut
+    run: RunOut
+    pinning: Pinning
+    layer: int
+    neuron: int
+    side: str
+    neuron_url: str
+    label: str
+    channel: ChannelOut
+    tokens: list[TokenScore]  # top 100 on its tail, z recomputed from the stored vector and U
+    histogram: Histogram
+    nearest: list[NearestChannel]
+    nearest_note: str  # how they were found, or why not
+    previous_url: str | None
+    next_url: str | None
+    vector: list[float]  # the channel vector c, |c| = |w|
+    json_url: str
+
+
+class ChannelMatch(BaseModel):
+    a: int  # channel index in run a
+    b: int
+    cos: float  # |cos| of the parts orthogonal to w
+    jaccard: float  # top-20 token overlap
+
+
+class RunChoice(BaseModel):
+    hash: str
+    solver: str
+    seed: int
+    created_at: datetime
+
+
+class ComparePage(BaseModel):
+    model: ModelOut
+    layer: int
+    neuron: int
+    side: str
+    runs: list[RunChoice]  # every run that has this neuron side
+    run_a: RunOut | None
+    run_b: RunOut | None
+    a: NeuronSideOut | None
+    b: NeuronSideOut | None
+    matches: list[ChannelMatch]
+    mean_cos: float | None
+    mean_jaccard: float | None
+    baseline_cos: float | None  # random vectors at the same cosines to w, matched the same way
+    message: str | None
+    neuron_url: str
+
+
+# --- search ----------------------------------------------------------------------------------------
+
+
+class TokenMatch(BaseModel):
+    model: str
+    run: str
+    id: int
+    token: str
+
+
+class SearchHit(BaseModel):
+    model: str
+    run: str
+    layer: int
+    side: str
+    neuron: int
+    channel: int
+    url: str
+    token: TokenScore  # the matched token and its z on this channel's tail
+    rank: int  # its place among the channel's top tokens, from 0
+    kurtosis: float
+    faithfulness_percentile: float
+    generic: bool
+    label: str
+
+
+class SearchQuery(BaseModel):
+    token: str | None
+    exact: bool
+    model: str | None
+    run: str | None
+    layer_min: int | None
+    layer_max: int | None
+    side: str | None
+    min_kurtosis: float
+    include_generic: bool
+    sort: str
+    limit: int
+
+
+class CloseToken(BaseModel):
+    model: str
+    token: str
+    url: str
+
+
+class SearchPage(BaseModel):
+    query: SearchQuery
+    models: list[str]
+    matches: list[TokenMatch] = Field(description="vocabulary tokens the query matched")
+    hits: list[SearchHit]
+    next_url: str | None
+    message: str | None  # the empty state, or what the filters hid
+    close: list[CloseToken]  # for a token not in the vocabulary
+
+
+class Suggestion(BaseModel):
+    model: str
+    token: str
+    url: str
+
+
+class SuggestPage(BaseModel):
+    token: str
+    suggestions: list[Suggestion]
+
+
+class Health(BaseModel):
+    status: str  # "ok" or "unavailable"
+    database: str  # "reachable" or the reason it is not
+    revision: str | None
+    head: str

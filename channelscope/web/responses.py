@@ -1,0 +1,290 @@
+"""How a page object becomes a response: HTML from a template or its JSON twin, with the caching
+headers a permalink deserves.
+
+- A page pinned to a complete run (`?run=<hash>`, every shard done) is immutable:
+  `Cache-Control: public, max-age=31536000, immutable` and an ETag, and its bytes are kept in
+  an in-process PageStore that CachedPages serves before routing (no query, no render).
+- Everything else revalidates: `Cache-Control: no-cache` and an ETag (a 304 saves the bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from pydantic import BaseModel
+
+from channelscope.core.schemas import TokenScore
+from channelscope.core.tokens import visible
+from channelscope.web import pages, urls
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: templates/ and static/
+IMMUTABLE = "public, max-age=31536000, immutable"
+REVALIDATE = "no-cache"
+# Scripts and styles only from this site: a token string that slipped through escaping still
+# could not run. SVG presentation attributes (fill=) are not styles, so plots need no exception.
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+
+def _number(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}f}"
+
+
+def _z_class(z: float) -> str:
+    """A token chip's shade, by how far out on its tail the token is."""
+    a = abs(z)
+    return "z5" if a >= 12 else "z4" if a >= 9 else "z3" if a >= 6 else "z2" if a >= 4 else "z1"
+
+
+def _percentile_class(p: float) -> str:
+    return "pct-high" if p >= 90 else "pct-mid" if p >= 60 else "pct-low"
+
+
+def _chip_title(t: TokenScore) -> str:
+    return f"token {t.id}, z {_number(t.z)}"
+
+
+templates = Environment(
+    loader=FileSystemLoader(ROOT / "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    undefined=StrictUndefined,  # a misspelt field is an error in tests, not a blank on the page
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+templates.filters["visible"] = visible
+templates.filters["num"] = _number
+templates.filters["zclass"] = _z_class
+templates.filters["token_search"] = urls.token_search
+templates.filters["chip_title"] = _chip_title
+templates.filters["pct_class"] = _percentile_class
+
+
+@dataclass
+class Result:
+    """What a page builder returns: the page object, and whether it may be cached forever."""
+
+    page: BaseModel
+    immutable: bool = False
+    plots: Any = None  # template-only geometry derived from the page (app/plots.py)
+
+
+class PageStore:
+    """Rendered bytes of immutable pages, by exact path and query; least recently used out
+    first once they pass max_bytes."""
+
+    def __init__(self, max_bytes: int = 64 * 2**20):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, tuple[bytes, bytes, bytes]] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(host: str, path: str, query: str) -> str:
+        # The Host header is part of the key: a page holds absolute URLs built from it (the
+        # permalink, og:url), and one request with a forged Host must not poison the page that
+        # everyone else is served.
+        return f"{host}\n{path}?{query}"
+
+    def get(self, key: str) -> tuple[bytes, bytes, bytes] | None:
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+            return hit
+
+    def put(self, key: str, body: bytes, etag: str, media_type: str) -> None:
+        if len(body) > self.max_bytes // 8:
+            return
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = (body, etag.encode(), media_type.encode())
+            self.size += len(body)
+            while self.size > self.max_bytes:
+                _, (old, _, _) = self.entries.popitem(last=False)
+                self.size -= len(old)
+
+
+class CachedPages:
+    """ASGI middleware: a GET whose exact path and query are in the PageStore is answered from
+    it before routing, so a shared permalink costs no query and no render."""
+
+    def __init__(self, app, store: PageStore):
+        self.app, self.store = app, store
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return await self.app(scope, receive, send)
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        hit = self.store.get(PageStore.key(host, scope["path"], scope["query_string"].decode("latin-1")))
+        if hit is None:
+            return await self.app(scope, receive, send)
+        body, etag, media_type = hit
+        headers = [(b"etag", etag), (b"cache-control", IMMUTABLE.encode()), *SECURITY_HEADERS]
+        if any(name == b"if-none-match" and etag in value for name, value in scope["headers"]):
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        headers += [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response, errors and static files included."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {name for name, _ in message.get("headers", [])}
+                extra = [(n, v) for n, v in SECURITY_HEADERS if n not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def render_html(template: str, request: Request, **context) -> str:
+    return templates.get_template(template).render(request=request, **context)
+
+
+def finish(request: Request, body: bytes, media_type: str, immutable: bool, status: int = 200) -> Response:
+    """ETag and Cache-Control; 304 when the client already has these bytes; remember immutable
+    pages in the PageStore."""
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE if immutable and status == 200 else REVALIDATE}
+    if immutable and status == 200:
+        store: PageStore | None = getattr(request.app.state, "pages", None)
+        if store is not None:
+            key = PageStore.key(request.headers.get("host", ""), request.url.path, request.url.query)
+            store.put(key, body, etag, media_type)
+    if status == 200 and etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(body, status_code=status, media_type=media_type, headers=headers)
+
+
+def _on_loop(endpoint: Callable[..., Response]) -> Callable[..., Any]:
+    """The same endpoint as a coroutine: FastAPI runs it on the event loop, not in a thread."""
+
+    async def run(request: Request, **params):
+        return endpoint(request=request, **params)
+
+    return run
+
+
+def problem_responses(html: bool) -> dict:
+    content = {"text/html": {"schema": {"type": "string"}}} if html else None
+    out = {}
+    for status, description in [
+        (404, "Unknown model, layer, neuron, side, channel or run"),
+        (422, "A malformed query value"),
+        (503, "The database is unreachable"),
+    ]:
+        out[status] = {"description": description}
+        if content:
+            out[status]["content"] = content
+        else:
+            out[status]["model"] = pages.Problem
+    return out
+
+
+def page(
+    router: APIRouter,
+    path: str,
+    template: str,
+    model: type[BaseModel],
+    summary: str,
+    on_loop: bool = False,
+    redirect: str | None = None,
+):
+    """Registers a page builder twice: `path` renders `template` as HTML and `path.json`
+    returns the same page object as JSON. The JSON route is added first: `{neuron}` would
+    otherwise swallow `5.json` and fail its integer check. `redirect` documents a 303 the
+    builder may answer with instead (what it leads to).
+
+    on_loop: build and render on the event loop instead of in a worker thread. For the pages
+    people open most (a neuron, a search), whose few queries are index lookups of well under a
+    millisecond: under load, dozens of threads taking turns at the GIL made each page wait for
+    the others' turns and the loop's, so p99 was 2.4-3.3 times p50 (bench/README.md, "Web").
+    The price: while such a page waits on the database, nothing else runs, so a stalled
+    database stalls every request (up to the 10 s statement timeout, app.main). A page that
+    computes for long (nearest channels, a model run) or aggregates a whole run stays in a
+    thread, where it cannot hold up the others."""
+
+    def register(build: Callable[..., Result]):
+        signature = inspect.signature(build, eval_str=True)  # annotations are strings here
+
+        def as_json(request: Request, **params):
+            result = build(request=request, **params)
+            if isinstance(result, Response):  # a redirect (the jump-to-neuron box)
+                return result
+            body = result.page.model_dump_json().encode()
+            return finish(request, body, "application/json", result.immutable)
+
+        def as_html(request: Request, **params):
+            result = build(request=request, **params)
+            if isinstance(result, Response):
+                return result
+            body = render_html(template, request, page=result.page, plots=result.plots).encode()
+            return finish(request, body, "text/html; charset=utf-8", result.immutable)
+
+        if on_loop:
+            as_json, as_html = _on_loop(as_json), _on_loop(as_html)
+
+        moved = {303: {"description": redirect}} if redirect else {}
+        for endpoint, suffix in ((as_json, "_json"), (as_html, "")):
+            endpoint.__signature__ = signature
+            endpoint.__name__ = build.__name__ + suffix
+            endpoint.__doc__ = build.__doc__
+        router.add_api_route(
+            path + ".json",
+            as_json,
+            methods=["GET"],
+            response_model=model,
+            response_class=JSONResponse,
+            summary=summary + " (JSON)",
+            responses=problem_responses(html=False) | moved,
+            tags=["json"],
+        )
+        router.add_api_route(
+            path,
+            as_html,
+            methods=["GET"],
+            response_class=HTMLResponse,
+            summary=summary,
+            responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
+            | problem_responses(html=True)
+            | moved,
+            tags=["pages"],
+        )
+        return build
+
+    return register

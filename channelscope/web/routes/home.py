@@ -1,0 +1,66 @@
+"""The home page (models and runs, with the progress of runs still being computed), /healthz and
+/ping."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy.exc import SQLAlchemyError
+
+from channelscope.core import db
+from channelscope.web import lookup, pages, queries, urls
+from channelscope.web.database import DbSession
+from channelscope.web.responses import Result, page
+
+router = APIRouter()
+
+
+@page(router, "/", "home.html", pages.HomePage, "Models and runs")
+def home(request: Request, session: DbSession) -> Result:
+    """Every model, and every run with how far it has got."""
+    model_rows = queries.models(session)
+    runs_by_model: dict[int, list[pages.RunOut]] = {}
+    for row in queries.runs_with_progress(session):
+        runs_by_model.setdefault(row.model_id, []).append(lookup.run_out(row.model_name, row, row))
+    return Result(
+        pages.HomePage(
+            models=[
+                pages.ModelRuns(model=lookup.model_out(m), runs=runs_by_model.get(m.id, []))
+                for m in model_rows
+            ],
+            search_url=urls.search(),
+        )
+    )
+
+
+@router.get("/ping", response_class=PlainTextResponse, tags=["health"], summary="Liveness (no database)")
+async def ping() -> str:
+    """The trivial endpoint that bench/web.py measures every page against."""
+    return "ok"
+
+
+@router.get(
+    "/healthz",
+    response_model=pages.Health,
+    tags=["health"],
+    summary="Database reachable and migrations current",
+    responses={503: {"model": pages.Health, "description": "Database unreachable or not migrated"}},
+)
+def healthz(request: Request):
+    head = request.app.state.head_revision
+    try:
+        revision = db.current_revision(request.app.state.engine)
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0][:200]
+        body = pages.Health(status="unavailable", database=f"unreachable: {reason}", revision=None, head=head)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Cache-Control": "no-store"})
+    if revision != head:
+        body = pages.Health(
+            status="unavailable",
+            database=f"reachable, but at migration {revision} instead of {head}: run the migrations",
+            revision=revision,
+            head=head,
+        )
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Cache-Control": "no-store"})
+    body = pages.Health(status="ok", database="reachable", revision=revision, head=head)
+    return JSONResponse(body.model_dump(), headers={"Cache-Control": "no-store"})

@@ -1,0 +1,435 @@
+"""A neuron page (one side at a time), its z-score histogram, one channel, and two runs of a
+neuron side by side."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Path, Query, Request
+from sqlalchemy.engine import Row
+
+from channelscope.core import tables as T
+from channelscope.core.schemas import TokenScore, neuron_side
+from channelscope.core.tokens import visible
+from channelscope.web import lookup, neighbours, pages, plots, queries, urls
+from channelscope.web.database import DbSession
+from channelscope.web.errors import NotFound
+from channelscope.web.responses import Result, finish, page, problem_responses, render_html
+
+router = APIRouter()
+
+ModelName = Annotated[str, Path(max_length=200)]
+Layer = Annotated[int, Path(ge=0, le=100_000)]
+Neuron = Annotated[int, Path(ge=0, le=10**9)]
+Side = Literal["gate", "in", "out"]
+RunParam = Annotated[str | None, Query(max_length=64, description="a run hash: pins the page to that run")]
+MinKurtosis = Annotated[
+    float,
+    Query(
+        ge=-1e6,
+        le=1e6,
+        allow_inf_nan=False,
+        description="the junk cut-off: channels below it are folded away",
+    ),
+]
+LABEL_TOKENS = 3
+CHANNEL_TOKENS = 100
+HISTOGRAM_BINS = 60
+
+
+def _label(tokens: list[TokenScore]) -> str:
+    return " / ".join(visible(t.token) for t in tokens[:LABEL_TOKENS]) or "(no tokens)"
+
+
+def _step_unit(run_row: Row) -> tuple[int, str]:
+    """The paper preset records kurtosis every checkpoint_every steps; the fast solver every
+    iteration (worker/rotate.py)."""
+    settings = run_row.settings or {}
+    if run_row.solver == "paper":
+        return int(settings.get("checkpoint_every", 100)), "step"
+    return 1, "iteration"
+
+
+def _histogram(zs: np.ndarray) -> pages.Histogram:
+    counts, edges = np.histogram(zs, bins=HISTOGRAM_BINS)
+    return pages.Histogram(
+        scored_tokens=int(zs.size),
+        bins=[
+            pages.HistogramBin(low=float(edges[i]), high=float(edges[i + 1]), count=int(c))
+            for i, c in enumerate(counts)
+        ],
+    )
+
+
+def _cosines(channel_rows) -> list[list[float]]:
+    if not channel_rows:
+        return []
+    vectors = np.stack([T.unpack(ch.vector, "float16").astype(np.float32) for ch in channel_rows])
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+    return np.round(unit @ unit.T, 4).tolist()
+
+
+@page(
+    router,
+    "/m/{model}/{layer}/{neuron}",
+    "neuron.html",
+    pages.NeuronPage,
+    "A neuron side and its channels",
+    on_loop=True,
+)
+def neuron_page(
+    request: Request,
+    session: DbSession,
+    model: ModelName,
+    layer: Layer,
+    neuron: Neuron,
+    side: Side = "out",
+    run: RunParam = None,
+    min_kurtosis: MinKurtosis = urls.DEFAULT_MIN_KURTOSIS,
+) -> Result:
+    """One side of a neuron: its kurtosis, top and bottom tokens, its channels in discovery
+    order with faithfulness and its percentile against random vectors, kurtosis curves, the
+    reconstruction beside its random baseline, and the channel x channel cosines."""
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
+    channel_rows = queries.channels(session, [row.id])
+    tokens_by_channel = queries.channel_tokens(session, [row.id])
+    vocab = lookup.vocab(session, model_row)
+
+    name, run_out = model_row.name, lookup.run_out(model_row.name, row, row)
+    pin = row.hash if run is not None else None
+    data = neuron_side(
+        name,
+        row.hash,
+        row,
+        channel_rows,
+        {ch: pairs for (_, ch), pairs in tokens_by_channel.items()},
+        vocab.tokens,
+    )
+
+    def channel_url(index: int) -> str:
+        return urls.channel(name, layer, neuron, side, index, run=row.hash)
+
+    result = pages.NeuronPage(
+        model=lookup.model_out(model_row),
+        run=run_out,
+        pinning=lookup.pinning(
+            run is not None, urls.neuron(name, layer, neuron, side, row.hash, min_kurtosis)
+        ),
+        layer=layer,
+        neuron=neuron,
+        side=side,
+        min_kurtosis=min_kurtosis,
+        data=data,
+        channels=[
+            pages.ChannelLink(
+                index=ch.index,
+                url=channel_url(ch.index),
+                label=_label(ch.top_tokens),
+                below_cutoff=ch.kurtosis < min_kurtosis,
+            )
+            for ch in data.channels
+        ],
+        cosines=_cosines(channel_rows),
+        side_urls={
+            s: urls.neuron(name, layer, neuron, s, pin, min_kurtosis) for s in model_row.sides.split(",")
+        },
+        layer_url=urls.layer(name, layer, side, run=pin),
+        previous_url=None
+        if row.previous is None
+        else urls.neuron(name, layer, row.previous, side, pin, min_kurtosis),
+        next_url=None if row.next is None else urls.neuron(name, layer, row.next, side, pin, min_kurtosis),
+        random_url=urls.random_neuron(name, run=pin),
+        histogram_url=urls.histogram(name, layer, neuron, side, row.hash),
+        compare_url=urls.compare(name, layer, neuron, side),
+        json_url=urls.neuron(name, layer, neuron, side, pin, min_kurtosis, json=True),
+    )
+    step_size, unit = _step_unit(row)
+    charts = {
+        "curves": plots.kurtosis_curves(data.channels, step_size, unit),
+        "by_index": plots.kurtosis_by_index(
+            data.channels, min_kurtosis, {c.index: c.url for c in result.channels}
+        ),
+        "reconstruction": plots.reconstruction(data),
+        "cosines": plots.cosine_heatmap(result.cosines),
+    }
+    return Result(result, immutable=run is not None and run_out.complete, plots=charts)
+
+
+def _neuron_histogram(session, model, layer, neuron, side, run) -> pages.Histogram:
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
+    projection, scored = lookup.projection(session, model_row, row)
+    zs = projection.z_scores(T.unpack(row.vector, "float32")[None, :], scored)[0]
+    return _histogram(zs[scored])
+
+
+HistogramRun = Annotated[
+    str, Query(max_length=64, description="the run hash (histogram links are always pinned)")
+]
+
+
+@router.get(
+    "/m/{model}/{layer}/{neuron}/histogram.json",
+    response_model=pages.Histogram,
+    tags=["json"],
+    summary="z-score histogram of a neuron side's projection (JSON)",
+    responses=problem_responses(html=False),
+)
+def neuron_histogram_json(
+    request: Request,
+    session: DbSession,
+    model: ModelName,
+    layer: Layer,
+    neuron: Neuron,
+    run: HistogramRun,
+    side: Side = "out",
+):
+    hist = _neuron_histogram(session, model, layer, neuron, side, run)
+    return finish(request, hist.model_dump_json().encode(), "application/json", immutable=True)
+
+
+@router.get(
+    "/m/{model}/{layer}/{neuron}/histogram.svg",
+    tags=["pages"],
+    summary="z-score histogram of a neuron side's projection, log scale (SVG)",
+    responses={200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}}}}
+    | problem_responses(html=True),
+)
+def neuron_histogram_svg(
+    request: Request,
+    session: DbSession,
+    model: ModelName,
+    layer: Layer,
+    neuron: Neuron,
+    run: HistogramRun,
+    side: Side = "out",
+):
+    """A separate image rather than part of the neuron page: w @ U over the whole vocabulary is
+    a 28 MFLOP product that reads all of U (~10 ms here), and the page itself stays fast. A
+    neuron's vector never changes within a run, so this is immutable."""
+    hist = _neuron_histogram(session, model, layer, neuron, side, run)
+    chart = plots.histogram(hist, f"Layer {layer} neuron {neuron} ({side}): z-scores of w @ U")
+    body = render_html("histogram.svg", request, chart=chart).encode()
+    return finish(request, body, "image/svg+xml", immutable=True)
+
+
+@page(
+    router,
+    "/m/{model}/{layer}/{neuron}/{side}/{channel}",
+    "channel.html",
+    pages.ChannelPage,
+    "One channel: its top 100 tokens, z histogram and nearest channels",
+)
+def channel_page(
+    request: Request,
+    session: DbSession,
+    model: ModelName,
+    layer: Layer,
+    neuron: Neuron,
+    side: Annotated[str, Path(max_length=10)],
+    channel: Annotated[int, Path(ge=0, le=100_000)],
+    run: RunParam = None,
+) -> Result:
+    """One channel: its top tokens on its tail with z (recomputed from the stored vector and U),
+    its z-score histogram, and its nearest channels elsewhere in the run."""
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
+    channel_rows = queries.channels(session, [row.id])
+    tokens_by_channel = queries.channel_tokens(session, [row.id])
+    vocab = lookup.vocab(session, model_row)
+    projection, scored = lookup.projection(session, model_row, row)
+    found = [ch for ch in channel_rows if ch.channel == channel]
+    if not found:
+        last = len(channel_rows) - 1
+        raise NotFound(
+            f"Layer {layer} neuron {neuron} ({side}) has channels 0-{last} in run {row.hash}, not {channel}."
+        )
+    ch_row = found[0]
+    data = neuron_side(
+        model_row.name,
+        row.hash,
+        row,
+        [ch_row],
+        {channel: tokens_by_channel.get((row.id, channel), [])},
+        vocab.tokens,
+    )
+    out = data.channels[0]
+    sign = 1.0 if ch_row.skew >= 0 else -1.0
+    vector = T.unpack(ch_row.vector, "float16").astype(np.float32)
+    zs = projection.z_scores(vector[None, :], scored)[0]
+    oriented = np.where(scored, zs * sign, -np.inf)
+    k = min(CHANNEL_TOKENS, int(scored.sum()))
+    top = np.argpartition(-oriented, k - 1)[:k]
+    top = top[np.argsort(-oriented[top], kind="stable")]
+    run_out = lookup.run_out(model_row.name, row, row)
+    nearest, note = neighbours.nearest(
+        session,
+        row.run_id,
+        row.hash,
+        run_out.neurons_done,
+        row.run_channels,
+        (layer, side, neuron, channel),
+        row.id,
+        ch_row.vector,
+    )
+    name, pin = model_row.name, row.hash if run is not None else None
+    indices = [ch.channel for ch in channel_rows]
+    result = pages.ChannelPage(
+        model=lookup.model_out(model_row),
+        run=run_out,
+        pinning=lookup.pinning(run is not None, urls.channel(name, layer, neuron, side, channel, row.hash)),
+        layer=layer,
+        neuron=neuron,
+        side=side,
+        neuron_url=urls.neuron(name, layer, neuron, side, pin),
+        label=_label(out.top_tokens),
+        channel=out,
+        tokens=[TokenScore(id=int(i), token=vocab.tokens[i], z=round(float(zs[i]), 4)) for i in top],
+        histogram=_histogram(zs[scored]),
+        nearest=[
+            pages.NearestChannel(
+                layer=n.layer,
+                side=n.side,
+                neuron=n.neuron,
+                channel=n.channel,
+                cos=round(n.cos, 4),
+                url=urls.channel(name, n.layer, n.neuron, n.side, n.channel, row.hash),
+            )
+            for n in nearest
+        ],
+        nearest_note=note,
+        previous_url=urls.channel(name, layer, neuron, side, channel - 1, pin)
+        if channel - 1 in indices
+        else None,
+        next_url=urls.channel(name, layer, neuron, side, channel + 1, pin)
+        if channel + 1 in indices
+        else None,
+        vector=[round(float(x), 5) for x in vector],
+        json_url=urls.channel(name, layer, neuron, side, channel, pin, json=True),
+    )
+    marks = [(float(zs[top[0]]), "top token")] if len(top) else []
+    chart = plots.histogram(result.histogram, f"Channel {channel}: z-scores of c @ U", marks)
+    return Result(result, immutable=run is not None and run_out.complete, plots={"histogram": chart})
+
+
+@page(
+    router,
+    "/m/{model}/{layer}/{neuron}/compare",
+    "compare.html",
+    pages.ComparePage,
+    "Two runs of one neuron side by side",
+)
+def compare_page(
+    request: Request,
+    session: DbSession,
+    model: ModelName,
+    layer: Layer,
+    neuron: Neuron,
+    side: Side = "out",
+    a: RunParam = None,
+    b: RunParam = None,
+) -> Result:
+    """Two runs of one neuron side (two seeds, or the fast solver against the paper preset),
+    channels matched one-to-one as in method.md's seed consistency: the parts orthogonal to w,
+    Hungarian on |cos|, beside the same matching for random vectors at the same cosines."""
+    model_row = lookup.model(session, model)
+    lookup.check_layer(model_row, layer)
+    lookup.check_neuron(model_row, neuron)
+    lookup.check_side(model_row, side)
+    a, b = lookup.run_hash(a), lookup.run_hash(b)
+    runs = queries.runs_of_neuron(session, model_row.id, layer, side, neuron)
+    if not runs:
+        raise NotFound(
+            f"Layer {layer} neuron {neuron} ({side}) of {model_row.name} has not been computed yet."
+        )
+    by_hash = {r.hash: r for r in runs}
+    for value in (a, b):
+        if value is not None and value not in by_hash:
+            lookup.run(session, model_row, value)  # 404 for a run that does not exist at all
+            raise NotFound(f"Run {value} has not computed layer {layer} neuron {neuron} ({side}).")
+    a = a or runs[0].hash
+    b = b or next((r.hash for r in runs if r.hash != a), None)
+    name = model_row.name
+    result = pages.ComparePage(
+        model=lookup.model_out(model_row),
+        layer=layer,
+        neuron=neuron,
+        side=side,
+        runs=[
+            pages.RunChoice(
+                hash=r.hash, solver=r.solver, seed=r.seed, created_at=lookup.utc(r.run_created_at)
+            )
+            for r in runs
+        ],
+        run_a=None,
+        run_b=None,
+        a=None,
+        b=None,
+        matches=[],
+        mean_cos=None,
+        mean_jaccard=None,
+        baseline_cos=None,
+        message=None,
+        neuron_url=urls.neuron(name, layer, neuron, side),
+    )
+    if b is None or a == b:
+        result.message = (
+            "Only one run has computed this neuron side: there is nothing to compare it with yet."
+        )
+        return Result(result)
+    run_a, run_b = by_hash[a], by_hash[b]
+    rows = {
+        r.run_id: r
+        for r in queries.neurons_in_runs(session, layer, side, neuron, [run_a.run_id, run_b.run_id])
+    }
+    channel_rows = queries.channels(session, [r.id for r in rows.values()])
+    tokens = queries.channel_tokens(session, [r.id for r in rows.values()])
+    progress_a = queries.run_progress(session, run_a.run_id)
+    progress_b = queries.run_progress(session, run_b.run_id)
+    vocab = lookup.vocab(session, model_row)
+
+    def side_of(run_row: Row):
+        n = rows[run_row.run_id]
+        chs = [c for c in channel_rows if c.neuron_id == n.id]
+        own = {ch: pairs for (nid, ch), pairs in tokens.items() if nid == n.id}
+        return n, chs, neuron_side(name, run_row.hash, n, chs, own, vocab.tokens)
+
+    n_a, chs_a, result.a = side_of(run_a)
+    n_b, chs_b, result.b = side_of(run_b)
+    result.run_a = lookup.run_out(name, run_a, progress_a)
+    result.run_b = lookup.run_out(name, run_b, progress_b)
+    if chs_a and chs_b:
+        _match(result, n_a, chs_a, chs_b, (layer, side, neuron))
+    return Result(result, immutable=result.run_a.complete and result.run_b.complete)
+
+
+def _match(result: pages.ComparePage, neuron_row, chs_a, chs_b, where) -> None:
+    # The one definition of seed consistency is the worker's (worker/measures.py); it needs
+    # torch, so this page alone imports it, on first use.
+    import torch
+
+    from channelscope.method import measures, rotate
+
+    w = torch.from_numpy(T.unpack(neuron_row.vector, "float32").astype(np.float64))
+
+    def stack(chs):
+        return torch.from_numpy(np.stack([T.unpack(c.vector, "float16").astype(np.float64) for c in chs]))
+
+    va, vb = stack(chs_a), stack(chs_b)
+    rows, cols, cos = measures.matched_cosines(
+        measures.residual_directions(w, va), measures.residual_directions(w, vb)
+    )
+    top_a = [{t.id for t in ch.top_tokens} for ch in result.a.channels]
+    top_b = [{t.id for t in ch.top_tokens} for ch in result.b.channels]
+    jaccard = [
+        len(top_a[i] & top_b[j]) / max(1, len(top_a[i] | top_b[j])) for i, j in zip(rows, cols, strict=True)
+    ]
+    result.matches = [
+        pages.ChannelMatch(a=int(i), b=int(j), cos=round(float(c), 4), jaccard=round(float(s), 4))
+        for i, j, c, s in sorted(zip(rows, cols, cos, jaccard, strict=True))
+    ]
+    result.mean_cos = round(float(np.mean(cos)), 4)
+    result.mean_jaccard = round(float(np.mean(jaccard)), 4)
+    generator = torch.Generator().manual_seed(rotate.neuron_seed(0, *where))
+    cos_a = torch.tensor([c.cos for c in chs_a], dtype=torch.float64)
+    cos_b = torch.tensor([c.cos for c in chs_b], dtype=torch.float64)
+    result.baseline_cos = round(measures.seed_consistency_baseline(w, cos_a, cos_b, generator), 4)

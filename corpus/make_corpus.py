@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.intervention import load_language_model  # noqa: E402
-from worker.weights import smollm2_path  # noqa: E402
+from channelscope.method.intervention import load_language_model  # noqa: E402
+from channelscope.method.weights import smollm2_path  # noqa: E402
 
 TOPICS = [
     "a lighthouse keeper", "the French Revolution", "photosynthesis", "the stock market",

@@ -35,7 +35,7 @@ from channelscope.core import db
 from channelscope.method import rotate
 from channelscope.method.decomposer import TOP_K, ChannelRecord, Decomposer, NeuronRecord
 from channelscope.method.weights import load_model
-from channelscope.worker import jobs, store
+from channelscope.worker import plan, store
 
 NEURONS, SIDES, CHANNELS, SHARD = 1536, ("out", "in", "gate"), 50, 64
 LAYER = 20
@@ -111,11 +111,11 @@ def measure_write(url: str, model, settings: dict, compute: dict, neurons: int, 
         model_row = store.ensure_model(session, model)
         run = store.ensure_run(session, model_row, settings, 0)
     before = _size(engine, url)
-    request = jobs.Request([LAYER], list(SIDES), list(range(neurons)), SHARD)
+    request = plan.Request([LAYER], list(SIDES), list(range(neurons)), SHARD)
     with db.session(engine) as session, session.begin():
-        jobs.add_shards(session, run, request)
+        plan.add_shards(session, run, request)
     with db.session(engine) as session:
-        shards = [(s.id, s.side, s.neuron_start) for s in jobs.pending_shards(session, run.id)]
+        shards = [(s.id, s.side, s.neuron_start) for s in plan.pending_shards(session, run.id)]
     rng = np.random.default_rng(seed)
     seconds, per_shard = 0.0, []
     for shard_id, side, start in shards:
@@ -130,7 +130,7 @@ def measure_write(url: str, model, settings: dict, compute: dict, neurons: int, 
             compute["mean_history"],
         )
         began = time.perf_counter()
-        assert jobs.commit_shard(engine, shard_id, records, seconds=1.0, worker="bench")
+        assert compute.commit_shard(engine, shard_id, records, seconds=1.0, worker="bench")
         per_shard.append(time.perf_counter() - began)
         seconds += per_shard[-1]
     after = _size(engine, url)

@@ -24,7 +24,7 @@ from channelscope.core.config import config
 from channelscope.method import rotate
 from channelscope.method.decomposer import TOP_K, Decomposer
 from channelscope.method.weights import load_model
-from channelscope.worker import jobs
+from channelscope.worker import compute, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--channels", "3", "--reference-count", "8"]
@@ -121,12 +121,12 @@ def assert_rows_match_done_shards(engine, channels: int) -> set:
 
 
 def test_blocks_are_aligned_so_extending_cuts_the_same_shards():
-    assert jobs.blocks(list(range(0, 100)), [], 64) == [(0, 64), (64, 100)]
+    assert plan.blocks(list(range(0, 100)), [], 64) == [(0, 64), (64, 100)]
     # Extending 0-99 to 0-199 fills the rest of the block first, then whole blocks.
-    assert jobs.blocks(list(range(0, 200)), [(0, 64), (64, 100)], 64) == [(100, 128), (128, 192), (192, 200)]
+    assert plan.blocks(list(range(0, 200)), [(0, 64), (64, 100)], 64) == [(100, 128), (128, 192), (192, 200)]
     # Gaps in the request are never bridged.
-    assert jobs.blocks([0, 1, 2, 3, 7], [], 64) == [(0, 4), (7, 8)]
-    assert jobs.blocks([5, 6], [(0, 10)], 4) == []
+    assert plan.blocks([0, 1, 2, 3, 7], [], 64) == [(0, 4), (7, 8)]
+    assert plan.blocks([5, 6], [(0, 10)], 4) == []
 
 
 def test_first_neurons_are_planned_with_the_rest_and_computed_first(database_url, tiny_folder, run_cli):
@@ -149,12 +149,12 @@ def test_first_neurons_are_planned_with_the_rest_and_computed_first(database_url
 
 def test_check_request_names_the_bad_value(tiny_folder):
     model = load_model(tiny_folder)
-    with pytest.raises(jobs.JobError, match="layer 2 is out of range: tiny-llama has layers 0-1"):
-        jobs.check_request(model, jobs.Request([0, 2], ["out"], [0]))
-    with pytest.raises(jobs.JobError, match="neuron 128 is out of range"):
-        jobs.check_request(model, jobs.Request([0], ["out"], [127, 128]))
-    with pytest.raises(jobs.JobError, match="unknown side 'up'"):
-        jobs.check_request(model, jobs.Request([0], ["up"], [0]))
+    with pytest.raises(plan.JobError, match="layer 2 is out of range: tiny-llama has layers 0-1"):
+        plan.check_request(model, plan.Request([0, 2], ["out"], [0]))
+    with pytest.raises(plan.JobError, match="neuron 128 is out of range"):
+        plan.check_request(model, plan.Request([0], ["out"], [127, 128]))
+    with pytest.raises(plan.JobError, match="unknown side 'up'"):
+        plan.check_request(model, plan.Request([0], ["up"], [0]))
 
 
 # --- a run through `decompose`, read back ---------------------------------------------------------
@@ -228,11 +228,11 @@ def test_a_late_commit_of_a_done_shard_is_rejected_by_the_database(database_url,
     decomposer = Decomposer(model, rotate.with_overrides(rotate.Settings(), channels=3), reference_count=8)
     records = decomposer.neurons(0, "in", [0, 1, 2, 3])
     # A second worker that computed the same shard: its done mark touches no row, so it rolls back.
-    assert jobs.commit_shard(engine, shard.id, records, seconds=1.0, worker="late") is False
+    assert compute.commit_shard(engine, shard.id, records, seconds=1.0, worker="late") is False
     # Even with the done mark cleared, the unique constraint refuses the second copy of the neurons.
     with db.session(engine) as session, session.begin():
         session.execute(T.Shard.__table__.update().values(done_at=None))
-    assert jobs.commit_shard(engine, shard.id, records, seconds=1.0, worker="late") is False
+    assert compute.commit_shard(engine, shard.id, records, seconds=1.0, worker="late") is False
     assert shard_rows(engine)[0].done_at is None and shard_rows(engine)[0].worker != "late"
     with db.session(engine) as session:
         assert session.scalar(select(func.count()).select_from(T.Neuron)) == 4

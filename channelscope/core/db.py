@@ -6,7 +6,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from channelscope.core.config import config
@@ -86,6 +86,21 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), revision)
+
+
+def upgrade_locked(url: str, engine: Engine) -> None:
+    """Migrate to head; two commands starting at once on a fresh database must not both
+    create it, so on PostgreSQL the migration runs under an advisory lock."""
+    if engine.dialect.name != "postgresql":
+        upgrade(url)
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(7012004)"))
+        try:
+            upgrade(url)
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(7012004)"))
+            connection.commit()
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:

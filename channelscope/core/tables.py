@@ -36,11 +36,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SIDE_CHECK = "side IN ('gate', 'in', 'out')"
+SIDES = ("gate", "in", "out")  # a neuron's three vectors (docs/method.md, "Vectors")
+# The order in which sides are computed and listed: `out` first, it is what a neuron writes.
+SIDE_ORDER = ("out", "in", "gate")
+SIDE_CHECK = "side IN ({})".format(", ".join(f"'{side}'" for side in SIDES))
+# Channels below this excess kurtosis are counted as junk: Neuron.channel_count and the pages'
+# default cut-off (docs/method.md, "Glitch tokens": low-kurtosis channels still appear).
+JUNK_KURTOSIS = 5.0
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def utc(moment: datetime) -> datetime:
+    """Stored times are UTC (`now`); SQLite hands them back without the zone."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def pack(array: np.ndarray, dtype: str) -> bytes:
@@ -50,6 +61,33 @@ def pack(array: np.ndarray, dtype: str) -> bytes:
 def unpack(blob: bytes, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     array = np.frombuffer(blob, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
     return array.reshape(shape) if shape else array
+
+
+# How each array column is stored; the writer (worker/store.py) and every reader use these.
+NEURON_VECTOR = "float32"  # Neuron.vector [d]
+CHANNEL_VECTOR = "float16"  # Channel.vector [d]: half the bytes; every measure was taken in fp32 before
+MASKED = "int32"  # Channel.masked: token ids
+HISTORY = "float32"  # Channel.history: unweighted kurtosis against step
+THRESHOLDS = "float32"  # ActivationThreshold.thresholds [d_mlp]
+
+
+def neuron_vector(blob: bytes) -> np.ndarray:
+    """A stored neuron vector w, [d] float32."""
+    return unpack(blob, NEURON_VECTOR)
+
+
+def channel_vector(blob: bytes) -> np.ndarray:
+    """A stored channel vector c, [d] float32."""
+    return unpack(blob, CHANNEL_VECTOR).astype(np.float32)
+
+
+def masked_tokens(blob: bytes) -> np.ndarray:
+    """The token ids a channel claimed (T_k), int64."""
+    return unpack(blob, MASKED).astype(np.int64)
+
+
+def kurtosis_history(blob: bytes) -> np.ndarray:
+    return unpack(blob, HISTORY)
 
 
 def pack_compressed(array: np.ndarray, dtype: str) -> bytes:
@@ -274,7 +312,7 @@ class NeighbourBuild(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
-SIDE_CODES = {"gate": 0, "in": 1, "out": 2}
+SIDE_CODES = {side: code for code, side in enumerate(SIDES)}
 NEIGHBOUR = np.dtype(
     [("layer", "<i2"), ("side", "<i1"), ("neuron", "<i4"), ("channel", "<i2"), ("cos", "<f4")]
 )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from channelscope.core.coordinates import out_of_range
 from channelscope.method.weights import ModelError
 
 # transformers reads this when it is first imported; nothing here may reach a hub.
@@ -55,8 +56,9 @@ class LanguageModel:
         return self.model.get_output_embeddings().weight
 
     def mlp(self, layer: int) -> torch.nn.Module:
-        if not 0 <= layer < self.n_layers:
-            raise ModelError(f"layer {layer} is out of range: the model has layers 0-{self.n_layers - 1}")
+        wrong = out_of_range("the model", self.n_layers, 1, SIDE_MODULE, layer=layer)
+        if wrong:
+            raise ModelError(wrong)
         return self.decoder_layers[layer].mlp
 
     def encode(self, text: str) -> list[int]:
@@ -133,12 +135,11 @@ def forward(
     and their output is repeated for every row (on SmolLM2's layer 25 and 5 rows: 55 layer-rows
     instead of 150). The layers from `layer` on are called with exactly the arguments the model
     gave the first of them."""
-    if side not in SIDE_MODULE:
-        raise ModelError(f"unknown side {side!r}")
     mlp = lm.mlp(layer)
     d_mlp = mlp.down_proj.in_features
-    if not 0 <= neuron < d_mlp:
-        raise ModelError(f"neuron {neuron} is out of range: layers have neurons 0-{d_mlp - 1}")
+    wrong = out_of_range("the model", lm.n_layers, d_mlp, SIDE_MODULE, neuron=neuron, side=side)
+    if wrong:
+        raise ModelError(wrong)
     rows = deltas.shape[0]
     deltas = deltas.to(lm.device, torch.float32)
     seen: dict[str, torch.Tensor] = {}

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from channelscope.core.coordinates import out_of_range
+from channelscope.core.tables import SIDES
+
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SIDES = ("gate", "in", "out")
 PROJECTIONS = ("unembedding", "embedding")
 
 # Token kinds used for glitch masking (method.md, "Glitch tokens").
@@ -60,10 +62,9 @@ class Model:
 
     def vectors(self, layer: int, side: str) -> torch.Tensor:
         """The neurons' vectors of one layer and side, [d_mlp, d_model] float32."""
-        if not 0 <= layer < self.n_layers:
-            raise ModelError(f"layer {layer} is out of range: {self.name} has layers 0-{self.n_layers - 1}")
-        if side not in self.sides:
-            raise ModelError(f"unknown side {side!r}: {self.name} has sides {', '.join(self.sides)}")
+        wrong = out_of_range(self.name, self.n_layers, self.d_mlp, self.sides, layer=layer, side=side)
+        if wrong:
+            raise ModelError(wrong)
         return torch.from_numpy(np.array(self._read(side, layer), dtype=np.float32))
 
     def projection(self, which: str = "unembedding") -> torch.Tensor:

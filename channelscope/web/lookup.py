@@ -7,19 +7,20 @@ reaches a query, so hostile input never becomes a database error.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from pathlib import PurePath
 
 import numpy as np
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
+from channelscope.core import tables as T
+from channelscope.core.coordinates import out_of_range
+from channelscope.core.progress import is_complete
 from channelscope.web import pages, queries, urls, vocabulary
 from channelscope.web.errors import NotFound
 
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")  # worker.weights.slug
 RUN_HASH = re.compile(r"[0-9a-f]{1,16}")
-SIDES = ("gate", "in", "out")
 
 
 def model_out(row: Row) -> pages.ModelOut:
@@ -36,12 +37,6 @@ def model_out(row: Row) -> pages.ModelOut:
     )
 
 
-def utc(moment: datetime) -> datetime:
-    """Stored times are UTC (tables.now); SQLite hands them back without the zone, and JSON's
-    date-time (RFC 3339) needs one."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def run_out(model_name: str, run: Row, progress: Row) -> pages.RunOut:
     return pages.RunOut(
         hash=run.hash,
@@ -51,13 +46,13 @@ def run_out(model_name: str, run: Row, progress: Row) -> pages.RunOut:
         channels=run.run_channels,
         projection=run.projection,
         algorithm_version=run.algorithm_version,
-        created_at=utc(run.run_created_at),
+        created_at=T.utc(run.run_created_at),  # JSON's date-time needs the zone
         settings=run.settings,
         shards_done=progress.shards_done,
         shards_total=progress.shards_total,
         neurons_done=progress.neurons_done,
         neurons_total=progress.neurons_total,
-        complete=progress.shards_total > 0 and progress.shards_done == progress.shards_total,
+        complete=is_complete(progress.shards_done, progress.shards_total),
     )
 
 
@@ -74,26 +69,12 @@ def model(session: Session, name: str) -> Row:
     return found
 
 
-def check_layer(model_row: Row, layer: int) -> None:
-    if not 0 <= layer < model_row.n_layers:
-        raise NotFound(
-            f"Layer {layer} is out of range: {model_row.name} has layers 0-{model_row.n_layers - 1}."
-        )
-
-
-def check_neuron(model_row: Row, neuron: int) -> None:
-    if not 0 <= neuron < model_row.d_mlp:
-        raise NotFound(
-            f"Neuron {neuron} is out of range: {model_row.name}'s layers have neurons "
-            f"0-{model_row.d_mlp - 1}."
-        )
-
-
-def check_side(model_row: Row, side: str) -> None:
-    if side not in model_row.sides.split(","):
-        raise NotFound(
-            f"Unknown side {side!r}: {model_row.name} has sides {model_row.sides.replace(',', ', ')}."
-        )
+def check(model_row: Row, *, layer: int | None = None, neuron: int | None = None, side: str | None = None):
+    """A 404 for coordinates the model does not have."""
+    shape = (model_row.name, model_row.n_layers, model_row.d_mlp, model_row.sides.split(","))
+    wrong = out_of_range(*shape, layer=layer, neuron=neuron, side=side)
+    if wrong:
+        raise NotFound(wrong[0].upper() + wrong[1:] + ".")
 
 
 def run_hash(value: str | None) -> str | None:
@@ -146,9 +127,7 @@ def projection(session: Session, model_row: Row, run_row: Row) -> tuple[vocabula
 def neuron_side(session: Session, model_name: str, layer: int, neuron: int, side: str, pinned: str | None):
     """The model row and the neuron side's row joined with its run, or a 404 naming what is missing."""
     model_row = model(session, model_name)
-    check_layer(model_row, layer)
-    check_neuron(model_row, neuron)
-    check_side(model_row, side)
+    check(model_row, layer=layer, neuron=neuron, side=side)
     row = queries.neuron_with_run(session, model_row.id, layer, side, neuron, run_hash(pinned))
     if row is None:
         if pinned is not None:

@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 
 from channelscope.core import tables as T
 from channelscope.web import queries
-from channelscope.web.lookup import utc
 
 MAX_CHANNELS = 60_000
 KEEP_RUNS = 2  # runs whose vectors stay in memory at once
@@ -99,7 +98,7 @@ def nearest(
         records = np.frombuffer(stored.neighbours, dtype=T.NEIGHBOUR)[:count]
         note = (
             f"Exact cos against all {stored.channels:,} channels of this run, computed "
-            f"{utc(stored.created_at):%Y-%m-%d %H:%M} UTC by `channelscope neighbours`."
+            f"{T.utc(stored.created_at):%Y-%m-%d %H:%M} UTC by `channelscope neighbours`."
         )
         if estimate > stored.channels:
             note += f" The run has about {estimate:,} channels now; run it again to include them."

@@ -16,12 +16,13 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Float, and_, bindparam, case, cast, func, literal, or_, select, tuple_, union_all
+from sqlalchemy import Float, and_, bindparam, cast, func, literal, or_, select, tuple_, union_all
 from sqlalchemy.engine import Result, Row
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql import ColumnElement
 
 from channelscope.core import tables as T
+from channelscope.core.progress import shard_counts
 
 MODEL_COLUMNS = (
     T.Model.id,
@@ -133,25 +134,11 @@ def reference_tail_tokens(session: Session, reference_id: int) -> list[int]:
     return _scalar(session, select(T.Reference.tail_tokens).where(T.Reference.id == reference_id)) or []
 
 
-PROGRESS = ("shards_total", "shards_done", "neurons_total", "neurons_done")
-
-
-def _progress_columns():
-    size = T.Shard.neuron_stop - T.Shard.neuron_start
-    done = T.Shard.done_at.is_not(None)
-    return (
-        func.count(T.Shard.id).label("shards_total"),
-        func.count(T.Shard.done_at).label("shards_done"),
-        func.coalesce(func.sum(size), 0).label("neurons_total"),
-        func.coalesce(func.sum(case((done, size), else_=0)), 0).label("neurons_done"),
-    )
-
-
 def runs_with_progress(session: Session, model_id: int | None = None) -> Sequence[Row]:
     """Every run (of one model, if given) with its model's name and its shard counts, newest
     first (the home and model pages)."""
     query = (
-        select(*RUN_COLUMNS, T.Model.name.label("model_name"), *_progress_columns())
+        select(*RUN_COLUMNS, T.Model.name.label("model_name"), *shard_counts())
         .join(T.Model, T.Model.id == T.Run.model_id)
         .outerjoin(T.Shard, T.Shard.run_id == T.Run.id)
         .group_by(T.Run.id, T.Model.name)
@@ -163,7 +150,7 @@ def runs_with_progress(session: Session, model_id: int | None = None) -> Sequenc
 
 
 def run_progress(session: Session, run_id: int) -> Row:
-    return _execute(session, select(*_progress_columns()).where(T.Shard.run_id == run_id)).one()
+    return _execute(session, select(*shard_counts()).where(T.Shard.run_id == run_id)).one()
 
 
 def run_by_hash(session: Session, model_id: int | None, run_hash: str) -> Row | None:
@@ -319,7 +306,7 @@ def _neuron_with_run(pinned: bool):
     same_side = (other.run_id == T.Neuron.run_id, other.layer == T.Neuron.layer, other.side == T.Neuron.side)
     # Each candidate run's progress (as run_progress), aggregated in one pass over its shards.
     progress = (
-        select(T.Shard.run_id, *_progress_columns())
+        select(T.Shard.run_id, *shard_counts())
         .join(T.Run, T.Run.id == T.Shard.run_id)
         .where(T.Run.model_id == bindparam("model_id"))
         .group_by(T.Shard.run_id)
@@ -331,7 +318,7 @@ def _neuron_with_run(pinned: bool):
         select(
             *NEURON_COLUMNS,
             *RUN_COLUMNS,
-            *(func.coalesce(progress.c[name], 0).label(name) for name in PROGRESS),
+            *(func.coalesce(progress.c[c.name], 0).label(c.name) for c in shard_counts()),
             # The neighbouring computed neurons, in the same round trip.
             select(func.max(other.neuron))
             .where(*same_side, other.neuron < T.Neuron.neuron)

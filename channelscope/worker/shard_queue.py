@@ -36,7 +36,8 @@ from sqlalchemy.orm import Session
 
 from channelscope.core import db
 from channelscope.core import tables as T
-from channelscope.worker import jobs
+from channelscope.core.progress import RunProgress, run_progress
+from channelscope.worker import compute, plan
 
 SHARD_TASK = "channelscope.shard"
 QUEUE_PREFIX = "run-"
@@ -65,7 +66,7 @@ class WorkerOptions:
     # can be late while a shard holds the CPU.
     stalled_seconds: float = 30.0
     poll_seconds: float = 2.0  # fallback only: LISTEN/NOTIFY wakes workers at once
-    on_shard: Callable[[jobs.ShardResult], None] | None = None
+    on_shard: Callable[[compute.ShardResult], None] | None = None
 
 
 @dataclass
@@ -82,7 +83,7 @@ def make_app(url: str) -> App:
 
 def _shard_task(context, shard: int, model: str) -> dict:
     own: _Context = context.additional_context["channelscope"]
-    result = jobs.compute_shard(
+    result = compute.compute_shard(
         own.engine,
         shard,
         worker=own.options.name,
@@ -114,13 +115,13 @@ async def enqueue(app: App, engine: Engine, run: T.Run, model_spec: str) -> int:
     """A job for every shard of the run that is not done and has no job waiting or running.
     A job left `doing` by a dead worker is not doubled: the stalled-job loop gives it back."""
 
-    def plan():
+    def unqueued():
         with db.session(engine) as session:
             active = active_jobs(session, run.hash)
-            return [(s.id, s.priority) for s in jobs.pending_shards(session, run.id) if s.id not in active]
+            return [(s.id, s.priority) for s in plan.pending_shards(session, run.id) if s.id not in active]
 
     added = 0
-    for shard_id, priority in await asyncio.to_thread(plan):
+    for shard_id, priority in await asyncio.to_thread(unqueued):
         deferrer = app.configure_task(
             SHARD_TASK,
             queue=queue_name(run.hash),
@@ -218,16 +219,16 @@ async def serve(
 async def watch_run(
     engine: Engine,
     run: T.Run,
-    on_progress: Callable[[jobs.RunProgress], None],
+    on_progress: Callable[[RunProgress], None],
     every: float = 1.0,
-) -> jobs.RunProgress:
+) -> RunProgress:
     """Report the run's progress until it is complete, or until no job of it is left waiting or
     running (the rest failed)."""
 
     def look():
         with db.session(engine) as session:
-            progress = jobs.run_progress(session, session.get(T.Run, run.id))
-            return progress, len(active_jobs(session, run.hash))
+            found = run_progress(session, session.get(T.Run, run.id))
+            return found, len(active_jobs(session, run.hash))
 
     while True:
         progress, active = await asyncio.to_thread(look)
@@ -243,10 +244,10 @@ async def decompose(
     run: T.Run,
     model_spec: str,
     options: WorkerOptions,
-    on_progress: Callable[[jobs.RunProgress], None],
+    on_progress: Callable[[RunProgress], None],
     *,
     work: bool = True,
-) -> tuple[int, jobs.RunProgress | None]:
+) -> tuple[int, RunProgress | None]:
     """Queue the run's missing shards and, with `work`, process them here until the run is
     complete; workers elsewhere take shards from the same queue meanwhile. Returns how many
     shards were queued, and the run's progress at the end (None if the worker stopped first)."""

@@ -14,6 +14,7 @@ import zlib
 from dataclasses import asdict
 
 import numpy as np
+import torch
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
@@ -90,6 +91,16 @@ def ensure_reference(session: Session, model_row: T.Model, key: str, reference: 
         session.add(row)
         session.flush()
     return row
+
+
+def read_reference(row: T.Reference, d_model: int) -> Reference:
+    """A stored reference, as ensure_reference wrote it."""
+    return Reference(
+        faithfulness=T.unpack(row.faithfulness, "float32", (row.count, row.channels)).astype(np.float64),
+        kurtosis=T.unpack(row.kurtosis, "float32", (row.count, row.channels)).astype(np.float64),
+        generic=torch.from_numpy(T.unpack(row.generic, "float32").reshape(-1, d_model).copy()),
+        tail_tokens=list(row.tail_tokens),
+    )
 
 
 def ensure_run(session: Session, model_row: T.Model, settings: dict, seed: int, reference_row=None) -> T.Run:

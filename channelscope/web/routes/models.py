@@ -140,10 +140,9 @@ def layer_page(
     channels are real come first), kurtosis, best channel kurtosis, channel count or
     reconstruction; keyset pagination."""
     model_row = lookup.model(session, model)
-    lookup.check_layer(model_row, layer)
-    lookup.check_side(model_row, side)
+    lookup.check(model_row, layer=layer, side=side)
     if neuron is not None:  # the jump-to-neuron box: a GET form cannot put a value in the path
-        lookup.check_neuron(model_row, neuron)
+        lookup.check(model_row, neuron=neuron)
         json = request.url.path.endswith(".json")  # the JSON twin jumps to the neuron's JSON twin
         target = urls.neuron(model_row.name, layer, neuron, side, run=lookup.run_hash(run), json=json)
         return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})

@@ -332,9 +332,7 @@ def compare_page(
     channels matched one-to-one as in method.md's seed consistency: the parts orthogonal to w,
     Hungarian on |cos|, beside the same matching for random vectors at the same cosines."""
     model_row = lookup.model(session, model)
-    lookup.check_layer(model_row, layer)
-    lookup.check_neuron(model_row, neuron)
-    lookup.check_side(model_row, side)
+    lookup.check(model_row, layer=layer, neuron=neuron, side=side)
     a, b = lookup.run_hash(a), lookup.run_hash(b)
     runs = queries.runs_of_neuron(session, model_row.id, layer, side, neuron)
     if not runs:
@@ -355,9 +353,7 @@ def compare_page(
         neuron=neuron,
         side=side,
         runs=[
-            pages.RunChoice(
-                hash=r.hash, solver=r.solver, seed=r.seed, created_at=lookup.utc(r.run_created_at)
-            )
+            pages.RunChoice(hash=r.hash, solver=r.solver, seed=r.seed, created_at=T.utc(r.run_created_at))
             for r in runs
         ],
         run_a=None,

@@ -1,0 +1,74 @@
+"""Commands that write the scientific reports under reports/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from channelscope.cli.common import CliError, database, int_range, load, log, progress_bar, references_dir
+
+
+def cmd_eval(args) -> None:
+    from channelscope.experiments.eval_report import evaluate
+
+    model = load(args.model)
+    evaluate(model, args.out, per_cell=args.per_cell, channels=args.channels, aligned=args.aligned,
+             seed=args.seed, cache_dir=references_dir(), progress=progress_bar)  # fmt: skip
+    print(f"wrote {args.out / 'eval.md'}")
+
+
+def cmd_eval_ablation(args) -> None:
+    from channelscope.core import db
+    from channelscope.experiments import ablation_report
+    from channelscope.method import rotate
+    from channelscope.method.decomposer import Decomposer
+    from channelscope.method.intervention import load_language_model
+    from channelscope.worker import corpus
+
+    model = load(args.model)
+    layers = int_range(args.layers, "--layers")
+    if max(layers) >= model.n_layers:
+        raise CliError(f"--layers: {model.name} has layers 0-{model.n_layers - 1}")
+    _, engine = database(migrate=True)
+    lm = load_language_model(model.source)
+    thresholds = corpus.ensure_thresholds(engine, model, lm, log=log)
+    settings = rotate.with_overrides(rotate.Settings(), channels=args.channels)
+    decomposer = Decomposer(model, settings, device=args.device, seed=args.seed, cache_dir=references_dir())
+    with db.session(engine) as session:
+        result = ablation_report.evaluate(
+            model, lm, decomposer, session, thresholds, layers, per_cell=args.per_cell, aligned=args.aligned,
+            channels=args.channels, draws=args.draws, texts=args.texts, seed=args.seed, log=log,
+        )  # fmt: skip
+    command = (
+        f"channelscope eval-ablation {args.model} --layers {args.layers} --per-cell {args.per_cell} "
+        f"--aligned {args.aligned} --channels {args.channels} --draws {args.draws} --texts {args.texts} "
+        f"--seed {args.seed}"
+    )
+    print(f"wrote {ablation_report.write_report(result, args.out, command)}")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="the scientific report: channels against random vectors (reports/eval.md)"
+    )
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--per-cell", type=int, default=8, help="random neurons per layer group and side")
+    p.add_argument("--aligned", type=int, default=8, help="highest-kurtosis late neurons per side")
+    p.add_argument("--channels", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.set_defaults(run=cmd_eval, default_channels=10)
+
+    p = sub.add_parser(
+        "eval-ablation", help="selectivity of channel ablations, weights and real model (reports/ablation.md)"
+    )
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--layers", default="2,8,14,20,25,29", help="layers to sample (default 2,8,14,20,25,29)")
+    p.add_argument("--per-cell", type=int, default=2, help="random neurons per layer and side (default 2)")
+    p.add_argument("--aligned", type=int, default=2, help="highest-kurtosis out neurons per late layer")
+    p.add_argument("--channels", type=int, default=None, help="first channels of each neuron (default 5)")
+    p.add_argument("--draws", type=int, default=8, help="random directions per channel (default 8)")
+    p.add_argument("--texts", type=int, default=4, help="corpus texts per out neuron for forward passes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="for decomposing missing channels (default: auto)")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.set_defaults(run=cmd_eval_ablation, default_channels=5)

@@ -187,17 +187,17 @@ def test_decompose_stores_what_the_engine_computes_and_resumes_without_recomputi
                     select(T.Neuron).where(T.Neuron.side == side, T.Neuron.neuron == record.neuron)
                 )
                 assert row.run_id == run.id
-                assert np.array_equal(T.unpack(row.vector, "float32"), record.vector)
+                assert np.array_equal(T.neuron_vector(row.vector), record.vector)
                 assert row.kurtosis == pytest.approx(record.kurtosis, rel=1e-9)
                 assert [t for t, _ in row.top_tokens] == record.top_ids.tolist()
                 stored = session.scalars(
                     select(T.Channel).where(T.Channel.neuron_id == row.id).order_by(T.Channel.channel)
                 ).all()
                 for channel, computed in zip(stored, record.channels, strict=True):
-                    assert np.allclose(T.unpack(channel.vector, "float16"), computed.vector, atol=1e-3)
+                    assert np.allclose(T.channel_vector(channel.vector), computed.vector, atol=1e-3)
                     assert channel.kurtosis == pytest.approx(computed.kurtosis, rel=1e-9)
                     assert channel.faithfulness_percentile == pytest.approx(computed.faithfulness_percentile)
-                    assert np.array_equal(T.unpack(channel.masked, "int32"), computed.masked)
+                    assert np.array_equal(T.masked_tokens(channel.masked), computed.masked)
 
     # The same command again: the same run, nothing added, nothing recomputed.
     assert run_cli(database_url, *args, "--shard-size", "4", *SMALL) == 0

@@ -75,7 +75,7 @@ def test_stored_neighbours_are_exact_and_a_rebuild_replaces_them(store):  # noqa
         }
         builds = session.scalar(select(func.count()).select_from(T.NeighbourBuild))
     assert first.channels == again.channels == len(rows) == len(stored) and builds == 1
-    vectors = np.stack([T.unpack(r.vector, "float16").astype(np.float32) for r in rows])
+    vectors = np.stack([T.channel_vector(r.vector) for r in rows])
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     expected = _brute_force(unit, np.array([r.id for r in rows]), 5)
     for i, r in enumerate(rows):

@@ -51,7 +51,7 @@ def test_a_tiny_run_reads_back_equal_to_what_the_engine_returned(database_url, t
         assert session.scalar(select(func.count()).select_from(T.Channel)) == 9
         for record in records:
             row = session.scalar(select(T.Neuron).where(T.Neuron.neuron == record.neuron))
-            assert np.array_equal(T.unpack(row.vector, "float32"), record.vector)
+            assert np.array_equal(T.neuron_vector(row.vector), record.vector)
             assert row.kurtosis == pytest.approx(record.kurtosis)
             assert [t for t, _ in row.top_tokens] == record.top_ids.tolist()
             channels = session.scalars(
@@ -59,12 +59,12 @@ def test_a_tiny_run_reads_back_equal_to_what_the_engine_returned(database_url, t
             ).all()
             assert len(channels) == len(record.channels)
             for stored, computed in zip(channels, record.channels, strict=True):
-                assert np.allclose(T.unpack(stored.vector, "float16"), computed.vector, rtol=1e-3, atol=1e-3)
-                assert np.array_equal(T.unpack(stored.masked, "int32"), computed.masked)
+                assert np.allclose(T.channel_vector(stored.vector), computed.vector, rtol=1e-3, atol=1e-3)
+                assert np.array_equal(T.masked_tokens(stored.masked), computed.masked)
                 assert stored.kurtosis == pytest.approx(computed.kurtosis)
                 assert stored.faithfulness_percentile == pytest.approx(computed.faithfulness_percentile)
                 assert stored.generic == computed.generic
-                assert np.allclose(T.unpack(stored.history, "float32"), computed.history)
+                assert np.allclose(T.kurtosis_history(stored.history), computed.history)
                 tokens = session.scalars(
                     select(T.ChannelToken.token_id)
                     .where(T.ChannelToken.neuron_id == row.id, T.ChannelToken.channel == stored.channel)

@@ -6,11 +6,10 @@ Built from stored rows by `neuron_side`; pages wrap these objects with their own
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel
 
 from channelscope.core import tables as T
+from channelscope.core.stats import finite_or
 
 
 class TokenScore(BaseModel):
@@ -52,10 +51,6 @@ class NeuronSideOut(BaseModel):
     channels: list[ChannelOut]
 
 
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else 0.0
-
-
 def neuron_side(
     model_name: str,
     run_hash: str,
@@ -80,14 +75,14 @@ def neuron_side(
                 skew=ch.skew,
                 cos=ch.cos,
                 loss=ch.loss,
-                masked=len(ch.masked) // 4,
+                masked=len(T.masked_tokens(ch.masked)),
                 step=ch.step,
                 alpha=ch.alpha,
                 faithfulness=ch.faithfulness,
                 faithfulness_percentile=ch.faithfulness_percentile,
                 generic=ch.generic,
                 top_tokens=scores((i, z * sign) for i, z in channel_tokens.get(ch.channel, [])),
-                history=[_finite(float(x)) for x in T.unpack(ch.history, "float32")],
+                history=[finite_or(x, 0.0) for x in T.kurtosis_history(ch.history)],
             )
         )
     return NeuronSideOut(

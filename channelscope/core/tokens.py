@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import unicodedata
 
+LABEL_TOKENS = 3  # a channel's short label: its first top tokens
 _WHITESPACE = {" ": "\u00b7", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
@@ -24,3 +25,8 @@ def visible(token: str) -> str:
         else:
             out.append(ch)
     return "".join(out) or "\u2205"  # the empty token
+
+
+def label(tokens: list[str]) -> str:
+    """A channel's short label in lists, links and search hits: its first LABEL_TOKENS tokens."""
+    return " / ".join(visible(token) for token in tokens[:LABEL_TOKENS]) or "(no tokens)"

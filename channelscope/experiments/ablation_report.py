@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from channelscope.core.stats import finite, median
 from channelscope.method import ablation, intervention, measures, rotate
 from channelscope.method.decomposer import Decomposer
 from channelscope.worker import corpus
@@ -127,13 +127,13 @@ def from_store(session, model_sha256: str, layer: int, side: str, neuron: int, c
     ).all()
     return run_hash, [
         ChannelSample(
-            vector=torch.from_numpy(T.unpack(ch.vector, "float16").astype(np.float32)),
+            vector=torch.from_numpy(T.channel_vector(ch.vector)),
             alpha=ch.alpha,
             cos=ch.cos,
             skew=ch.skew,
             kurtosis=ch.kurtosis,
             generic=ch.generic,
-            masked=torch.from_numpy(T.unpack(ch.masked, "int32").astype(np.int64)),
+            masked=torch.from_numpy(T.masked_tokens(ch.masked)),
         )
         for ch in found
     ]
@@ -206,7 +206,7 @@ def weight_level(sample: NeuronSample, draws, U, scored) -> list[tuple[float, fl
         single = ablation.Ablation(sample.w - ch.alpha * ch.vector, [ch.alpha])
         T = (ch.masked, torch.full((len(ch.masked),), measures.tail_sign(ch.skew)))
         effect = ablation.weight_effect(sample.w, single, T, found, U, scored)
-        out.append((effect.selectivity, ablation.median(effect.baseline)))
+        out.append((effect.selectivity, median(effect.baseline)))
     return out
 
 
@@ -222,7 +222,7 @@ def read_level(sample: NeuronSample, draws, X: torch.Tensor, token_ids: torch.Te
             delta_r = X @ (-ch.alpha * found.directions[r, 0])
             ids_r, signs_r = found.targets[r]
             baseline.append(_position_s(delta_r, token_ids, next_ids, ids_r, float(signs_r[0]))[0])
-        out.append((s, ablation.median(baseline), n))
+        out.append((s, median(baseline), n))
     return out
 
 
@@ -362,15 +362,6 @@ def evaluate(
 # --- the report ----------------------------------------------------------------------------------------
 
 
-def _finite(values) -> list[float]:
-    return [v for v in values if v is not None and math.isfinite(v)]
-
-
-def _median(values) -> float:
-    values = _finite(values)
-    return statistics.median(values) if values else math.nan
-
-
 def _share_above(rows, key: str, base: str) -> float:
     pairs = [(r[key], r[base]) for r in rows if math.isfinite(r[key]) and math.isfinite(r[base])]
     return sum(a > b for a, b in pairs) / len(pairs) if pairs else math.nan
@@ -380,11 +371,11 @@ def _line(label: str, rows: list[dict]) -> str:
     if not rows:
         return f"| {label} | 0 | | | | | | |"
     return (
-        f"| {label} | {len(rows)} | {_median(r['weight_s'] for r in rows):.2f} | "
-        f"{_median(r['weight_baseline'] for r in rows):.2f} | {_median(r['model_s'] for r in rows):.2f} | "
-        f"{_median(r['model_baseline'] for r in rows):.2f} | "
+        f"| {label} | {len(rows)} | {median(r['weight_s'] for r in rows):.2f} | "
+        f"{median(r['weight_baseline'] for r in rows):.2f} | {median(r['model_s'] for r in rows):.2f} | "
+        f"{median(r['model_baseline'] for r in rows):.2f} | "
         f"{100 * _share_above(rows, 'model_s', 'model_baseline'):.0f}% | "
-        f"{len(_finite(r['model_s'] for r in rows))} |"
+        f"{len(finite(r['model_s'] for r in rows))} |"
     )
 
 
@@ -411,20 +402,20 @@ def findings(rows: list[dict]) -> list[str]:
                 ("weights", "weight_s", "weight_baseline"),
                 ("model", "model_s", "model_baseline"),
             ):
-                s, b = _median(r[key] for r in cell), _median(r[base] for r in cell)
-                share = _share_above(cell, key, base)
+                s, b = median(r[key] for r in cell), median(r[base] for r in cell)
+                beating = _share_above(cell, key, base)
                 if not (math.isfinite(s) and math.isfinite(b)):
                     continue
-                if s > 1.5 * abs(b) and share >= 0.7:
+                if s > 1.5 * abs(b) and beating >= 0.7:
                     verdict = "selective"
-                elif s > b and share > 0.5:
+                elif s > b and beating > 0.5:
                     verdict = "weakly selective"
                 else:
                     verdict = "**not selective: no better than a random direction**"
-                count = len(_finite(r[key] for r in cell))
+                count = len(finite(r[key] for r in cell))
                 out.append(
                     f"- `{side}` ({label}), {level}: median S {s:.2f} against {b:.2f} for random directions; "
-                    f"{100 * share:.0f}% of {count} beat their own baseline: {verdict}."
+                    f"{100 * beating:.0f}% of {count} beat their own baseline: {verdict}."
                 )
     return out
 
@@ -531,7 +522,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         data, labels = [], []
         for side in ("gate", "in", "out"):
             cell = [r for r in rows if r["side"] == side]
-            data += [_finite(r[key] for r in cell), _finite(r[base] for r in cell)]
+            data += [finite(r[key] for r in cell), finite(r[base] for r in cell)]
             labels += [f"{side}\nchannel", f"{side}\nrandom"]
         parts = ax.boxplot(data, showfliers=False, patch_artist=True)
         for i, box in enumerate(parts["boxes"]):

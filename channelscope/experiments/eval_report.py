@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from channelscope.core.stats import median, share
 from channelscope.method import measures, rotate
 from channelscope.method.decomposer import Decomposer, NeuronRecord
 
@@ -88,16 +89,6 @@ def weight_selectivity(decomposer: Decomposer, record: NeuronRecord, generator) 
         base = measures.selectivity(-z_r[k], targets, sign_r, scored)
         out.append((real, base))
     return out
-
-
-def _median(values) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
-
-
-def _share(flags) -> float:
-    flags = list(flags)
-    return sum(flags) / len(flags) if flags else float("nan")
 
 
 def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligned: int = 8, seed: int = 0,
@@ -184,19 +175,19 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
 
 # (header, format, aggregate over a cell's neurons, value of one neuron)
 CELL_COLUMNS = [
-    ("K(w)", ".1f", _median, lambda n: n["kurtosis"]),
-    ("K(c0)", ".1f", _median, lambda n: n["channel_kurtosis"][0]),
-    ("cos(w,c0)", ".2f", _median, lambda n: n["cos"][0]),
-    ("faith c0", ".2f", _median, lambda n: n["faithfulness"][0]),
-    ("pct c0", ".0f", _median, lambda n: n["percentile"][0]),
-    ("generic c0", ".0%", _share, lambda n: n["generic"][0]),
-    ("generic all", ".0%", statistics.fmean, lambda n: _share(n["generic"])),
-    ("recon C", ".3f", _median, lambda n: n["reconstruction"][-1]),
-    ("baseline", ".3f", _median, lambda n: n["reconstruction_baseline"][-1]),
-    ("cons", ".2f", _median, lambda n: n["consistency"]),
-    ("baseline", ".2f", _median, lambda n: n["consistency_baseline"]),
-    ("S c0", ".1f", _median, lambda n: n["selectivity"][0]),
-    ("baseline", ".1f", _median, lambda n: n["selectivity_baseline"][0]),
+    ("K(w)", ".1f", median, lambda n: n["kurtosis"]),
+    ("K(c0)", ".1f", median, lambda n: n["channel_kurtosis"][0]),
+    ("cos(w,c0)", ".2f", median, lambda n: n["cos"][0]),
+    ("faith c0", ".2f", median, lambda n: n["faithfulness"][0]),
+    ("pct c0", ".0f", median, lambda n: n["percentile"][0]),
+    ("generic c0", ".0%", share, lambda n: n["generic"][0]),
+    ("generic all", ".0%", statistics.fmean, lambda n: share(n["generic"])),
+    ("recon C", ".3f", median, lambda n: n["reconstruction"][-1]),
+    ("baseline", ".3f", median, lambda n: n["reconstruction_baseline"][-1]),
+    ("cons", ".2f", median, lambda n: n["consistency"]),
+    ("baseline", ".2f", median, lambda n: n["consistency_baseline"]),
+    ("S c0", ".1f", median, lambda n: n["selectivity"][0]),
+    ("baseline", ".1f", median, lambda n: n["selectivity_baseline"][0]),
 ]
 
 
@@ -243,16 +234,16 @@ def _markdown(result: dict, plots: list[str]) -> str:
     ]
     for k in range(C):
         pct = [n["percentile"][k] for n in neurons]
-        kurtosis = _median(n["channel_kurtosis"][k] for n in neurons)
+        kurtosis = median(n["channel_kurtosis"][k] for n in neurons)
         lines.append(
-            f"| {k} | {_median(n['faithfulness'][k] for n in neurons):.2f} | {random_faith[k]:.2f} "
-            f"| {_median(pct):.0f} | {_share(p >= 90 for p in pct):.0%} "
-            f"| {_share(n['generic'][k] for n in neurons):.0%} "
+            f"| {k} | {median(n['faithfulness'][k] for n in neurons):.2f} | {random_faith[k]:.2f} "
+            f"| {median(pct):.0f} | {share(p >= 90 for p in pct):.0%} "
+            f"| {share(n['generic'][k] for n in neurons):.0%} "
             f"| {kurtosis:.1f} | {ref['kurtosis_median_by_channel'][k]:.1f} |"
         )
     lines += _generic_check(neurons)
-    plain_generic = _share(g for n in neurons for g in n["generic"])
-    dw_generic = _share(g for n in neurons for g in n["downweighted_generic"])
+    plain_generic = share(g for n in neurons for g in n["generic"])
+    dw_generic = share(g for n in neurons for g in n["downweighted_generic"])
     lines += [
         "",
         "## Down-weighting the generic tokens up front (the option, off by default)",
@@ -261,13 +252,13 @@ def _markdown(result: dict, plots: list[str]) -> str:
         f"quarter of their first channels: {', '.join(repr(t) for t in ref['tail_tokens'][:40])}.",
         "",
         f"- generic channels, all indices: {plain_generic:.0%} plain, {dw_generic:.0%} with the option;",
-        f"- generic first channels: {_share(n['generic'][0] for n in neurons):.0%} plain, "
-        f"{_share(n['downweighted_generic'][0] for n in neurons):.0%} with the option;",
+        f"- generic first channels: {share(n['generic'][0] for n in neurons):.0%} plain, "
+        f"{share(n['downweighted_generic'][0] for n in neurons):.0%} with the option;",
         "- first channels with faithfulness < 1: "
-        f"{_share(n['faithfulness'][0] < 1 for n in neurons):.0%} plain, "
-        f"{_share(n['downweighted_faithfulness'][0] < 1 for n in neurons):.0%} with the option;",
-        f"- median first-channel percentile: {_median(n['percentile'][0] for n in neurons):.0f} plain, "
-        f"{_median(n['downweighted_percentile'][0] for n in neurons):.0f} with the option "
+        f"{share(n['faithfulness'][0] < 1 for n in neurons):.0%} plain, "
+        f"{share(n['downweighted_faithfulness'][0] < 1 for n in neurons):.0%} with the option;",
+        f"- median first-channel percentile: {median(n['percentile'][0] for n in neurons):.0f} plain, "
+        f"{median(n['downweighted_percentile'][0] for n in neurons):.0f} with the option "
         "(each against its own random-vector reference).",
         "",
         *_against_the_paper(neurons),
@@ -301,8 +292,8 @@ def _generic_check(neurons) -> list[str]:
         faith = [n["faithfulness"][k] for n, k in chosen]
         pct = [n["percentile"][k] for n, k in chosen]
         lines.append(
-            f"| {label} | {len(chosen)} | {_median(faith):.2f} | {_median(pct):.0f} "
-            f"| {_share(f < 1 for f in faith):.0%} |"
+            f"| {label} | {len(chosen)} | {median(faith):.2f} | {median(pct):.0f} "
+            f"| {share(f < 1 for f in faith):.0%} |"
         )
     return lines + [""]
 
@@ -311,22 +302,22 @@ def _against_the_paper(neurons) -> list[str]:
     """The paper's claims, each next to what this sample measured (the numbers are this run's)."""
     random_ones = [n for n in neurons if n["group"] != ALIGNED]
     aligned = [n for n in neurons if n["group"] == ALIGNED]
-    recon = _median(n["reconstruction"][-1] for n in neurons)
-    recon_base = _median(n["reconstruction_baseline"][-1] for n in neurons)
+    recon = median(n["reconstruction"][-1] for n in neurons)
+    recon_base = median(n["reconstruction_baseline"][-1] for n in neurons)
     lines = ["## Where SmolLM2 disagrees with the paper", ""]
     lines.append(
         f"- Channels are sparse, but sparsity says little about the neuron: random neurons' first channels "
-        f"have median kurtosis {_median(n['channel_kurtosis'][0] for n in random_ones):.1f}, and "
-        f"{_share(n['generic'][0] for n in random_ones):.0%} of them are a generic direction of U that "
+        f"have median kurtosis {median(n['channel_kurtosis'][0] for n in random_ones):.1f}, and "
+        f"{share(n['generic'][0] for n in random_ones):.0%} of them are a generic direction of U that "
         f"random vectors reach too (median faithfulness percentile "
-        f"{_median(n['percentile'][0] for n in random_ones):.0f}, where 50 is random)."
+        f"{median(n['percentile'][0] for n in random_ones):.0f}, where 50 is random)."
     )
     if aligned:
         lines.append(
             f"- The paper's picture holds for vocabulary-aligned neurons: the highest-kurtosis late neurons' "
-            f"first channels sit at percentile {_median(n['percentile'][0] for n in aligned):.0f}, "
-            f"{_share(n['generic'][0] for n in aligned):.0%} generic, cos(w, c0) "
-            f"{_median(n['cos'][0] for n in aligned):.2f}."
+            f"first channels sit at percentile {median(n['percentile'][0] for n in aligned):.0f}, "
+            f"{share(n['generic'][0] for n in aligned):.0%} generic, cos(w, c0) "
+            f"{median(n['cos'][0] for n in aligned):.2f}."
         )
     verdict = (
         "random directions reach as much: the cosine to w explains the reconstruction, which is no "
@@ -338,18 +329,18 @@ def _against_the_paper(neurons) -> list[str]:
         f"- Reconstruction: {len(neurons[0]['reconstruction'])} channels recover {recon:.3f} of |w| "
         f"(median), random directions at the same cosines {recon_base:.3f}; {verdict}."
     )
-    mostly_generic = [n for n in neurons if _share(n["generic"]) >= 0.5]
-    mostly_real = [n for n in neurons if _share(n["generic"]) < 0.5]
+    mostly_generic = [n for n in neurons if share(n["generic"]) >= 0.5]
+    mostly_real = [n for n in neurons if share(n["generic"]) < 0.5]
     lines.append(
-        f"- Seed consistency: {_median(n['consistency'] for n in neurons):.2f} against "
-        f"{_median(n['consistency_baseline'] for n in neurons):.2f} for random channels; "
-        f"{_median(n['consistency'] for n in mostly_generic):.2f} for the {len(mostly_generic)} neurons "
-        f"whose channels are mostly generic, {_median(n['consistency'] for n in mostly_real):.2f} for the "
+        f"- Seed consistency: {median(n['consistency'] for n in neurons):.2f} against "
+        f"{median(n['consistency_baseline'] for n in neurons):.2f} for random channels; "
+        f"{median(n['consistency'] for n in mostly_generic):.2f} for the {len(mostly_generic)} neurons "
+        f"whose channels are mostly generic, {median(n['consistency'] for n in mostly_real):.2f} for the "
         f"other {len(mostly_real)}. Reproducible across seeds is not the same as real."
     )
     lines.append(
-        f"- Weight-level selectivity of first channels: {_median(n['selectivity'][0] for n in neurons):.1f} "
-        f"against {_median(n['selectivity_baseline'][0] for n in neurons):.1f} for a random direction at "
+        f"- Weight-level selectivity of first channels: {median(n['selectivity'][0] for n in neurons):.1f} "
+        f"against {median(n['selectivity_baseline'][0] for n in neurons):.1f} for a random direction at "
         "the same cosine; partly circular (method.md), so `reports/ablation.md` measures it in the model."
     )
     return lines + [""]
@@ -370,11 +361,14 @@ def _plots(result: dict, out_dir: Path) -> list[str]:
     for group in groups:
         cell = [n for n in neurons if n["group"] == group]
         axes[0].plot(
-            range(C), [_median(n["faithfulness"][k] for n in cell) for k in range(C)], marker="o", label=group
+            range(C),
+            [median(n["faithfulness"][k] for n in cell) for k in range(C)],
+            marker="o",
+            label=group,
         )
         axes[1].plot(
             range(C),
-            [_median(n["channel_kurtosis"][k] for n in cell) for k in range(C)],
+            [median(n["channel_kurtosis"][k] for n in cell) for k in range(C)],
             marker="o",
             label=group,
         )

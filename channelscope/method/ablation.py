@@ -191,9 +191,3 @@ def logit_selectivity(
         target_signs.repeat(positions),
         scored.repeat(positions),
     )
-
-
-def median(values: list[float]) -> float:
-    """The median of the finite values (nan if none): a random draw may leave S undefined."""
-    finite = torch.tensor([v for v in values if v == v and abs(v) != float("inf")], dtype=torch.float64)
-    return float(finite.quantile(0.5)) if len(finite) else float("nan")

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from channelscope.core import stats
 from channelscope.core import tables as T
 from channelscope.core.schemas import ChannelOut, TokenScore
-from channelscope.core.tokens import visible
+from channelscope.core.tokens import label, visible
 from channelscope.method import ablation, measures, rotate
 from channelscope.method.intervention import Effect
 from channelscope.web import pages
@@ -203,10 +204,6 @@ def parse_channels(values: list[str]) -> list[int]:
     return sorted(found)  # discovery order: the same set gives the same ablation and permalink
 
 
-def _label(tokens: list[TokenScore]) -> str:
-    return " / ".join(visible(t.token) for t in tokens[:3]) or "(no tokens)"
-
-
 def controls(
     model: str,
     layer: int,
@@ -216,7 +213,7 @@ def controls(
     channels: list[ChannelOut],
     checked: list[int],
     prompt: str | None,
-    min_kurtosis: float = 5.0,
+    min_kurtosis: float = T.JUNK_KURTOSIS,
 ) -> Controls:
     examples = example_prompts(model, layer, neuron, side, run, channels, min_kurtosis)
     return Controls(
@@ -226,7 +223,7 @@ def controls(
         channels=[
             ChannelToggle(
                 index=ch.index,
-                label=_label(ch.top_tokens),
+                label=label([t.token for t in ch.top_tokens]),
                 kurtosis=ch.kurtosis,
                 cos=ch.cos,
                 alpha=ch.alpha,
@@ -345,14 +342,15 @@ def _scores(ids: torch.Tensor, zs: torch.Tensor, tokens: list[str]) -> list[Toke
     return [TokenScore(id=int(i), token=tokens[int(i)], z=round(float(zs[i]), 3)) for i in ids]
 
 
-def _finite(x: float) -> float | None:
-    return round(float(x), 4) if x is not None and np.isfinite(x) else None
+def _finite(x: float | None) -> float | None:
+    x = stats.finite_or(x, None)
+    return None if x is None else round(x, 4)
 
 
 def selectivity(value: float, baseline: list[float], note: str | None = None) -> Selectivity:
     return Selectivity(
         value=_finite(value),
-        baseline_median=_finite(ablation.median(baseline)),
+        baseline_median=_finite(stats.median(baseline)),
         baseline=[_finite(b) for b in baseline],
         note=note
         if note or np.isfinite(value)
@@ -368,13 +366,11 @@ class Prepared:
     ):
         by_index = {ch.channel: ch for ch in channel_rows}
         self.rows = [by_index[i] for i in chosen]
-        self.w = torch.from_numpy(T.unpack(neuron_row.vector, "float32").copy())
-        self.channels = torch.stack(
-            [torch.from_numpy(T.unpack(ch.vector, "float16").astype(np.float32)) for ch in self.rows]
-        )
+        self.w = torch.from_numpy(T.neuron_vector(neuron_row.vector).copy())
+        self.channels = torch.stack([torch.from_numpy(T.channel_vector(ch.vector)) for ch in self.rows])
         self.U = torch.from_numpy(U)  # [d, V], shared with the process-wide cache: never written
         self.scored = torch.from_numpy(scored)
-        self.masked = [torch.from_numpy(T.unpack(ch.masked, "int32").astype(np.int64)) for ch in self.rows]
+        self.masked = [torch.from_numpy(T.masked_tokens(ch.masked)) for ch in self.rows]
         self.signs = [1.0 if ch.skew >= 0 else -1.0 for ch in self.rows]
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -120,7 +120,7 @@ def nearest(
     run = _vectors(session, run_id, neurons_done)
     if not len(run.keys):
         return [], "No channels computed yet."
-    v = T.unpack(vector, "float16").astype(np.float32)
+    v = T.channel_vector(vector)
     cos = run.unit @ (v / max(float(np.linalg.norm(v)), 1e-12))
     layer, side, neuron, _ = where
     own = (run.keys[:, 0] == layer) & (run.keys[:, 1] == SIDE_CODES[side]) & (run.keys[:, 2] == neuron)

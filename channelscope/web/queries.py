@@ -23,6 +23,7 @@ from sqlalchemy.sql import ColumnElement
 
 from channelscope.core import tables as T
 from channelscope.core.progress import shard_counts
+from channelscope.core.tokens import LABEL_TOKENS
 
 MODEL_COLUMNS = (
     T.Model.id,
@@ -436,9 +437,6 @@ class SearchFilters:
     min_kurtosis: float
     include_generic: bool
     by_z: bool  # sort=z: the token's z first; otherwise the faithfulness percentile first
-
-
-LABEL_TOKENS = 3  # a channel's short label in search results: its first top tokens
 
 
 @functools.cache

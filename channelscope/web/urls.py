@@ -15,8 +15,10 @@ from __future__ import annotations
 import functools
 from urllib.parse import quote, urlencode
 
+from channelscope.core.tables import JUNK_KURTOSIS
+
 DEFAULT_SIDE = "out"  # what the neuron writes: its direct effect on the next-token logits
-DEFAULT_MIN_KURTOSIS = 5.0  # the junk cut-off (store.JUNK_KURTOSIS)
+DEFAULT_MIN_KURTOSIS = JUNK_KURTOSIS  # the pages' default cut-off is the stored one
 
 
 def with_query(path: str, **params) -> str:

@@ -124,7 +124,7 @@ def store_thresholds(
                 quantile=quantile,
                 layer=layer,
                 tokens=tokens,
-                thresholds=T.pack(values.numpy(), "float32"),
+                thresholds=T.pack(values.numpy(), T.THRESHOLDS),
             )
         )
     session.flush()
@@ -151,7 +151,7 @@ def threshold(session: Session, model_id: int, layer: int, neuron: int, quantile
     ).first()
     if row is None:
         return None
-    values = T.unpack(row.thresholds, "float32")
+    values = T.unpack(row.thresholds, T.THRESHOLDS)
     return Threshold(float(values[neuron]), row.corpus, row.tokens) if neuron < len(values) else None
 
 
@@ -165,7 +165,7 @@ def layer_thresholds(
     if corpus_key is not None:
         query = query.where(T.ActivationThreshold.corpus == corpus_key)
     rows = session.scalars(query.order_by(T.ActivationThreshold.created_at, T.ActivationThreshold.id)).all()
-    return {row.layer: T.unpack(row.thresholds, "float32") for row in rows}
+    return {row.layer: T.unpack(row.thresholds, T.THRESHOLDS) for row in rows}
 
 
 def ensure_thresholds(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import zlib
 from dataclasses import asdict
 
@@ -19,6 +18,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from channelscope.core import tables as T
+from channelscope.core.stats import finite_or
 from channelscope.method import rotate
 from channelscope.method.decomposer import NeuronRecord
 from channelscope.method.reference import Reference
@@ -28,7 +28,6 @@ from channelscope.method.weights import Model
 # the model file and this number, never by the git commit.
 # 2: the fast solver's rescaled AdamW moments, first-channel tail tokens, fixed-shape CUDA batches.
 ALGORITHM_VERSION = 2
-JUNK_KURTOSIS = 5.0  # channels below this are counted as junk (the UI's default cut-off)
 
 
 def run_settings(settings: rotate.Settings, projection: str, reference_count: int) -> dict:
@@ -123,10 +122,6 @@ def ensure_run(session: Session, model_row: T.Model, settings: dict, seed: int, 
     return row
 
 
-def _finite(x: float, default: float = 0.0) -> float:
-    return float(x) if x is not None and math.isfinite(x) else default
-
-
 def _pairs(ids: np.ndarray, zs: np.ndarray) -> list[list]:
     return [[int(i), round(float(z), 4)] for i, z in zip(ids, zs, strict=True)]
 
@@ -143,18 +138,18 @@ def write_neurons(session: Session, run: T.Run, shard: T.Shard, records: list[Ne
                 layer=r.layer,
                 side=r.side,
                 neuron=r.neuron,
-                vector=T.pack(r.vector, "float32"),
+                vector=T.pack(r.vector, T.NEURON_VECTOR),
                 norm=r.norm,
-                kurtosis=_finite(r.kurtosis),
-                skew=_finite(r.skew),
+                kurtosis=finite_or(r.kurtosis, 0.0),
+                skew=finite_or(r.skew, 0.0),
                 top_tokens=_pairs(r.top_ids, r.top_z),
                 bottom_tokens=_pairs(r.bottom_ids, r.bottom_z),
                 reconstruction=[round(x, 6) for x in r.reconstruction],
                 reconstruction_baseline=[round(x, 6) for x in r.reconstruction_baseline],
                 coverage=[round(x, 6) for x in r.coverage],
-                best_percentile=max((_finite(ch.faithfulness_percentile) for ch in real), default=0.0),
-                best_kurtosis=max((_finite(ch.kurtosis) for ch in r.channels), default=0.0),
-                channel_count=sum(ch.kurtosis >= JUNK_KURTOSIS for ch in r.channels),
+                best_percentile=max((finite_or(ch.faithfulness_percentile, 0.0) for ch in real), default=0.0),
+                best_kurtosis=max((finite_or(ch.kurtosis, 0.0) for ch in r.channels), default=0.0),
+                channel_count=sum(ch.kurtosis >= T.JUNK_KURTOSIS for ch in r.channels),
                 generic_count=len(r.channels) - len(real),
             )
         )
@@ -164,21 +159,21 @@ def write_neurons(session: Session, run: T.Run, shard: T.Shard, records: list[Ne
     channel_rows, token_rows = [], []
     for (neuron_id,), r in zip(returned, records, strict=True):
         for ch in r.channels:
-            percentile = _finite(ch.faithfulness_percentile)
+            percentile = finite_or(ch.faithfulness_percentile, 0.0)
             channel_rows.append(
                 (
                     neuron_id,
                     ch.index,
-                    T.pack(ch.vector, "float16"),
-                    _finite(ch.kurtosis),
-                    _finite(ch.skew),
-                    _finite(ch.cos),
-                    _finite(ch.loss),
-                    T.pack(ch.masked, "int32"),
+                    T.pack(ch.vector, T.CHANNEL_VECTOR),
+                    finite_or(ch.kurtosis, 0.0),
+                    finite_or(ch.skew, 0.0),
+                    finite_or(ch.cos, 0.0),
+                    finite_or(ch.loss, 0.0),
+                    T.pack(ch.masked, T.MASKED),
                     ch.step,
-                    T.pack(np.asarray(ch.history, dtype=np.float32), "float32"),
-                    _finite(ch.alpha),
-                    _finite(ch.faithfulness),
+                    T.pack(np.asarray(ch.history, dtype=np.float32), T.HISTORY),
+                    finite_or(ch.alpha, 0.0),
+                    finite_or(ch.faithfulness, 0.0),
                     percentile,
                     bool(ch.generic),
                 )
@@ -196,7 +191,7 @@ def write_neurons(session: Session, run: T.Run, shard: T.Shard, records: list[Ne
                         r.layer,
                         r.side,
                         r.neuron,
-                        _finite(ch.kurtosis),
+                        finite_or(ch.kurtosis, 0.0),
                         percentile,
                         bool(ch.generic),
                     )

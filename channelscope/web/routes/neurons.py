@@ -11,7 +11,7 @@ from sqlalchemy.engine import Row
 
 from channelscope.core import tables as T
 from channelscope.core.schemas import TokenScore, neuron_side
-from channelscope.core.tokens import visible
+from channelscope.core.tokens import label
 from channelscope.web import lookup, neighbours, pages, plots, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.errors import NotFound
@@ -33,13 +33,8 @@ MinKurtosis = Annotated[
         description="the junk cut-off: channels below it are folded away",
     ),
 ]
-LABEL_TOKENS = 3
 CHANNEL_TOKENS = 100
 HISTOGRAM_BINS = 60
-
-
-def _label(tokens: list[TokenScore]) -> str:
-    return " / ".join(visible(t.token) for t in tokens[:LABEL_TOKENS]) or "(no tokens)"
 
 
 def _step_unit(run_row: Row) -> tuple[int, str]:
@@ -65,7 +60,7 @@ def _histogram(zs: np.ndarray) -> pages.Histogram:
 def _cosines(channel_rows) -> list[list[float]]:
     if not channel_rows:
         return []
-    vectors = np.stack([T.unpack(ch.vector, "float16").astype(np.float32) for ch in channel_rows])
+    vectors = np.stack([T.channel_vector(ch.vector) for ch in channel_rows])
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
     return np.round(unit @ unit.T, 4).tolist()
 
@@ -125,7 +120,7 @@ def neuron_page(
             pages.ChannelLink(
                 index=ch.index,
                 url=channel_url(ch.index),
-                label=_label(ch.top_tokens),
+                label=label([t.token for t in ch.top_tokens]),
                 below_cutoff=ch.kurtosis < min_kurtosis,
             )
             for ch in data.channels
@@ -159,7 +154,7 @@ def neuron_page(
 def _neuron_histogram(session, model, layer, neuron, side, run) -> pages.Histogram:
     model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
     projection, scored = lookup.projection(session, model_row, row)
-    zs = projection.z_scores(T.unpack(row.vector, "float32")[None, :], scored)[0]
+    zs = projection.z_scores(T.neuron_vector(row.vector)[None, :], scored)[0]
     return _histogram(zs[scored])
 
 
@@ -254,7 +249,7 @@ def channel_page(
     )
     out = data.channels[0]
     sign = 1.0 if ch_row.skew >= 0 else -1.0
-    vector = T.unpack(ch_row.vector, "float16").astype(np.float32)
+    vector = T.channel_vector(ch_row.vector)
     zs = projection.z_scores(vector[None, :], scored)[0]
     oriented = np.where(scored, zs * sign, -np.inf)
     k = min(CHANNEL_TOKENS, int(scored.sum()))
@@ -281,7 +276,7 @@ def channel_page(
         neuron=neuron,
         side=side,
         neuron_url=urls.neuron(name, layer, neuron, side, pin),
-        label=_label(out.top_tokens),
+        label=label([t.token for t in out.top_tokens]),
         channel=out,
         tokens=[TokenScore(id=int(i), token=vocab.tokens[i], z=round(float(zs[i]), 4)) for i in top],
         histogram=_histogram(zs[scored]),
@@ -405,10 +400,10 @@ def _match(result: pages.ComparePage, neuron_row, chs_a, chs_b, where) -> None:
 
     from channelscope.method import measures, rotate
 
-    w = torch.from_numpy(T.unpack(neuron_row.vector, "float32").astype(np.float64))
+    w = torch.from_numpy(T.neuron_vector(neuron_row.vector).astype(np.float64))
 
     def stack(chs):
-        return torch.from_numpy(np.stack([T.unpack(c.vector, "float16").astype(np.float64) for c in chs]))
+        return torch.from_numpy(np.stack([T.channel_vector(c.vector).astype(np.float64) for c in chs]))
 
     va, vb = stack(chs_a), stack(chs_b)
     rows, cols, cos = measures.matched_cosines(

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 
 from channelscope.core.schemas import TokenScore
-from channelscope.core.tokens import visible
+from channelscope.core.tokens import LABEL_TOKENS, label, visible
 from channelscope.web import lookup, pages, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.errors import Malformed, NotFound
@@ -156,8 +156,8 @@ def search_page(
     for r in rows:
         vocab = vocab_of_run[r.run_id]
         name, run_hash = model_of_run[r.run_id]
-        label_ids = [getattr(r, f"label_{i}") for i in range(queries.LABEL_TOKENS)]
-        label = " / ".join(visible(vocab.tokens[t]) for t in label_ids if t is not None)
+        label_ids = [getattr(r, f"label_{i}") for i in range(LABEL_TOKENS)]
+        short = label([vocab.tokens[t] for t in label_ids if t is not None])
         page_out.hits.append(
             pages.SearchHit(
                 model=name,
@@ -172,7 +172,7 @@ def search_page(
                 kurtosis=r.kurtosis,
                 faithfulness_percentile=r.faithfulness_percentile,
                 generic=r.generic,
-                label=label,
+                label=short,
             )
         )
     if more and rows:

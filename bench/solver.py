@@ -25,24 +25,17 @@ import torch
 
 from channelscope.method import rotate
 from channelscope.method.decomposer import keep_freed_memory, pick_device
+from channelscope.method.sampling import LAYER_GROUPS, random_neurons
 from channelscope.method.weights import load_model
 
-GROUPS = {"early": range(0, 10), "middle": range(10, 20), "late": range(20, 30)}
 FULL_MODEL_VECTORS = 30 * 1536 * 3
 FULL_MODEL_CHANNELS = 50
 
 
 def sample(model, per_cell: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    rows, vectors = [], []
-    for group, layers in GROUPS.items():
-        for side in model.sides:
-            for _ in range(per_cell):
-                layer = layers[int(torch.randint(len(layers), (1,), generator=generator))]
-                neuron = int(torch.randint(model.d_mlp, (1,), generator=generator))
-                rows.append({"group": group, "layer": layer, "side": side, "neuron": neuron})
-                vectors.append(model.vectors(layer, side)[neuron])
-    return rows, torch.stack(vectors)
+    drawn = random_neurons(model, LAYER_GROUPS, per_cell, torch.Generator().manual_seed(seed))
+    rows = [{"group": s.group, "layer": s.layer, "side": s.side, "neuron": s.neuron} for s in drawn]
+    return rows, torch.stack([model.vectors(s.layer, s.side)[s.neuron] for s in drawn])
 
 
 def first_channels(solver: str, w, U, m, u0, settings):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from channelscope.core.stats import finite, median
 from channelscope.method import ablation, intervention, measures, rotate
 from channelscope.method.decomposer import Decomposer
+from channelscope.method.sampling import most_aligned, random_neurons
 from channelscope.worker import corpus
 
 LATE = 20  # layers from here on are "late" (SmolLM2 has 30)
@@ -85,19 +86,16 @@ class Measured:
 def sample(
     model, layers: list[int], per_cell: int, aligned: int, seed: int
 ) -> list[tuple[str, int, str, int]]:
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for layer in layers:
-        for side in model.sides:
-            for neuron in torch.randperm(model.d_mlp, generator=generator)[:per_cell].tolist():
-                rows.append(("random", layer, side, neuron))
+    """`per_cell` random neurons per layer and side, and the `aligned` highest-kurtosis `out`
+    neurons of each late layer (that were not drawn at random already)."""
+    cells = {f"layer {layer}": [layer] for layer in layers}
+    drawn = random_neurons(model, cells, per_cell, torch.Generator().manual_seed(seed))
+    rows = [("random", s.layer, s.side, s.neuron) for s in drawn]
     if aligned and "out" in model.sides:
-        U = model.projection()
         for layer in [layer for layer in layers if layer >= LATE]:
-            kurt = rotate.excess_kurtosis(model.vectors(layer, "out") @ U)
-            for neuron in torch.topk(kurt, aligned).indices.tolist():
-                if ("random", layer, "out", neuron) not in rows:
-                    rows.append(("aligned", layer, "out", neuron))
+            for s in most_aligned(model, [layer], "out", aligned):
+                if ("random", layer, "out", s.neuron) not in rows:
+                    rows.append(("aligned", layer, "out", s.neuron))
     return rows
 
 

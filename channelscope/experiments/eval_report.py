@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,44 +19,19 @@ import torch
 from channelscope.core.stats import median, share
 from channelscope.method import measures, rotate
 from channelscope.method.decomposer import Decomposer, NeuronRecord
+from channelscope.method.sampling import LAYER_GROUPS, Sampled, most_aligned, random_neurons
 
-GROUPS = {"early": range(0, 10), "middle": range(10, 20), "late": range(20, 30)}
 ALIGNED = "late, highest kurtosis"  # the group of the most vocabulary-aligned neurons
-
-
-@dataclass
-class Sampled:
-    group: str
-    layer: int
-    side: str
-    neuron: int
 
 
 def sample_neurons(model, per_cell: int, seed: int, aligned: int) -> list[Sampled]:
     """`per_cell` random neurons per layer group and side, and the `aligned` highest-kurtosis
-    neurons per side of the late layers (where method.md expects channels to be real)."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for group, layers in GROUPS.items():
-        layers = [layer for layer in layers if layer < model.n_layers]
-        if not layers:
-            continue
-        for side in model.sides:
-            for _ in range(per_cell):
-                layer = layers[int(torch.randint(len(layers), (1,), generator=generator))]
-                rows.append(
-                    Sampled(group, layer, side, int(torch.randint(model.d_mlp, (1,), generator=generator)))
-                )
+    neurons per side of the late layers (where channels are expected to be real)."""
+    rows = random_neurons(model, LAYER_GROUPS, per_cell, torch.Generator().manual_seed(seed))
     if aligned:
-        U = model.projection()
-        late = [layer for layer in GROUPS["late"] if layer < model.n_layers] or [model.n_layers - 1]
+        late = [layer for layer in LAYER_GROUPS["late"] if layer < model.n_layers] or [model.n_layers - 1]
         for side in model.sides:
-            scored = []
-            for layer in late:
-                kurt = rotate.excess_kurtosis(model.vectors(layer, side) @ U)
-                scored += [(float(k), layer, n) for n, k in enumerate(kurt)]
-            for _, layer, neuron in sorted(scored, reverse=True)[:aligned]:
-                rows.append(Sampled(ALIGNED, layer, side, neuron))
+            rows += most_aligned(model, late, side, aligned, group=ALIGNED)
     return rows
 
 

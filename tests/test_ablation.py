@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from channelscope.core import stats
 from channelscope.method import ablation, intervention, measures, rotate
 from channelscope.method.weights import load_model
 from channelscope.worker import corpus
@@ -89,7 +90,7 @@ def test_selectivity_of_removing_a_token_spike_is_high_and_its_random_baseline_i
     T = (target_ids, torch.ones(10))
     draws = ablation.random_draws(w, c.unsqueeze(0), [10], U, scored, 8, torch.Generator().manual_seed(3))
     effect = ablation.weight_effect(w, result, T, draws, U, scored)
-    assert effect.selectivity > 3 * ablation.median(effect.baseline)
+    assert effect.selectivity > 3 * stats.median(effect.baseline)
     # Random directions sit at the channel's cosine to w, as method.md asks.
     cos = rotate.cosine(draws.directions[:, 0], w.unsqueeze(0))
     assert torch.allclose(cos, rotate.cosine(c, w).expand(8))

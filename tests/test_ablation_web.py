@@ -184,4 +184,4 @@ def test_the_trigram_lookup_finds_exactly_the_texts_a_scan_finds():
     words = [" the", "ing", " Paris", "tion", "\n\n", " quantum", "zzqx", "abc", " of the"]
     words += [texts[7][40:46], texts[100][3:12]]
     for word in words:
-        assert A._texts_containing(word) == tuple(i for i, t in enumerate(texts) if word in t), word
+        assert corpus.texts_containing(word) == tuple(i for i, t in enumerate(texts) if word in t), word

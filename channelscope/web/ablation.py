@@ -1,7 +1,7 @@
 """The ablation page's objects and how they are filled: channel toggles, example prompts, the
 weight-level preview and the real model's response (issue 6).
 
-The HTML page, its `.json` twin and the htmx fragment are all rendered from one AblationPage.
+The HTML page, its `.json` twin and the htmx fragment are all rendered from one pages.AblationPage.
 The numbers come from worker/ablation.py (pure) and worker/intervention.py (the model); this
 module only turns stored rows into tensors and results into page objects.
 """
@@ -11,12 +11,11 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import quote, urlencode
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from channelscope.core import stats
 from channelscope.core import tables as T
@@ -24,7 +23,7 @@ from channelscope.core.schemas import ChannelOut, TokenScore
 from channelscope.core.tokens import label, visible
 from channelscope.method import ablation, measures, rotate
 from channelscope.method.intervention import Effect
-from channelscope.web import pages
+from channelscope.web import pages, urls
 from channelscope.worker import corpus
 
 MAX_PROMPT_TOKENS = 512
@@ -51,142 +50,7 @@ BASELINE_DEFINITION = (
 )
 
 
-# --- page objects -----------------------------------------------------------------------------------
-
-
-class ChannelToggle(BaseModel):
-    index: int
-    label: str  # its top tokens, made visible
-    kurtosis: float
-    cos: float
-    alpha: float  # stored alpha*, fitted on the original w
-    masked: int  # |T_k|
-    generic: bool
-    faithfulness_percentile: float
-    below_cutoff: bool
-    checked: bool
-
-
-class ExamplePrompt(BaseModel):
-    channel: int
-    text: str
-    source: str  # where it came from: a corpus passage, or the channel's tokens strung together
-    url: str  # the ablation of that channel on that prompt
-
-
-class Controls(BaseModel):
-    action: str  # the form's target: the ablation page
-    run: str
-    side: str
-    channels: list[ChannelToggle]
-    prompt: str
-    examples: list[ExamplePrompt]
-    max_prompt_tokens: int = MAX_PROMPT_TOKENS
-
-
-class Applied(BaseModel):
-    channel: int
-    alpha: float  # alpha* as applied
-    refitted: bool  # refitted on the current w' (every channel after the first)
-    cos: float
-    masked: int
-
-
-class Selectivity(BaseModel):
-    value: float | None  # S; None where it is undefined (no target, or nothing changed)
-    baseline_median: float | None
-    baseline: list[float | None]  # each random draw
-    note: str | None = None
-
-
-class TokenMove(BaseModel):
-    id: int
-    token: str
-    z_before: float  # in z units of the original projection
-    z_after: float
-    target: bool  # in T
-
-
-class WeightPreview(BaseModel):
-    selectivity: Selectivity
-    targets: int  # |T|
-    top_before: list[TokenScore]  # the neuron's top tokens (its dominant tail) before
-    top_after: list[TokenScore]  # and after, z over the scored tokens of w' @ U
-    tail: int  # +1 / -1: the first ablated channel's tail, which orients drops and rises
-    drops: list[TokenMove]  # lose most of what the channels did: fall on a +1 tail, rise on -1
-    rises: list[TokenMove]
-    seconds: float
-
-
-class PromptToken(BaseModel):
-    position: int
-    id: int
-    token: str
-    pre_before: float | None  # read sides: x . w of this side
-    pre_after: float | None
-    act_before: float  # the neuron's activation act(g) * u
-    act_after: float
-    counted: bool  # a position S counts (read: token or next token in T; out: neuron active)
-    target: bool  # the token itself is in T
-    logit_drop: float | None  # out: mean oriented drop of T's next-token logits here
-
-
-class NextToken(BaseModel):
-    id: int
-    token: str
-    probability: float
-    target: bool
-
-
-class ModelEffect(BaseModel):
-    tokens: list[PromptToken]
-    scale: float  # the largest |value| in the strip, for shading
-    selectivity: Selectivity
-    positions: int  # where S is measured
-    threshold: float | None  # out: the activation threshold
-    threshold_note: str
-    next_before: list[NextToken]
-    next_after: list[NextToken]
-    seconds: float
-
-
-class AblationPage(BaseModel):
-    model: pages.ModelOut
-    run: pages.RunOut
-    pinning: pages.Pinning
-    layer: int
-    neuron: int
-    side: str
-    neuron_url: str
-    json_url: str
-    controls: Controls
-    applied: list[Applied]
-    preview: WeightPreview | None
-    model_effect: ModelEffect | None
-    model_note: str | None  # why there is no real-model effect, if there is none
-    selectivity_definition: str = SELECTIVITY_DEFINITION
-    baseline_definition: str = BASELINE_DEFINITION
-
-
 # --- URLs and controls --------------------------------------------------------------------------------
-
-
-def url(
-    model: str,
-    layer: int,
-    neuron: int,
-    side: str,
-    run: str,
-    channels: list[int],
-    prompt: str = "",
-    json: bool = False,
-) -> str:
-    """The permalink of an ablation: everything that determines its numbers is in the query."""
-    path = f"/m/{quote(model)}/{layer}/{neuron}/ablate{'.json' if json else ''}"
-    query = {"run": run, "side": side, "channels": ",".join(map(str, channels))}
-    if prompt:
-        query["prompt"] = prompt
-    return f"{path}?{urlencode(query)}"
 
 
 def parse_channels(values: list[str]) -> list[int]:
@@ -214,14 +78,14 @@ def controls(
     checked: list[int],
     prompt: str | None,
     min_kurtosis: float = T.JUNK_KURTOSIS,
-) -> Controls:
+) -> pages.Controls:
     examples = example_prompts(model, layer, neuron, side, run, channels, min_kurtosis)
-    return Controls(
-        action=f"/m/{quote(model)}/{layer}/{neuron}/ablate",
+    return pages.Controls(
+        action=urls.ablate_path(model, layer, neuron),
         run=run,
         side=side,
         channels=[
-            ChannelToggle(
+            pages.ChannelToggle(
                 index=ch.index,
                 label=label([t.token for t in ch.top_tokens]),
                 kurtosis=ch.kurtosis,
@@ -237,40 +101,20 @@ def controls(
         ],
         prompt=prompt if prompt is not None else (examples[0].text if examples else ""),
         examples=examples,
-    )
-
-
-def neuron_page_controls(page) -> Controls | None:
-    """The controls for the neuron page's `{% include "_ablation.html" %}` (registered as the
-    template global `ablation_controls`); an ablation page carries its own."""
-    if isinstance(page, AblationPage):
-        return page.controls
-    data = getattr(page, "data", None)
-    if data is None or not data.channels:
-        return None
-    return controls(
-        page.model.name,
-        page.layer,
-        page.neuron,
-        page.side,
-        data.run,
-        data.channels,
-        [],
-        None,
-        page.min_kurtosis,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
     )
 
 
 def example_prompts(
     model: str, layer: int, neuron: int, side: str, run: str, channels: list[ChannelOut], min_kurtosis: float
-) -> list[ExamplePrompt]:
+) -> list[pages.ExamplePrompt]:
     """A few prompts that contain a channel's own top tokens, one per channel (non-generic
     channels above the cut-off first, in discovery order): a corpus passage holding the most of
     its tokens; on the write side it stops just before one of them, so the model's next token
     is the channel's to promote. Without a match, the channel's tokens strung together."""
     texts = corpus.load().texts if corpus.CORPUS.exists() else ()
     ranked = sorted(channels, key=lambda ch: (ch.generic, ch.kurtosis < min_kurtosis, ch.index))
-    out: list[ExamplePrompt] = []
+    out: list[pages.ExamplePrompt] = []
     for ch in ranked:
         words = [
             t.token for t in ch.top_tokens if len(t.token.strip()) >= 3 and t.token.strip().isprintable()
@@ -281,11 +125,11 @@ def example_prompts(
         if text is None:
             text, source = " ".join(w.strip() for w in words[:8]), "the channel's top tokens"
         out.append(
-            ExamplePrompt(
+            pages.ExamplePrompt(
                 channel=ch.index,
                 text=text,
                 source=source,
-                url=url(model, layer, neuron, side, run, [ch.index], text),
+                url=urls.ablate(model, layer, neuron, side, run, [ch.index], text),
             )
         )
         if len(out) == EXAMPLES:
@@ -293,31 +137,11 @@ def example_prompts(
     return out
 
 
-@lru_cache(maxsize=1)
-def _trigrams() -> dict[str, frozenset[int]]:
-    """Which corpus texts hold each 3-character string (built once, ~0.1 s)."""
-    index: dict[str, set[int]] = {}
-    for i, text in enumerate(corpus.load().texts):
-        for j in range(len(text) - 2):
-            index.setdefault(text[j : j + 3], set()).add(i)
-    return {gram: frozenset(ids) for gram, ids in index.items()}
-
-
-@lru_cache(maxsize=65536)
-def _texts_containing(word: str) -> tuple[int, ...]:
-    """The corpus texts a token string occurs in: only texts that hold all of its trigrams are
-    read, so a page's example prompts cost a few set intersections instead of corpus scans."""
-    texts, index = corpus.load().texts, _trigrams()
-    grams = [index.get(word[j : j + 3], frozenset()) for j in range(len(word) - 2)]
-    candidates = sorted(frozenset.intersection(*grams)) if grams else range(len(texts))
-    return tuple(i for i in candidates if word in texts[i])
-
-
 @lru_cache(maxsize=65536)
 def _passage(words: tuple[str, ...], side: str) -> tuple[str | None, str]:
     """Scanning the corpus for a channel's tokens took half of a neuron page's server time;
     the answer depends on nothing but the tokens and the side, so it is kept."""
-    hits = Counter(i for w in words for i in _texts_containing(w))
+    hits = Counter(i for w in words for i in corpus.texts_containing(w))
     if not hits:
         return None, ""
     best_hits = max(hits.values())
@@ -347,8 +171,8 @@ def _finite(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def selectivity(value: float, baseline: list[float], note: str | None = None) -> Selectivity:
-    return Selectivity(
+def selectivity(value: float, baseline: list[float], note: str | None = None) -> pages.Selectivity:
+    return pages.Selectivity(
         value=_finite(value),
         baseline_median=_finite(stats.median(baseline)),
         baseline=[_finite(b) for b in baseline],
@@ -358,40 +182,26 @@ def selectivity(value: float, baseline: list[float], note: str | None = None) ->
     )
 
 
+@dataclass
 class Prepared:
-    """The tensors of one ablation request, from stored rows."""
+    """One ablation request: its tensors, from stored rows, and the weight-level results."""
 
-    def __init__(
-        self, neuron_row, channel_rows, chosen: list[int], U: np.ndarray, scored: np.ndarray, seed: int
-    ):
-        by_index = {ch.channel: ch for ch in channel_rows}
-        self.rows = [by_index[i] for i in chosen]
-        self.w = torch.from_numpy(T.neuron_vector(neuron_row.vector).copy())
-        self.channels = torch.stack([torch.from_numpy(T.channel_vector(ch.vector)) for ch in self.rows])
-        self.U = torch.from_numpy(U)  # [d, V], shared with the process-wide cache: never written
-        self.scored = torch.from_numpy(scored)
-        self.masked = [torch.from_numpy(T.masked_tokens(ch.masked)) for ch in self.rows]
-        self.signs = [1.0 if ch.skew >= 0 else -1.0 for ch in self.rows]
-        self.generator = torch.Generator().manual_seed(seed)
+    rows: list  # the chosen channels' rows, in discovery order
+    w: torch.Tensor  # [d]
+    channels: torch.Tensor  # [K, d]
+    U: torch.Tensor  # [d, V], shared with the process-wide cache: never written
+    scored: torch.Tensor  # [V] bool
+    masked: list[torch.Tensor]  # T_k per chosen channel
+    signs: list[float]  # each chosen channel's tail
+    ablation: ablation.Ablation
+    targets: tuple[torch.Tensor, torch.Tensor]
+    draws: ablation.RandomDraws
+    effect: ablation.WeightEffect
+    preview_seconds: float
 
-    def ablate(self):
-        started = time.perf_counter()
-        self.ablation = ablation.ablate(
-            self.w, self.channels, self.U, self.scored, first_alpha=self.rows[0].alpha
-        )
-        self.targets = ablation.targets(self.masked, self.signs)
-        sizes = [len(m) for m in self.masked]
-        self.draws = ablation.random_draws(
-            self.w, self.channels, sizes, self.U, self.scored, WEIGHT_DRAWS, self.generator
-        )
-        self.effect = ablation.weight_effect(
-            self.w, self.ablation, self.targets, self.draws, self.U, self.scored
-        )
-        self.preview_seconds = time.perf_counter() - started
-
-    def applied(self) -> list[Applied]:
+    def applied(self) -> list[pages.Applied]:
         return [
-            Applied(
+            pages.Applied(
                 channel=ch.channel,
                 alpha=round(alpha, 4),
                 refitted=k > 0,
@@ -401,7 +211,7 @@ class Prepared:
             for k, (ch, alpha, m) in enumerate(zip(self.rows, self.ablation.alphas, self.masked, strict=True))
         ]
 
-    def preview(self, tokens: list[str]) -> WeightPreview:
+    def preview(self, tokens: list[str]) -> pages.WeightPreview:
         e, scored = self.effect, self.scored
         sign = 1.0 if float(rotate.skewness(e.before)) >= 0 else -1.0
         zs = rotate.z_scores(torch.stack([e.before, e.after]), scored)
@@ -410,13 +220,15 @@ class Prepared:
         drops, rises = ablation.moved_tokens(e.before, e.after, scored, self.signs[0], LIST_TOKENS)
         in_t = set(self.targets[0].tolist())
 
-        def moves(items) -> list[TokenMove]:
+        def moves(items) -> list[pages.TokenMove]:
             return [
-                TokenMove(id=i, token=tokens[i], z_before=round(b, 3), z_after=round(a, 3), target=i in in_t)
+                pages.TokenMove(
+                    id=i, token=tokens[i], z_before=round(b, 3), z_after=round(a, 3), target=i in in_t
+                )
                 for i, b, a in items
             ]
 
-        return WeightPreview(
+        return pages.WeightPreview(
             selectivity=selectivity(e.selectivity, e.baseline),
             targets=len(self.targets[0]),
             tail=int(self.signs[0]),
@@ -434,9 +246,42 @@ class Prepared:
         return self.ablation.vector - self.w, random_w - self.w, self.draws.targets[:count]
 
 
+def prepare(
+    neuron_row, channel_rows, chosen: list[int], U: np.ndarray, scored: np.ndarray, seed: int
+) -> Prepared:
+    """The weight-level ablation of the chosen channels and its random draws (no model needed)."""
+    started = time.perf_counter()
+    by_index = {ch.channel: ch for ch in channel_rows}
+    rows = [by_index[i] for i in chosen]
+    w = torch.from_numpy(T.neuron_vector(neuron_row.vector).copy())
+    channels = torch.stack([torch.from_numpy(T.channel_vector(ch.vector)) for ch in rows])
+    U_, scored_ = torch.from_numpy(U), torch.from_numpy(scored)
+    masked = [torch.from_numpy(T.masked_tokens(ch.masked)) for ch in rows]
+    signs = [1.0 if ch.skew >= 0 else -1.0 for ch in rows]
+    done = ablation.ablate(w, channels, U_, scored_, first_alpha=rows[0].alpha)
+    targets = ablation.targets(masked, signs)
+    generator = torch.Generator().manual_seed(seed)
+    draws = ablation.random_draws(w, channels, [len(m) for m in masked], U_, scored_, WEIGHT_DRAWS, generator)
+    effect = ablation.weight_effect(w, done, targets, draws, U_, scored_)
+    return Prepared(
+        rows,
+        w,
+        channels,
+        U_,
+        scored_,
+        masked,
+        signs,
+        done,
+        targets,
+        draws,
+        effect,
+        time.perf_counter() - started,
+    )
+
+
 def model_effect(
     effect: Effect, tokens: list[str], targets: torch.Tensor, threshold, seconds: float
-) -> ModelEffect:
+) -> pages.ModelEffect:
     in_t = set(targets.tolist())
     counted = set(effect.positions.tolist())
     pre = effect.pre_activation
@@ -445,7 +290,7 @@ def model_effect(
         values.append(pre.abs().max())
     scale = float(max(values)) or 1.0
     strip = [
-        PromptToken(
+        pages.PromptToken(
             position=p,
             id=i,
             token=tokens[i],
@@ -460,8 +305,11 @@ def model_effect(
         for p, i in enumerate(effect.ids)
     ]
 
-    def nexts(items) -> list[NextToken]:
-        return [NextToken(id=i, token=tokens[i], probability=round(p, 4), target=i in in_t) for i, p in items]
+    def nexts(items) -> list[pages.NextToken]:
+        return [
+            pages.NextToken(id=i, token=tokens[i], probability=round(p, 4), target=i in in_t)
+            for i, p in items
+        ]
 
     if effect.active is None:
         note = "Read side: no activation threshold is needed."
@@ -481,7 +329,7 @@ def model_effect(
     sel_note = None
     if not counted:
         sel_note = f"undefined on this prompt: no {where}"
-    return ModelEffect(
+    return pages.ModelEffect(
         tokens=strip,
         scale=round(scale, 4),
         selectivity=selectivity(effect.selectivity, effect.baseline, sel_note),

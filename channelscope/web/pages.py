@@ -131,6 +131,123 @@ class LayerPage(BaseModel):
     layer_urls: dict[int, str]
 
 
+# --- ablation ----------------------------------------------------------------------------------------
+
+
+class ChannelToggle(BaseModel):
+    index: int
+    label: str  # its top tokens, made visible
+    kurtosis: float
+    cos: float
+    alpha: float  # stored alpha*, fitted on the original w
+    masked: int  # |T_k|
+    generic: bool
+    faithfulness_percentile: float
+    below_cutoff: bool
+    checked: bool
+
+
+class ExamplePrompt(BaseModel):
+    channel: int
+    text: str
+    source: str  # where it came from: a corpus passage, or the channel's tokens strung together
+    url: str  # the ablation of that channel on that prompt
+
+
+class Controls(BaseModel):
+    action: str  # the form's target: the ablation page
+    run: str
+    side: str
+    channels: list[ChannelToggle]
+    prompt: str
+    examples: list[ExamplePrompt]
+    max_prompt_tokens: int  # prompts are cut off beyond this many tokens
+
+
+class Applied(BaseModel):
+    channel: int
+    alpha: float  # alpha* as applied
+    refitted: bool  # refitted on the current w' (every channel after the first)
+    cos: float
+    masked: int
+
+
+class Selectivity(BaseModel):
+    value: float | None  # S; None where it is undefined (no target, or nothing changed)
+    baseline_median: float | None
+    baseline: list[float | None]  # each random draw
+    note: str | None = None
+
+
+class TokenMove(BaseModel):
+    id: int
+    token: str
+    z_before: float  # in z units of the original projection
+    z_after: float
+    target: bool  # in T
+
+
+class WeightPreview(BaseModel):
+    selectivity: Selectivity
+    targets: int  # |T|
+    top_before: list[TokenScore]  # the neuron's top tokens (its dominant tail) before
+    top_after: list[TokenScore]  # and after, z over the scored tokens of w' @ U
+    tail: int  # +1 / -1: the first ablated channel's tail, which orients drops and rises
+    drops: list[TokenMove]  # lose most of what the channels did: fall on a +1 tail, rise on -1
+    rises: list[TokenMove]
+    seconds: float
+
+
+class PromptToken(BaseModel):
+    position: int
+    id: int
+    token: str
+    pre_before: float | None  # read sides: x . w of this side
+    pre_after: float | None
+    act_before: float  # the neuron's activation act(g) * u
+    act_after: float
+    counted: bool  # a position S counts (read: token or next token in T; out: neuron active)
+    target: bool  # the token itself is in T
+    logit_drop: float | None  # out: mean oriented drop of T's next-token logits here
+
+
+class NextToken(BaseModel):
+    id: int
+    token: str
+    probability: float
+    target: bool
+
+
+class ModelEffect(BaseModel):
+    tokens: list[PromptToken]
+    scale: float  # the largest |value| in the strip, for shading
+    selectivity: Selectivity
+    positions: int  # where S is measured
+    threshold: float | None  # out: the activation threshold
+    threshold_note: str
+    next_before: list[NextToken]
+    next_after: list[NextToken]
+    seconds: float
+
+
+class AblationPage(BaseModel):
+    model: ModelOut
+    run: RunOut
+    pinning: Pinning
+    layer: int
+    neuron: int
+    side: str
+    neuron_url: str
+    json_url: str
+    controls: Controls
+    applied: list[Applied]
+    preview: WeightPreview | None
+    model_effect: ModelEffect | None
+    model_note: str | None  # why there is no real-model effect, if there is none
+    selectivity_definition: str
+    baseline_definition: str
+
+
 # --- neuron and channel -----------------------------------------------------------------------------
 
 
@@ -160,6 +277,7 @@ class NeuronPage(BaseModel):
     histogram_url: str
     compare_url: str
     json_url: str
+    ablation: Controls | None  # the ablation form of this neuron side (None without channels)
 
 
 class HistogramBin(BaseModel):

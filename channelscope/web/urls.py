@@ -89,3 +89,25 @@ def token_search(token: str, model: str) -> str:
     """A token chip's link: every channel with exactly this token. Written out rather than
     through urlencode: a neuron page holds a couple of hundred of these."""
     return f"/search?token={quote(token, safe='')}&exact=1&model={quote(model, safe='')}"
+
+
+def ablate_path(name: str, layer_: int, neuron_: int, json: bool = False) -> str:
+    """Where the ablation form submits (its query names the ablation)."""
+    return f"/m/{quote(name)}/{layer_}/{neuron_}/ablate{'.json' if json else ''}"
+
+
+def ablate(
+    name: str,
+    layer_: int,
+    neuron_: int,
+    side: str,
+    run: str,
+    channels: list[int],
+    prompt: str = "",
+    json: bool = False,
+) -> str:
+    """The permalink of an ablation: everything that determines its numbers is in the query."""
+    query = {"run": run, "side": side, "channels": ",".join(map(str, channels))}
+    if prompt:
+        query["prompt"] = prompt
+    return with_query(ablate_path(name, layer_, neuron_, json), **query)

@@ -48,6 +48,26 @@ def encode(
     return [lm.encode(text)[:max_tokens] for text in texts]
 
 
+@lru_cache(maxsize=1)
+def _trigrams() -> dict[str, frozenset[int]]:
+    """Which corpus texts hold each 3-character string (built once, ~0.1 s)."""
+    index: dict[str, set[int]] = {}
+    for i, text in enumerate(load().texts):
+        for j in range(len(text) - 2):
+            index.setdefault(text[j : j + 3], set()).add(i)
+    return {gram: frozenset(ids) for gram, ids in index.items()}
+
+
+@lru_cache(maxsize=65536)
+def texts_containing(word: str) -> tuple[int, ...]:
+    """The corpus texts a token string occurs in: only texts that hold all of its trigrams are
+    read, so the ablation page's example prompts cost a few set intersections instead of corpus scans."""
+    texts, index = load().texts, _trigrams()
+    grams = [index.get(word[j : j + 3], frozenset()) for j in range(len(word) - 2)]
+    candidates = sorted(frozenset.intersection(*grams)) if grams else range(len(texts))
+    return tuple(i for i in candidates if word in texts[i])
+
+
 @torch.inference_mode()
 def layer_inputs(lm: LanguageModel, sequences: list[list[int]], layers: dict[int, str], batch_size: int = 8):
     """One pass over the token sequences, keeping per requested layer either the MLP's input

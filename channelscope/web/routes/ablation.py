@@ -8,30 +8,25 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
 from channelscope.core.schemas import neuron_side
 from channelscope.method import intervention, rotate
 from channelscope.web import ablation as A
-from channelscope.web import lookup, queries, urls
+from channelscope.web import lookup, pages, queries, urls
 from channelscope.web.database import session as db_session
 from channelscope.web.errors import Malformed
-from channelscope.web.responses import Result, page, templates
+from channelscope.web.responses import Result, page
+from channelscope.web.routes.params import Layer, ModelName, Neuron, RunParam, Side
 from channelscope.web.runtime import Busy, ModelRuntime, ModelUnavailable
 from channelscope.worker import corpus
 
 router = APIRouter()
-templates.globals["ablation_controls"] = A.neuron_page_controls  # for the neuron page's include
 
-ModelName = Annotated[str, Path(max_length=200)]
-Layer = Annotated[int, Path(ge=0, le=100_000)]
-Neuron = Annotated[int, Path(ge=0, le=10**9)]
-Side = Literal["gate", "in", "out"]
-RunParam = Annotated[str | None, Query(max_length=64, description="a run hash: pins the page to that run")]
 ChannelsParam = Annotated[
     list[str],
     Query(max_length=400, description="channels to ablate, in discovery order from 0: `0,3` (or repeated)"),
@@ -62,7 +57,7 @@ def runtime(request: Request) -> ModelRuntime:
     router,
     "/m/{model}/{layer}/{neuron}/ablate",
     "ablation.html",
-    A.AblationPage,
+    pages.AblationPage,
     "Ablate channels of a neuron: the weight-level preview and the real model's response",
 )
 def ablation_page(
@@ -105,20 +100,24 @@ def ablation_page(
     )
     progress = queries.run_progress(session, row.run_id)
     name = model_row.name
-    result = A.AblationPage(
+    result = pages.AblationPage(
         model=lookup.model_out(model_row),
         run=lookup.run_out(name, row, progress),
-        pinning=lookup.pinning(run is not None, A.url(name, layer, neuron, side, row.hash, chosen, prompt)),
+        pinning=lookup.pinning(
+            run is not None, urls.ablate(name, layer, neuron, side, row.hash, chosen, prompt)
+        ),
         layer=layer,
         neuron=neuron,
         side=side,
         neuron_url=urls.neuron(name, layer, neuron, side, row.hash),
-        json_url=A.url(name, layer, neuron, side, row.hash, chosen, prompt, json=True),
+        json_url=urls.ablate(name, layer, neuron, side, row.hash, chosen, prompt, json=True),
         controls=A.controls(name, layer, neuron, side, row.hash, data.channels, chosen, prompt or None),
         applied=[],
         preview=None,
         model_effect=None,
         model_note=None,
+        selectivity_definition=A.SELECTIVITY_DEFINITION,
+        baseline_definition=A.BASELINE_DEFINITION,
     )
     if not chosen:
         result.model_note = "Choose one or more channels to ablate."
@@ -126,16 +125,16 @@ def ablation_page(
 
     projection, scored = lookup.projection(session, model_row, row)
     seed = rotate.neuron_seed(row.seed, layer, side, neuron)  # the same draws for the same URL
-    prepared = A.Prepared(row, channel_rows, chosen, projection.matrix, scored, seed)
+    # The weight-level preview needs no model, so it takes no model slot.
+    prepared = A.prepare(row, channel_rows, chosen, projection.matrix, scored, seed)
+    result.applied = prepared.applied()
+    result.preview = prepared.preview(vocab.tokens)
+    if not prompt.strip():
+        result.model_note = "Enter a prompt to see the real model's response."
+        return Result(result)
     models = runtime(request)
     try:
         with models.slot():
-            prepared.ablate()
-            result.applied = prepared.applied()
-            result.preview = prepared.preview(vocab.tokens)
-            if not prompt.strip():
-                result.model_note = "Enter a prompt to see the real model's response."
-                return Result(result)
             try:
                 lm = models.model(model_row.source, model_row.sha256)
             except ModelUnavailable as error:

@@ -6,22 +6,17 @@ import math
 import random
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse
 
 from channelscope.web import lookup, pages, plots, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.errors import Malformed, NotFound
 from channelscope.web.responses import Result, page, problem_responses
+from channelscope.web.routes.params import Layer, ModelName, RunParam, Side
 
 router = APIRouter()
 
-ModelName = Annotated[
-    str, Path(max_length=200, description="the model's URL name, e.g. smollm2-135m-instruct")
-]
-Layer = Annotated[int, Path(ge=0, le=100_000)]
-RunParam = Annotated[str | None, Query(max_length=64, description="a run hash: pins the page to that run")]
-Side = Literal["gate", "in", "out"]
 SORT_LABELS = {
     "percentile": "best faithfulness percentile",
     "kurtosis": "neuron kurtosis",

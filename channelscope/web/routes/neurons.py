@@ -3,7 +3,7 @@ neuron side by side."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request
@@ -12,27 +12,14 @@ from sqlalchemy.engine import Row
 from channelscope.core import tables as T
 from channelscope.core.schemas import TokenScore, neuron_side
 from channelscope.core.tokens import label
-from channelscope.web import lookup, neighbours, pages, plots, queries, urls
+from channelscope.web import ablation, lookup, neighbours, pages, plots, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.errors import NotFound
 from channelscope.web.responses import Result, finish, page, problem_responses, render_html
+from channelscope.web.routes.params import Layer, MinKurtosis, ModelName, Neuron, RunParam, Side
 
 router = APIRouter()
 
-ModelName = Annotated[str, Path(max_length=200)]
-Layer = Annotated[int, Path(ge=0, le=100_000)]
-Neuron = Annotated[int, Path(ge=0, le=10**9)]
-Side = Literal["gate", "in", "out"]
-RunParam = Annotated[str | None, Query(max_length=64, description="a run hash: pins the page to that run")]
-MinKurtosis = Annotated[
-    float,
-    Query(
-        ge=-1e6,
-        le=1e6,
-        allow_inf_nan=False,
-        description="the junk cut-off: channels below it are folded away",
-    ),
-]
 CHANNEL_TOKENS = 100
 HISTOGRAM_BINS = 60
 
@@ -138,6 +125,9 @@ def neuron_page(
         histogram_url=urls.histogram(name, layer, neuron, side, row.hash),
         compare_url=urls.compare(name, layer, neuron, side),
         json_url=urls.neuron(name, layer, neuron, side, pin, min_kurtosis, json=True),
+        ablation=None
+        if not data.channels
+        else ablation.controls(name, layer, neuron, side, row.hash, data.channels, [], None, min_kurtosis),
     )
     step_size, unit = _step_unit(row)
     charts = {

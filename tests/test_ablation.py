@@ -14,7 +14,8 @@ from channelscope.worker import corpus
 
 
 def grid_rule(neuron_z, channel_z, channel_zs, grid=1000):
-    """method.md's rule written out plainly, to check measures.alpha_star against."""
+    """The grid rule of docs/method.md ("Alpha* and ablation") written out plainly, to check
+    measures.alpha_star against."""
     alphas = np.linspace(0, 1, grid)
     strong = np.abs(channel_zs) >= 7
     kurts, values = [], []
@@ -91,7 +92,7 @@ def test_selectivity_of_removing_a_token_spike_is_high_and_its_random_baseline_i
     draws = ablation.random_draws(w, c.unsqueeze(0), [10], U, scored, 8, torch.Generator().manual_seed(3))
     effect = ablation.weight_effect(w, result, T, draws, U, scored)
     assert effect.selectivity > 3 * stats.median(effect.baseline)
-    # Random directions sit at the channel's cosine to w, as method.md asks.
+    # Random directions sit at the channel's cosine to w, as docs/method.md asks.
     cos = rotate.cosine(draws.directions[:, 0], w.unsqueeze(0))
     assert torch.allclose(cos, rotate.cosine(c, w).expand(8))
     assert torch.allclose(draws.directions[:, 0].norm(dim=-1), w.norm().expand(8))

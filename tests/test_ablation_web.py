@@ -177,7 +177,6 @@ def test_a_missing_model_file_is_said_on_the_page_and_the_preview_still_works(
 
 
 def test_the_trigram_lookup_finds_exactly_the_texts_a_scan_finds():
-    from channelscope.web import ablation as A
     from channelscope.worker import corpus
 
     texts = corpus.load().texts

@@ -1,4 +1,4 @@
-"""The ROTATE core against the formulas of method.md, on small known inputs and planted data."""
+"""The ROTATE core against the formulas of docs/method.md, on small known inputs and planted data."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from channelscope.method import rotate as R
 
-# --- the formulas, read straight off method.md -------------------------------------------------
+# --- the formulas, read straight off docs/method.md -------------------------------------------------
 
 
 def test_excess_kurtosis_matches_the_textbook_formula():
@@ -118,7 +118,7 @@ def test_adamw_is_torch_adamw_with_warmup():
 
 
 def _reference_paper_channel(w, U, m, u0, s):
-    """One neuron, no batching, torch.optim: the preset exactly as method.md words it."""
+    """One neuron, no batching, torch.optim: the preset exactly as docs/method.md words it."""
     u = torch.nn.Parameter(u0.clone())
     opt = torch.optim.AdamW([u], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / s.warmup_steps))

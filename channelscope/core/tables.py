@@ -161,7 +161,7 @@ class Run(Base):
     channels: Mapped[int] = mapped_column(Integer)  # C
     projection: Mapped[str] = mapped_column(String(20))
     algorithm_version: Mapped[int] = mapped_column(Integer)
-    settings: Mapped[dict] = mapped_column(JSON)  # every setting of method.md, as run
+    settings: Mapped[dict] = mapped_column(JSON)  # every setting of docs/method.md, as run
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -281,7 +281,7 @@ class ChannelToken(Base):
 class ActivationThreshold(Base):
     """Each neuron's activation quantile over the committed corpus (corpus/texts.jsonl), one row
     per model, corpus, quantile and layer. A neuron is *active* at a position when its activation
-    act(g) * u is above its own 90th percentile (method.md, "Conventions"); the ablation page and
+    act(g) * u is above its own 90th percentile (docs/method.md, "Selectivity"); the ablation page and
     `channelscope eval-ablation` read it here rather than running the corpus per request."""
 
     __tablename__ = "activation_thresholds"

@@ -1,5 +1,5 @@
 """`channelscope eval-ablation`: does switching a channel off disable what it stands for, in the
-real model? (issue 6; method.md, "Ablation" and "Selectivity").
+real model? (docs/method.md, "Alpha* and ablation" and "Selectivity").
 
 For neurons sampled across layers and sides (plus the most vocabulary-aligned `out` neurons of
 the late layers), each of their first channels is ablated on its own (w' = w - alpha* c_k, the
@@ -431,14 +431,14 @@ def caveats(rows: list[dict], settings: dict) -> list[str]:
         "residual stream after RMSNorm's elementwise weight, so a channel's tokens in U need not be the "
         "tokens whose residual streams it responds to. Folding that weight into the projection for read "
         "sides is untested here.",
-        '- `out`: "active" counts positions above the neuron\'s 90th percentile only (method.md, '
-        '"Conventions"). Some late neurons do their work with large negative activations: on SmolLM2, '
+        '- `out`: "active" counts positions above the neuron\'s 90th percentile only (docs/method.md, '
+        '"Selectivity"). Some late neurons do their work with large negative activations: on SmolLM2, '
         "layer 29 neuron 1260 (channel 0: `).` `)` `.)`) reaches -7.9 right before a `)` and pushes it "
         "down there, while its 90th percentile is 2.3; those positions are not in this measure.",
         "- `out` in the model: one random draw per channel (a forward row each), so a single channel's "
         "baseline is noisy; the medians over channels are not.",
         f"- {generic} of {len(rows)} channels are flagged generic by the run's random-vector reference "
-        '(method.md, "Generic channels"); their selectivity is reported separately above.',
+        '(docs/method.md, "Generic channels"); their selectivity is reported separately above.',
         f"- A small sample: {settings['per_cell']} random neurons per layer and side over "
         f"{len(settings['layers'])} layers, plus {settings['aligned']} highest-kurtosis `out` neurons per "
         "late layer; each channel's S is one number, so read the spreads in the plots.",
@@ -462,7 +462,7 @@ def markdown(result: dict, plots: list[str], command: str) -> str:
         "",
         f"Each of the first {s['channels']} channels of every sampled neuron side is ablated on its own "
         "(w' = w - alpha* c_k, the paper's grid rule). **S** = mean over T_k of the oriented drop "
-        "(-sign(skew_k) * delta) / mean over all other tokens (or positions) of |delta| (method.md, "
+        "(-sign(skew_k) * delta) / mean over all other tokens (or positions) of |delta| (docs/method.md, "
         '"Selectivity"). **Baseline**: the same for random directions at the channel\'s cosine to w with '
         "the same alpha*, whose tokens are the |T_k| furthest out on their own dominant tail (median of "
         f"{s['draws']} draws at weight level and on read sides; one draw per channel on `out`).",

@@ -4,7 +4,7 @@ For neurons sampled from early, middle and late layers, all sides, plus the most
 vocabulary-aligned neurons of the late layers: kurtosis before and after, reconstruction, seed
 consistency, weight-level selectivity, faithfulness against random vectors, how often channels
 are generic, and what the optional down-weighting of the generic tokens changes. Every measure
-sits beside its random baseline (method.md, "Measures").
+sits beside its random baseline (docs/method.md).
 """
 
 from __future__ import annotations
@@ -178,11 +178,11 @@ def _markdown(result: dict, plots: list[str]) -> str:
     lines = [
         f"# ROTATE on {result['model']}: what the channels are, against random vectors",
         "",
-        "Made by `channelscope eval` (worker/report.py); numbers in `eval.json`. "
+        "Made by `channelscope eval` (channelscope/experiments/eval_report.py); numbers in `eval.json`. "
         f"{len(neurons)} neurons, {C} channels each (fast solver, bf16), seeds 0 and 1; the random-vector "
         f"reference is {ref['count']} isotropic random vectors decomposed with the same settings. "
-        "S = weight-level selectivity (method.md); baselines are random vectors at the real channels' "
-        "cosines to w.",
+        'S = weight-level selectivity (docs/method.md, "Selectivity"); baselines are random vectors at '
+        "the real channels' cosines to w.",
         "",
         "## Per layer group and side (medians over neurons)",
         "",
@@ -315,7 +315,8 @@ def _against_the_paper(neurons) -> list[str]:
     lines.append(
         f"- Weight-level selectivity of first channels: {median(n['selectivity'][0] for n in neurons):.1f} "
         f"against {median(n['selectivity_baseline'][0] for n in neurons):.1f} for a random direction at "
-        "the same cosine; partly circular (method.md), so `reports/ablation.md` measures it in the model."
+        'the same cosine; partly circular (docs/method.md, "Selectivity"), so `reports/ablation.md` '
+        "measures it in the model."
     )
     return lines + [""]
 

@@ -1,4 +1,4 @@
-"""Ablating channels from a neuron vector, and what that does (method.md, "Ablation" and
+"""Ablating channels from a neuron vector, and what that does (docs/method.md, "Alpha* and ablation" and
 "Selectivity"). Pure: tensors in, tensors and small dataclasses out; no model files, no database.
 
     w [d]       the neuron's vector on one side        U [d, V]   the run's projection matrix

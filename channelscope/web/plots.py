@@ -224,8 +224,9 @@ def kurtosis_by_index(channels: list[pages.ChannelOut], min_kurtosis: float, url
 
 
 def reconstruction(side: pages.NeuronSideOut) -> Chart:
-    """|P_k w| / |w| against k, beside random vectors at the same cosines (method.md: 50 random
-    vectors already reach 0.99, so the curve alone proves nothing)."""
+    """|P_k w| / |w| against k, beside random vectors at the same cosines: 50 random vectors
+    already reach 0.99, so the curve alone proves nothing (docs/method.md, "Reconstruction and
+    coverage")."""
     chart = Chart(
         title="Reconstruction",
         description="|P_k w| / |w| for the first k channels, beside random vectors at the same cosines to w, "

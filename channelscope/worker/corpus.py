@@ -2,7 +2,7 @@
 computed over it once per model: each neuron's activation threshold.
 
 A neuron is active at a position when its activation act(g) * u is above its own 90th
-percentile over this corpus (method.md, "Conventions"). The thresholds of every layer come from
+percentile over this corpus (docs/method.md, "Selectivity"). The thresholds of every layer come from
 one pass over the corpus and are stored per layer (tables.ActivationThreshold), so the ablation
 page and the evaluation never run the corpus themselves.
 """

@@ -314,7 +314,7 @@ def compare_page(
     b: RunParam = None,
 ) -> Result:
     """Two runs of one neuron side (two seeds, or the fast solver against the paper preset),
-    channels matched one-to-one as in method.md's seed consistency: the parts orthogonal to w,
+    channels matched one-to-one as in docs/method.md, "Seed consistency": the parts orthogonal to w,
     Hungarian on |cos|, beside the same matching for random vectors at the same cosines."""
     model_row = lookup.model(session, model)
     lookup.check(model_row, layer=layer, neuron=neuron, side=side)

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from channelscope.core import tables as T
 from channelscope.core.stats import finite, median
 from channelscope.method import ablation, intervention, measures, rotate
 from channelscope.method.decomposer import Decomposer
 from channelscope.method.sampling import most_aligned, random_neurons
-from channelscope.worker import corpus
+from channelscope.worker import corpus, store
 
 LATE = 20  # layers from here on are "late" (SmolLM2 has 30)
 
@@ -101,28 +102,10 @@ def sample(
 
 def from_store(session, model_sha256: str, layer: int, side: str, neuron: int, channels: int):
     """The newest stored run's channels of a neuron side, or None."""
-    from sqlalchemy import select
-
-    from channelscope.core import tables as T
-
-    row = session.execute(
-        select(T.Neuron, T.Run.hash)
-        .join(T.Run, T.Run.id == T.Neuron.run_id)
-        .join(T.Model, T.Model.id == T.Run.model_id)
-        .where(T.Model.sha256 == model_sha256, T.Neuron.layer == layer, T.Neuron.side == side)
-        .where(T.Neuron.neuron == neuron)
-        .order_by(T.Run.created_at.desc(), T.Run.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
+    stored = store.newest_channels(session, model_sha256, layer, side, neuron, channels)
+    if stored is None:
         return None
-    neuron_row, run_hash = row
-    found = session.scalars(
-        select(T.Channel)
-        .where(T.Channel.neuron_id == neuron_row.id)
-        .order_by(T.Channel.channel)
-        .limit(channels)
-    ).all()
+    run_hash, found = stored
     return run_hash, [
         ChannelSample(
             vector=torch.from_numpy(T.channel_vector(ch.vector)),

@@ -1,4 +1,5 @@
-"""Writing what the worker computed into the channel store (channelscope/tables.py).
+"""The channel store (core/tables.py) from the worker's side: writing what it computed, and
+reading back the few things it wrote for its own use (a run's reference, a neuron's channels).
 
 Bulk rows go in through PostgreSQL COPY where the database is PostgreSQL, and batched inserts
 on SQLite. Every function here works inside the caller's transaction: a shard's rows and its
@@ -100,6 +101,28 @@ def read_reference(row: T.Reference, d_model: int) -> Reference:
         generic=torch.from_numpy(T.unpack(row.generic, "float32").reshape(-1, d_model).copy()),
         tail_tokens=list(row.tail_tokens),
     )
+
+
+def newest_channels(
+    session: Session, model_sha256: str, layer: int, side: str, neuron: int, channels: int
+) -> tuple[str, list[T.Channel]] | None:
+    """The first `channels` channels of a neuron side in the newest run that has it, with that
+    run's hash; None if no run has it."""
+    row = session.execute(
+        select(T.Neuron.id, T.Run.hash)
+        .join(T.Run, T.Run.id == T.Neuron.run_id)
+        .join(T.Model, T.Model.id == T.Run.model_id)
+        .where(T.Model.sha256 == model_sha256, T.Neuron.layer == layer, T.Neuron.side == side)
+        .where(T.Neuron.neuron == neuron)
+        .order_by(T.Run.created_at.desc(), T.Run.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    found = session.scalars(
+        select(T.Channel).where(T.Channel.neuron_id == row.id).order_by(T.Channel.channel).limit(channels)
+    ).all()
+    return row.hash, list(found)
 
 
 def ensure_run(session: Session, model_row: T.Model, settings: dict, seed: int, reference_row=None) -> T.Run:

@@ -2,65 +2,25 @@
 page, switching a channel off shows its result in place (htmx), and with JavaScript off the same
 form submits to the ablation page, whose result changes with the toggles."""
 
-import socket
-import threading
-import time
-
 import pytest
-from ablationstore import LAYER, fill_store, make_app
 
 from channelscope.core import db
+from tests.fixtures.ablation_store import LAYER, fill_store, make_app
+from tests.fixtures.browser import serving
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_gguf):
-    import uvicorn
-
     folder = tmp_path_factory.mktemp("ablation-browser")
     url = f"sqlite:///{folder / 'store.db'}"
     db.upgrade(url)
     run = fill_store(url, tiny_gguf, folder)
     app = make_app(url, [tiny_gguf.parent])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", run
-    uv.should_exit = True
-    thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from pathlib import Path
-
-    from conftest import unavailable
-
-    if not Path(CHROMIUM).exists():
-        unavailable(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
+    with serving(app) as base:
+        yield base, run
+    app.state.engine.dispose()
 
 
 def check(page, channel: int) -> None:

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-from ablationstore import LAYER, PROMPT, fill_store, make_app
 from fastapi.testclient import TestClient
 
 from channelscope.core import db
+from tests.fixtures.ablation_store import LAYER, PROMPT, fill_store, make_app
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from webstore import store  # noqa: F401  (the fixture)
 
 from channelscope import cli
 from channelscope.core import db
@@ -50,7 +49,7 @@ def _run(url: str, run_hash: str) -> T.Run:
     return found
 
 
-def test_stored_neighbours_are_exact_and_a_rebuild_replaces_them(store):  # noqa: F811
+def test_stored_neighbours_are_exact_and_a_rebuild_replaces_them(store):
     engine = db.make_engine(store.url)
     run = _run(store.url, store.run_a)
     first = neighbours.build(engine, run, torch.device("cpu"), count=5)
@@ -89,7 +88,7 @@ def test_stored_neighbours_are_exact_and_a_rebuild_replaces_them(store):  # noqa
     engine.dispose()
 
 
-def test_a_channel_page_of_a_large_run_reads_stored_neighbours(store, monkeypatch):  # noqa: F811
+def test_a_channel_page_of_a_large_run_reads_stored_neighbours(store, monkeypatch):
     monkeypatch.setattr(live, "MAX_CHANNELS", 0)  # every run counts as too large to compare live
     run = _run(store.url, store.run_b)
     app = create_app(store.url)
@@ -126,7 +125,7 @@ def _other_channels(url: str, run: T.Run) -> int:
 
 
 @pytest.fixture(autouse=True)
-def _database_url(store, monkeypatch):  # noqa: F811
+def _database_url(store, monkeypatch):
     """The CLI reads DATABASE_URL from the environment."""
     from channelscope.core.config import config
 

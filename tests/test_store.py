@@ -10,6 +10,7 @@ from channelscope.method import rotate
 from channelscope.method.decomposer import Decomposer
 from channelscope.method.weights import load_model
 from channelscope.worker import store
+from tests.fixtures.writing import write_run
 
 
 @pytest.mark.parametrize("flavour", ["sqlite", "postgresql"])
@@ -36,17 +37,8 @@ def test_a_tiny_run_reads_back_equal_to_what_the_engine_returned(database_url, t
     decomposer = Decomposer(model, settings, reference_count=8, cache_dir=tmp_path)
     records = decomposer.neurons(1, "gate", [0, 5, 9])
     engine = db.make_engine(database_url)
-    with db.session(engine) as session:
-        model_row = store.ensure_model(session, model)
-        reference = store.ensure_reference(session, model_row, decomposer.reference_key, decomposer.reference)
-        run = store.ensure_run(
-            session, model_row, store.run_settings(settings, "unembedding", 8), 0, reference
-        )
-        shard = T.Shard(run_id=run.id, layer=1, side="gate", neuron_start=0, neuron_stop=10)
-        session.add(shard)
-        session.flush()
-        store.write_neurons(session, run, shard, records)
-        session.commit()
+    stored = store.run_settings(settings, "unembedding", 8)
+    write_run(engine, model, stored, 0, records, decomposer=decomposer)
     with db.session(engine) as session:
         assert session.scalar(select(func.count()).select_from(T.Channel)) == 9
         for record in records:

@@ -1,7 +1,7 @@
 """What comes back out of the channel store: the token index's order, and `channelscope export`.
 
-The neurons here are written by hand (worker/store.py's writer, the worker's path) with chosen
-numbers, so that ties and orders are known in advance; nothing is decomposed."""
+The neurons here are made by hand with chosen numbers, so that ties and orders are known in
+advance (nothing is decomposed), and written the way the worker writes them."""
 
 import json
 
@@ -19,6 +19,7 @@ from channelscope.method.weights import load_model
 from channelscope.web import export
 from channelscope.web.queries import SearchFilters, search
 from channelscope.worker import store
+from tests.fixtures.writing import write_run
 
 TOKEN = 100
 
@@ -65,18 +66,10 @@ def neuron(layer: int, side: str, index: int, channels: list[ChannelRecord]) -> 
 
 def write(url: str, tiny_folder, records: list[NeuronRecord]) -> T.Run:
     engine = db.make_engine(url)
-    with db.session(engine) as session, session.begin():
-        model_row = store.ensure_model(session, load_model(tiny_folder))
-        settings = store.run_settings(rotate.with_overrides(rotate.Settings(), channels=2), "unembedding", 8)
-        run = store.ensure_run(session, model_row, settings, 0)
-        for layer, side in sorted({(r.layer, r.side) for r in records}):
-            part = [r for r in records if (r.layer, r.side) == (layer, side)]
-            shard = T.Shard(
-                run_id=run.id, layer=layer, side=side, neuron_start=0, neuron_stop=100, done_at=T.now()
-            )
-            session.add(shard)
-            session.flush()
-            store.write_neurons(session, run, shard, part)
+    settings = store.run_settings(rotate.with_overrides(rotate.Settings(), channels=2), "unembedding", 8)
+    run_hash = write_run(engine, load_model(tiny_folder), settings, 0, records)
+    with db.session(engine) as session:
+        run = session.scalar(select(T.Run).where(T.Run.hash == run_hash))
     engine.dispose()
     return run
 

@@ -11,7 +11,6 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
-from webstore import store  # noqa: F401  (the fixture)
 
 from channelscope.core import db
 from channelscope.core import tables as T
@@ -19,7 +18,7 @@ from channelscope.web.main import create_app
 
 
 @pytest.fixture(scope="module")
-def client(store):  # noqa: F811
+def client(store):
     app = create_app(store.url)
     with TestClient(app) as c:
         yield c
@@ -46,7 +45,7 @@ def get(client, url, status=200):
     return response
 
 
-def pages_of(store):  # noqa: F811
+def pages_of(store):
     m, a = store.model, store.run_a
     return [
         "/",
@@ -77,7 +76,7 @@ def json_twin(url: str) -> str:
 # --- every page, and its JSON twin ----------------------------------------------------------------
 
 
-def test_every_page_renders_and_has_a_json_twin_with_the_same_content(client, store):  # noqa: F811
+def test_every_page_renders_and_has_a_json_twin_with_the_same_content(client, store):
     for url in pages_of(store):
         page = get(client, url)
         assert page.headers["content-type"].startswith("text/html")
@@ -97,7 +96,7 @@ def test_every_page_renders_and_has_a_json_twin_with_the_same_content(client, st
         assert html.escape(neuron["channels"][ch["index"]]["label"], quote=False) in page
 
 
-def test_home_lists_models_and_runs_with_progress(client, store):  # noqa: F811
+def test_home_lists_models_and_runs_with_progress(client, store):
     data = get(client, "/.json").json()
     (entry,) = data["models"]
     assert entry["model"]["name"] == store.model
@@ -109,7 +108,7 @@ def test_home_lists_models_and_runs_with_progress(client, store):  # noqa: F811
     assert "<progress" in get(client, "/").text
 
 
-def test_model_page_has_layer_side_heatmaps_linking_to_layers(client, store):  # noqa: F811
+def test_model_page_has_layer_side_heatmaps_linking_to_layers(client, store):
     data = get(client, f"/m/{store.model}.json?run={store.run_a}").json()
     assert {(c["layer"], c["side"]) for c in data["cells"]} == {
         (i, s) for i in (0, 1) for s in ("gate", "in", "out")
@@ -119,7 +118,7 @@ def test_model_page_has_layer_side_heatmaps_linking_to_layers(client, store):  #
     assert f'href="/m/{store.model}/1?side=gate&amp;run={store.run_a}"' in page
 
 
-def test_neuron_page_shows_the_issue_s_sections(client, store):  # noqa: F811
+def test_neuron_page_shows_the_issue_s_sections(client, store):
     page = get(client, f"/m/{store.model}/0/3?side=gate&run={store.run_a}").text
     for expected in [
         "Top tokens",
@@ -145,7 +144,7 @@ def test_neuron_page_shows_the_issue_s_sections(client, store):  # noqa: F811
     assert 'aria-current="page" class="active">gate' in page
 
 
-def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):  # noqa: F811
+def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):
     url = f"/m/{store.model}/0/3.json?run={store.run_a}"
     low = get(client, url + "&min_kurtosis=-1000").json()
     high = get(client, url + "&min_kurtosis=1000").json()
@@ -156,7 +155,7 @@ def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):  # no
     assert page.count('<details class="fold">') == 3  # every channel folded, one click to open
 
 
-def test_channel_page_top_100_tokens_histogram_and_nearest(client, store):  # noqa: F811
+def test_channel_page_top_100_tokens_histogram_and_nearest(client, store):
     data = get(client, f"/m/{store.model}/0/3/in/1.json?run={store.run_a}").json()
     assert data["channel"]["index"] == 1
     assert len(data["tokens"]) == 100
@@ -175,7 +174,7 @@ def test_channel_page_top_100_tokens_histogram_and_nearest(client, store):  # no
     assert "Nearest channels" in page and 'property="og:title"' in page
 
 
-def test_compare_page_matches_channels_of_two_runs(client, store):  # noqa: F811
+def test_compare_page_matches_channels_of_two_runs(client, store):
     data = get(client, f"/m/{store.model}/1/2/compare.json?a={store.run_a}&b={store.run_b}").json()
     assert data["run_a"]["hash"] == store.run_a and data["run_b"]["hash"] == store.run_b
     assert sorted(m["a"] for m in data["matches"]) == [0, 1, 2] == sorted(m["b"] for m in data["matches"])
@@ -187,7 +186,7 @@ def test_compare_page_matches_channels_of_two_runs(client, store):  # noqa: F811
 # --- permalinks and caching -----------------------------------------------------------------------
 
 
-def test_unpinned_pages_show_the_newest_run_with_the_neuron_and_offer_a_permalink(client, store):  # noqa: F811
+def test_unpinned_pages_show_the_newest_run_with_the_neuron_and_offer_a_permalink(client, store):
     newer = get(client, f"/m/{store.model}/1/2.json").json()
     assert newer["data"]["run"] == store.run_b  # run B is newer and has layer 1 `out`
     assert newer["pinning"] == {"pinned": False, "permalink": f"/m/{store.model}/1/2?run={store.run_b}"}
@@ -200,7 +199,7 @@ def test_unpinned_pages_show_the_newest_run_with_the_neuron_and_offer_a_permalin
     assert f'Pinned to run <a href="/m/{store.model}?run={store.run_a}"' in pinned
 
 
-def test_pinned_pages_of_a_complete_run_are_immutable_and_cached(client, store, count_queries):  # noqa: F811
+def test_pinned_pages_of_a_complete_run_are_immutable_and_cached(client, store, count_queries):
     url = f"/m/{store.model}/0/4?run={store.run_a}&side=in"
     first = get(client, url)
     assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
@@ -231,7 +230,7 @@ def test_pinned_pages_of_a_complete_run_are_immutable_and_cached(client, store, 
 # --- search ---------------------------------------------------------------------------------------
 
 
-def _variants(store):  # noqa: F811
+def _variants(store):
     """A token key with several spellings in the vocabulary (leading space, case)."""
     from channelscope.web.vocabulary import normalise
 
@@ -241,7 +240,7 @@ def _variants(store):  # noqa: F811
     return {k: v for k, v in by_key.items() if len(v) > 1 and k.strip()}
 
 
-def test_search_ignores_case_and_leading_spaces_unless_exact(client, store):  # noqa: F811
+def test_search_ignores_case_and_leading_spaces_unless_exact(client, store):
     variants = _variants(store)
     key, spellings = next(iter(sorted(variants.items())))
     results = []
@@ -262,7 +261,7 @@ def _all_hits(client, query: dict) -> list[dict]:
     return get(client, "/search.json?" + urlencode({**query, "limit": 200})).json()["hits"]
 
 
-def _popular_token(client, store):  # noqa: F811
+def _popular_token(client, store):
     """The token in the most channels' top lists (over both runs' newest = run B and all)."""
     with db.session(db.make_engine(store.url)) as session:
         token_id = session.execute(
@@ -274,7 +273,7 @@ def _popular_token(client, store):  # noqa: F811
     return store.tokens[token_id]
 
 
-def test_search_ranks_by_faithfulness_percentile_then_z_and_sort_z(client, store):  # noqa: F811
+def test_search_ranks_by_faithfulness_percentile_then_z_and_sort_z(client, store):
     token = _popular_token(client, store)
     query = {"token": token, "exact": 1, "min_kurtosis": -100, "generic": 1, "run": store.run_a}
     hits = _all_hits(client, query)
@@ -289,7 +288,7 @@ def test_search_ranks_by_faithfulness_percentile_then_z_and_sort_z(client, store
     assert {h["url"] for h in by_z} == {h["url"] for h in hits}
 
 
-def test_search_filters_generic_channels_kurtosis_layers_and_side(client, store):  # noqa: F811
+def test_search_filters_generic_channels_kurtosis_layers_and_side(client, store):
     token = _popular_token(client, store)
     base = {"token": token, "exact": 1, "run": store.run_a}
     everything = _all_hits(client, {**base, "min_kurtosis": -100, "generic": 1})
@@ -304,7 +303,7 @@ def test_search_filters_generic_channels_kurtosis_layers_and_side(client, store)
     assert "Left out: generic channels and channels with kurtosis below 5" in page or "No channel has" in page
 
 
-def test_search_keyset_pagination_is_stable(client, store):  # noqa: F811
+def test_search_keyset_pagination_is_stable(client, store):
     token = _popular_token(client, store)
     for sort in ("percentile", "z"):
         query = {"token": token, "min_kurtosis": -100, "generic": 1, "sort": sort}
@@ -318,7 +317,7 @@ def test_search_keyset_pagination_is_stable(client, store):  # noqa: F811
         assert walked == everything
 
 
-def test_search_for_a_token_not_in_the_vocabulary_suggests_close_tokens(client, store):  # noqa: F811
+def test_search_for_a_token_not_in_the_vocabulary_suggests_close_tokens(client, store):
     known = next(t for t in store.tokens if len(t.strip()) >= 4 and t.strip().isalpha())
     typo = known.strip() + "qx"
     data = get(client, "/search.json?" + urlencode({"token": typo})).json()
@@ -329,7 +328,7 @@ def test_search_for_a_token_not_in_the_vocabulary_suggests_close_tokens(client, 
     assert "Close tokens" in page
 
 
-def test_sql_metacharacters_in_search_are_plain_text(client, store):  # noqa: F811
+def test_sql_metacharacters_in_search_are_plain_text(client, store):
     with db.session(db.make_engine(store.url)) as session:
         before = session.scalar(select(func.count()).select_from(T.Channel))
     for text in [
@@ -349,7 +348,7 @@ def test_sql_metacharacters_in_search_are_plain_text(client, store):  # noqa: F8
         assert session.scalar(select(func.count()).select_from(T.Channel)) == before
 
 
-def test_autocomplete_suggests_tokens_by_prefix(client, store):  # noqa: F811
+def test_autocomplete_suggests_tokens_by_prefix(client, store):
     data = get(client, "/search/suggest.json?token=th").json()
     assert data["suggestions"]
     assert all(s["token"].lstrip(" ").casefold().startswith("th") for s in data["suggestions"])
@@ -362,7 +361,7 @@ def test_autocomplete_suggests_tokens_by_prefix(client, store):  # noqa: F811
 
 
 @pytest.mark.parametrize("sort", ["percentile", "kurtosis", "best_kurtosis", "channels", "reconstruction"])
-def test_layer_table_keyset_pagination_walks_every_neuron_in_order(client, store, sort):  # noqa: F811
+def test_layer_table_keyset_pagination_walks_every_neuron_in_order(client, store, sort):
     field = {
         "percentile": "best_percentile",
         "kurtosis": "kurtosis",
@@ -383,7 +382,7 @@ def test_layer_table_keyset_pagination_walks_every_neuron_in_order(client, store
         assert [k[1] for k in keys] == [k[1] for k in expected]
 
 
-def test_jump_to_neuron_and_random_neuron_redirect(client, store):  # noqa: F811
+def test_jump_to_neuron_and_random_neuron_redirect(client, store):
     jump = get(client, f"/m/{store.model}/1?neuron=3&side=in", 303)
     assert jump.headers["location"] == f"/m/{store.model}/1/3?side=in"
     twin = get(client, f"/m/{store.model}/1.json?neuron=3&side=in", 303)
@@ -397,7 +396,7 @@ def test_jump_to_neuron_and_random_neuron_redirect(client, store):  # noqa: F811
 # --- bad input ------------------------------------------------------------------------------------
 
 
-def not_found_cases(store):  # noqa: F811
+def not_found_cases(store):
     m = store.model
     return [
         "/m/no-such-model",
@@ -416,7 +415,7 @@ def not_found_cases(store):  # noqa: F811
     ]
 
 
-def test_unknown_things_are_404_pages_and_404_json(client, store):  # noqa: F811
+def test_unknown_things_are_404_pages_and_404_json(client, store):
     for url in not_found_cases(store):
         page = client.get(url)
         assert page.status_code == 404, (url, page.status_code, page.text[:300])
@@ -427,7 +426,7 @@ def test_unknown_things_are_404_pages_and_404_json(client, store):  # noqa: F811
             assert twin.json()["status"] == 404 and twin.json()["detail"]
 
 
-def test_malformed_query_values_are_422_with_a_message(client, store):  # noqa: F811
+def test_malformed_query_values_are_422_with_a_message(client, store):
     m = store.model
     for url in [
         f"/m/{m}/one",
@@ -490,7 +489,7 @@ HOSTILE_PATHS = [
 ]
 
 
-def test_hostile_paths_and_values_are_never_a_500(client, store):  # noqa: F811
+def test_hostile_paths_and_values_are_never_a_500(client, store):
     for path in HOSTILE_PATHS:
         url = path.replace("{model}", store.model)
         for variant in (url, json_twin(url) if "?" in url or url.count("/") > 1 else url):
@@ -504,7 +503,7 @@ def test_hostile_paths_and_values_are_never_a_500(client, store):  # noqa: F811
             assert "import " not in response.text  # no source file served
 
 
-def test_hostile_tokens_are_escaped_and_shown_visibly(client, store):  # noqa: F811
+def test_hostile_tokens_are_escaped_and_shown_visibly(client, store):
     url = f"/m/{store.model}/1/0?run={store.run_a}"
     page = get(client, url).text
     assert "<script>alert(1)</script>" not in page
@@ -534,7 +533,7 @@ def test_hostile_tokens_are_escaped_and_shown_visibly(client, store):  # noqa: F
 # --- a constant number of queries -----------------------------------------------------------------
 
 
-def test_each_page_makes_a_constant_number_of_queries(client, store, count_queries):  # noqa: F811
+def test_each_page_makes_a_constant_number_of_queries(client, store, count_queries):
     m, a = store.model, store.run_a
     token = _popular_token(client, store)
     families = {
@@ -585,7 +584,7 @@ def test_docs_describe_the_api_from_its_openapi_schema(client):
     assert "/search.json" in schema["paths"]
 
 
-def test_serve_command_prints_its_url_and_serves(store):  # noqa: F811
+def test_serve_command_prints_its_url_and_serves(store):
     import os
     import socket
     import subprocess

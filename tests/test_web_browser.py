@@ -4,64 +4,22 @@ JavaScript and without it; and hostile token strings that never run (no dialog e
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
-import time
 from urllib.parse import urlencode
 
 import pytest
-import uvicorn
-from conftest import unavailable
-from webstore import store  # noqa: F401  (the fixture)
 
 from channelscope.web.main import create_app
+from tests.fixtures.browser import serving
 
-CHROMIUM = "/usr/bin/chromium"
-# Quiet and offline: without the background-networking flags Chromium keeps trying Google's hosts.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-pytestmark = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+pytestmark = [pytest.mark.browser, pytest.mark.parametrize("store", ["sqlite"], indirect=True)]
 
 
 @pytest.fixture(scope="module")
-def server(store):  # noqa: F811
-    """The app on a free loopback port, served by uvicorn in a thread."""
+def server(store):
     app = create_app(store.url)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store
-    uv.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        yield base, store
     app.state.engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        unavailable(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def _watch(page) -> dict:

@@ -10,7 +10,6 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
-from webstore import store  # noqa: F401  (the fixture)
 
 from channelscope.core import db
 from channelscope.web.main import create_app
@@ -74,7 +73,7 @@ class Proxy:
 
 # The outage is a PostgreSQL server going away; SQLite is a file inside this process.
 @pytest.mark.parametrize("store", ["postgresql"], indirect=True)
-def test_database_outage_gives_503_and_the_app_recovers(store):  # noqa: F811
+def test_database_outage_gives_503_and_the_app_recovers(store):
     from sqlalchemy.engine import make_url
 
     url = make_url(db.normalise_url(store.url))
@@ -120,7 +119,7 @@ def test_healthz_reports_migrations_that_are_not_current(tmp_path):
 
 
 @pytest.mark.parametrize("store", ["postgresql"], indirect=True)
-def test_a_connection_that_died_while_idle_is_replaced_at_checkout(store, monkeypatch):  # noqa: F811
+def test_a_connection_that_died_while_idle_is_replaced_at_checkout(store, monkeypatch):
     import psycopg
     from sqlalchemy import text
 

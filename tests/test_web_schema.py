@@ -11,12 +11,13 @@ from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from webstore import store  # noqa: F401  (the fixture)
 
 from channelscope.web.main import create_app
 
+pytestmark = pytest.mark.fuzz
 
-def _with_examples(spec: dict, store) -> dict:  # noqa: F811
+
+def _with_examples(spec: dict, store) -> dict:
     """Real values as explicit examples, so that besides random strings (404/422) the fuzzer
     also reaches pages that exist."""
     examples = {
@@ -39,7 +40,7 @@ def _with_examples(spec: dict, store) -> dict:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def web_schema(store):  # noqa: F811
+def web_schema(store):
     app = create_app(store.url)
     loaded = schemathesis.openapi.from_dict(_with_examples(app.openapi(), store))
     loaded.app = app  # calls go to the ASGI app in-process, as from_asgi does
@@ -50,7 +51,7 @@ def web_schema(store):  # noqa: F811
 # Driven through hypothesis directly: schemathesis' own pytest fixture loader (from_fixture)
 # does not run under this pytest (it reads a private node attribute that pytest 9 removed).
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_no_server_errors_and_responses_match_the_schema(web_schema, store, mode):  # noqa: F811
+def test_no_server_errors_and_responses_match_the_schema(web_schema, store, mode):
     # Random values (mostly 404 and 422), and the same with the real model name fixed, so that
     # the fuzzer also gets past the model lookup to layers, neurons, runs and search filters.
     strategies = [web_schema.as_strategy(mode)]

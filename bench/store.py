@@ -10,7 +10,7 @@
 2. Write: synthetic NeuronRecords of SmolLM2's shape (d_model 576, top-20 token lists, 50
    channels; masked-token lists and kurtosis histories as long, on average, as the sample's) for
    that layer, committed in shards of 64 neurons with their done marks exactly as a worker does
-   (worker/jobs.py commit_shard): COPY into a fresh PostgreSQL database, batched inserts into a
+   (worker/compute.py commit_shard): COPY into a fresh PostgreSQL database, batched inserts into a
    fresh SQLite file (WAL). Only the commits are timed, not making the records.
 3. Size: database bytes per 1,000 channels, from pg_total_relation_size of the shards, neurons,
    channels and channel_tokens tables (indexes included), and from the SQLite file's growth

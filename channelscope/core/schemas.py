@@ -2,7 +2,7 @@
 return and what `channelscope export` writes, so the three cannot drift apart.
 
 Built from stored rows by `neuron_side`; pages wrap these objects with their own context
-(links, plots, run information) in app/pages.py."""
+(links, plots, run information) in web/pages.py."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ class Model(Base):
 
 
 class Reference(Base):
-    """The random-vector reference of a model and run settings (worker/reference.py)."""
+    """The random-vector reference of a model and run settings (method/reference.py)."""
 
     __tablename__ = "references"
 

@@ -2,7 +2,7 @@
 weight-level preview and the real model's response (issue 6).
 
 The HTML page, its `.json` twin and the htmx fragment are all rendered from one pages.AblationPage.
-The numbers come from worker/ablation.py (pure) and worker/intervention.py (the model); this
+The numbers come from method/ablation.py (pure) and method/intervention.py (the model); this
 module only turns stored rows into tensors and results into page objects.
 """
 

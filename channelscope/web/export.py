@@ -1,6 +1,6 @@
 """`channelscope export`: a whole run as JSON lines or Parquet, in the layout of the JSON API.
 
-Every neuron side goes through app.schemas.neuron_side, the function the `.json` pages use, so
+Every neuron side goes through core.schemas.neuron_side, the function the `.json` pages use, so
 an export and the live site cannot disagree. The run is read in keyset batches of neurons,
 (layer, side, neuron) ascending, and each batch is written before the next is read: memory
 stays flat however large the run.
@@ -97,7 +97,7 @@ def _write_parquet(engine: Engine, run: T.Run, path: str | Path) -> int:
 
 def arrow_schema(model: type[BaseModel]):
     """The Arrow schema of a pydantic model, read from its fields, so the Parquet columns follow
-    the JSON layout wherever app/schemas.py takes it."""
+    the JSON layout wherever core/schemas.py takes it."""
     import pyarrow as pa
 
     def arrow_type(annotation):

@@ -19,7 +19,7 @@ from channelscope.core.progress import is_complete
 from channelscope.web import pages, queries, urls, vocabulary
 from channelscope.web.errors import NotFound
 
-MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")  # worker.weights.slug
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")  # method.weights.slug
 RUN_HASH = re.compile(r"[0-9a-f]{1,16}")
 
 

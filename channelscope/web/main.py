@@ -1,10 +1,10 @@
 """The web app: `create_app()` builds it around one database engine.
 
-    channelscope serve            uvicorn on this factory (channelscope/cli.py)
+    channelscope serve            uvicorn on this factory (channelscope/cli/serve.py)
     create_app("sqlite:///...")   what the tests and bench/web.py use
 
-A thin layer: routes (app/routes/) turn a URL into page objects (app/pages.py) with queries
-(app/queries.py), and app/responses.py renders each as HTML or as its JSON twin.
+A thin layer: routes (web/routes/) turn a URL into page objects (web/pages.py) with queries
+(web/queries.py), and web/responses.py renders each as HTML or as its JSON twin.
 """
 
 from __future__ import annotations

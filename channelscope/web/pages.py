@@ -1,6 +1,6 @@
 """The page objects. Each page's HTML and its `.json` twin are rendered from one of these, so the
 two cannot drift (the Datasette habit). A neuron side inside a page is
-app.schemas.NeuronSideOut, the same object `channelscope export` writes.
+core.schemas.NeuronSideOut, the same object `channelscope export` writes.
 
 Links are part of the data: a JSON reader can walk the site the way a person clicks through it.
 """

@@ -398,7 +398,7 @@ def channel_tokens(session: Session, neuron_ids: list[int]) -> dict[tuple[int, i
 
 
 def run_channel_vectors(session: Session, run_id: int) -> Sequence[Row]:
-    """Every channel vector of a run, for the exact nearest-channel products (app/nearest.py)."""
+    """Every channel vector of a run, for the exact nearest-channel products (web/neighbours.py)."""
     query = (
         select(T.Neuron.layer, T.Neuron.side, T.Neuron.neuron, T.Channel.channel, T.Channel.vector)
         .join(T.Neuron, T.Neuron.id == T.Channel.neuron_id)

@@ -87,7 +87,7 @@ class Result:
 
     page: BaseModel
     immutable: bool = False
-    plots: Any = None  # template-only geometry derived from the page (app/plots.py)
+    plots: Any = None  # template-only geometry derived from the page (web/plots.py)
 
 
 class PageStore:

@@ -192,7 +192,7 @@ def ensure_thresholds(
     engine, model, lm: LanguageModel, recompute: bool = False, log=print
 ) -> dict[int, np.ndarray]:
     """The model's thresholds over the committed corpus, computed and stored if missing. `model`
-    is worker.weights.Model (its row is added to the store if new, as a run would)."""
+    is method.weights.Model (its row is added to the store if new, as a run would)."""
     from channelscope.core import db
     from channelscope.worker import store
 

@@ -1,6 +1,6 @@
 """Each channel's nearest channels elsewhere in its run, computed once after the run and stored.
 
-The web app answers a channel page of a small run (up to app.nearest.MAX_CHANNELS channels) with
+The web app answers a channel page of a small run (up to web.neighbours.MAX_CHANNELS channels) with
 live products; a whole model is too big for that (SmolLM2 at 5 channels: 691,200 channels,
 800 MB of vectors), so `channelscope neighbours` computes every channel's neighbours here.
 

@@ -12,7 +12,7 @@ heartbeat (`update_heartbeat_interval`), and `JobManager.get_stalled_jobs` lists
 asks for those and puts them back with `retry_job`. A job lost MAX_LOST times is failed instead,
 so a shard that kills whatever runs it (out of memory, say) cannot take down one worker after
 another. A worker wrongly taken for dead costs only duplicate compute: the shard's done mark
-(worker/jobs.py) lets exactly one commit through.
+(worker/compute.py) lets exactly one commit through.
 
 One queue per run, so `decompose` works on its own run only and stops when it is complete,
 while `channelscope worker` serves every queue (or one run with --run).

@@ -26,7 +26,7 @@ HISTOGRAM_BINS = 60
 
 def _step_unit(run_row: Row) -> tuple[int, str]:
     """The paper preset records kurtosis every checkpoint_every steps; the fast solver every
-    iteration (worker/rotate.py)."""
+    iteration (docs/method.md, "The fast solver")."""
     settings = run_row.settings or {}
     if run_row.solver == "paper":
         return int(settings.get("checkpoint_every", 100)), "step"
@@ -384,7 +384,7 @@ def compare_page(
 
 
 def _match(result: pages.ComparePage, neuron_row, chs_a, chs_b, where) -> None:
-    # The one definition of seed consistency is the worker's (worker/measures.py); it needs
+    # The one definition of seed consistency is the worker's (method/measures.py); it needs
     # torch, so this page alone imports it, on first use.
     import torch
 

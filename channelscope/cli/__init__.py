@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if hasattr(args, "device") and args.device is None:
         args.device = config().device
+    if getattr(args, "uses_torch", False):  # one thread per core unless told otherwise
+        from channelscope.method.precision import set_threads
+
+        set_threads(config().threads)
     try:
         args.run(args)
     except CliError as error:

@@ -138,7 +138,15 @@ def cmd_decompose(args) -> None:
         plan.check_request(model, request)
     except plan.JobError as error:
         raise CliError(str(error)) from None
-    settings = solver_settings(args)
+    settings = plan.resolved_settings(
+        engine,
+        model,
+        solver_settings(args),
+        args.projection,
+        args.reference_count,
+        args.seed,
+        pick_device(args.device),
+    )
     stored = store.run_settings(settings, args.projection, args.reference_count)
     compute.seed_reference_of_settings(engine, model, stored, args.seed, references_dir())
     decomposer = Decomposer(
@@ -406,6 +414,31 @@ def cmd_thresholds(args) -> None:
     print(f"{model.name}: activation thresholds (90th percentile) of {len(found)} layers are stored")
 
 
+# --- doctor ------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args) -> None:
+    from dataclasses import asdict
+
+    from channelscope.core.config import config
+    from channelscope.method import precision
+    from channelscope.method.decomposer import pick_device
+
+    device = pick_device(args.device)
+    found = precision.choose(device, config().data_dir, fresh=True)
+    if args.json:
+        print(json.dumps({**asdict(found), "cores": precision.cores()}))
+        return
+    rows, d, V = precision.SHAPE
+    print(f"device      {found.device} ({found.cpu}; {precision.cores()} cores usable)")
+    setting = config().threads or "all cores"
+    print(f"torch       {found.torch}, {found.threads} threads (CHANNELSCOPE_THREADS: {setting})")
+    print(f"native bf16 {'yes' if found.native_bf16 else 'no'}")
+    rates = ", ".join(f"{p} {r:,.1f}" for p, r in found.gflops.items())
+    print(f"GEMM        [{rows} x {d}] x [{d} x {V:,}] in GFLOP/s: {rates}")
+    print(f"precision   auto -> {found.precision} (kept in {config().data_dir / 'precision.json'})")
+
+
 # --- the parsers ---------------------------------------------------------------------------------
 
 
@@ -413,7 +446,12 @@ def add_solver_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=None, help="channels per vector (default 50; rotate: 5)")
     p.add_argument("--solver", choices=["fast", "paper"], default="fast")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="GEMM precision against U")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="GEMM precision against U (default auto: the faster here, or the existing run's)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument(
         "--downweight-generic",
@@ -443,7 +481,7 @@ def add_commands(sub) -> None:
     p.add_argument("--side", default="out", help="gate, in or out (default out)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_solver_options(p)
-    p.set_defaults(run=cmd_rotate, default_channels=5)
+    p.set_defaults(uses_torch=True, run=cmd_rotate, default_channels=5)
 
     p = sub.add_parser("decompose", help="create or resume a run and compute its channels")
     p.add_argument("model", help="smollm2, a .gguf file or a Hugging Face model folder")
@@ -468,14 +506,14 @@ def add_commands(sub) -> None:
         help="PostgreSQL: queue the shards for workers, compute nothing here",
     )
     add_solver_options(p)
-    p.set_defaults(run=cmd_decompose, default_channels=50)
+    p.set_defaults(uses_torch=True, run=cmd_decompose, default_channels=50)
 
     p = sub.add_parser("worker", help="compute queued shards (PostgreSQL) until stopped")
     p.add_argument("--run", dest="only_run", help="only this run's shards (its hash)")
     p.add_argument("--model", action="append", default=[], help="a model file on this machine (repeatable)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     _add_worker_options(p)
-    p.set_defaults(run=cmd_worker)
+    p.set_defaults(uses_torch=True, run=cmd_worker)
 
     p = sub.add_parser("status", help="progress of every run: shards, neurons, throughput, ETA, failures")
     p.add_argument("--run", dest="only_run", help="one run (its hash)")
@@ -488,10 +526,15 @@ def add_commands(sub) -> None:
     p.add_argument("run_hash", metavar="RUN", help="the run's hash (or a unique prefix)")
     p.add_argument("--count", type=int, default=12, help="neighbours kept per channel (default 12)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
-    p.set_defaults(run=cmd_neighbours)
+    p.set_defaults(uses_torch=True, run=cmd_neighbours)
+
+    p = sub.add_parser("doctor", help="this machine: device, threads, GEMM rates, the precision auto picks")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_doctor, uses_torch=True)
 
     p = sub.add_parser("thresholds", help="each neuron's activation 90th percentile over the corpus, stored")
     p.add_argument("model", nargs="?", default="smollm2")
     p.add_argument("--recompute", action="store_true", help="even if stored for this corpus")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
-    p.set_defaults(run=cmd_thresholds)
+    p.set_defaults(uses_torch=True, run=cmd_thresholds)

@@ -56,7 +56,7 @@ def add_commands(sub) -> None:
     p.add_argument("--channels", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports"))
-    p.set_defaults(run=cmd_eval, default_channels=10)
+    p.set_defaults(uses_torch=True, run=cmd_eval, default_channels=10)
 
     p = sub.add_parser(
         "eval-ablation", help="selectivity of channel ablations, weights and real model (reports/ablation.md)"
@@ -71,4 +71,4 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="for decomposing missing channels (default: auto)")
     p.add_argument("--out", type=Path, default=Path("reports"))
-    p.set_defaults(run=cmd_eval_ablation, default_channels=5)
+    p.set_defaults(uses_torch=True, run=cmd_eval_ablation, default_channels=5)

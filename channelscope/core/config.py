@@ -22,6 +22,9 @@ class Config(BaseSettings):
     # time limit of one run in seconds (waiting for the model included).
     model_runs: int = Field(2, alias="CHANNELSCOPE_MODEL_RUNS", ge=1)
     model_timeout: float = Field(10.0, alias="CHANNELSCOPE_MODEL_TIMEOUT", gt=0)
+    # torch threads of this process; 0: every core it may use for a worker or command, half of
+    # them for the web app (whose own model work is the ablation page's).
+    threads: int = Field(0, alias="CHANNELSCOPE_THREADS", ge=0)
 
     @property
     def database(self) -> str:

@@ -165,6 +165,10 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
+# Newest run first; the id breaks ties between runs created within one clock tick.
+NEWEST_RUN = (Run.created_at.desc(), Run.id.desc())
+
+
 class Shard(Base):
     """A block of neurons of one layer and side. Its rows and its done mark commit together."""
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from channelscope.method import measures, reference, rotate
+from channelscope.core.config import config
+from channelscope.method import measures, precision, reference, rotate
 from channelscope.method.weights import Model
 
 TOP_K = measures.TOP_K
@@ -101,8 +102,10 @@ class Decomposer:
         progress=None,
     ):
         keep_freed_memory()
-        self.model, self.settings, self.seed = model, settings, seed
         self.device = pick_device(device)
+        if settings.precision == "auto":  # a run resolves it before (worker/plan.py); else the machine does
+            settings = replace(settings, precision=precision.choose(self.device, config().data_dir).precision)
+        self.model, self.settings, self.seed = model, settings, seed
         self.batch_size = batch_size or default_batch_size(self.device)
         U = model.projection(projection).to(self.device)
         self.proj = rotate.Projection(U, settings.precision)

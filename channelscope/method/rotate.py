@@ -56,9 +56,10 @@ class Settings:
     # random-vector reference finds on the tails of many channels. Applied by the caller via m0.
     downweight_generic: bool = False
     solver: str = "fast"  # "fast" | "paper"
-    # GEMM precision against U inside the solver: "bf16" (2-5x faster GEMMs; the reported numbers
-    # are always recomputed in fp32) or "fp32".
-    precision: str = "bf16"
+    # GEMM precision against U inside the solver: "fp32", "bf16" (faster only on hardware with
+    # native bf16; the reported numbers are always recomputed in fp32) or "auto": the faster one
+    # on this machine, resolved before a run is made (method/precision.py).
+    precision: str = "auto"
     # Paper preset.
     lr: float = 8e-4
     betas: tuple[float, float] = (0.9, 0.999)

@@ -18,6 +18,8 @@ from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 
 from channelscope.core import db
+from channelscope.core.config import config
+from channelscope.method.precision import cores, set_threads
 from channelscope.web import errors
 from channelscope.web.responses import ROOT, CachedPages, PageStore, SecurityHeaders, render_html
 from channelscope.web.routes import ablation, home, models, neurons, search
@@ -45,6 +47,9 @@ def create_app(database_url: str | None = None, page_cache_bytes: int = 64 * 2**
             connection.commit()
 
     app.state.engine = engine
+    # The web process's own torch work (the ablation page's model runs) leaves cores to a worker
+    # that may share the machine.
+    set_threads(config().threads or max(1, cores() // 2))
     # Model rows are written once and never changed or deleted (worker/store.ensure_model), so
     # every session shares one cache of them by name (lookup.model): a page saves a round trip.
     app.state.sessions = sessionmaker(bind=engine, expire_on_commit=False, info={"models": {}})

@@ -92,10 +92,6 @@ def _scalar(session: Session, statement, params: dict | None = None):
     return _execute(session, statement, params).scalar()
 
 
-# Newest first; the id breaks ties between runs created within one clock tick.
-NEWEST = (T.Run.created_at.desc(), T.Run.id.desc())
-
-
 # --- models and runs -------------------------------------------------------------------------------
 
 
@@ -143,7 +139,7 @@ def runs_with_progress(session: Session, model_id: int | None = None) -> Sequenc
         .join(T.Model, T.Model.id == T.Run.model_id)
         .outerjoin(T.Shard, T.Shard.run_id == T.Run.id)
         .group_by(T.Run.id, T.Model.name)
-        .order_by(*NEWEST)
+        .order_by(*T.NEWEST_RUN)
     )
     if model_id is not None:
         query = query.where(T.Run.model_id == model_id)
@@ -167,7 +163,9 @@ def newest_run(session: Session, model_id: int, layer: int | None = None) -> Row
     has_neurons = select(T.Neuron.id).where(T.Neuron.run_id == T.Run.id)
     if layer is not None:
         has_neurons = has_neurons.where(T.Neuron.layer == layer)
-    query = select(*RUN_COLUMNS).where(T.Run.model_id == model_id, has_neurons.exists()).order_by(*NEWEST)
+    query = (
+        select(*RUN_COLUMNS).where(T.Run.model_id == model_id, has_neurons.exists()).order_by(*T.NEWEST_RUN)
+    )
     return _execute(session, query.limit(1)).one_or_none()
 
 
@@ -176,7 +174,7 @@ def _models_with_newest_run():
     ranked = (
         select(
             *RUN_COLUMNS,
-            func.row_number().over(partition_by=T.Run.model_id, order_by=NEWEST).label("rank"),
+            func.row_number().over(partition_by=T.Run.model_id, order_by=T.NEWEST_RUN).label("rank"),
         )
         .where(select(T.Neuron.id).where(T.Neuron.run_id == T.Run.id).exists())
         .subquery()
@@ -202,7 +200,7 @@ def runs_of_neuron(session: Session, model_id: int, layer: int, side: str, neuro
         .join(T.Neuron, T.Neuron.run_id == T.Run.id)
         .where(T.Run.model_id == model_id, T.Neuron.layer == layer, T.Neuron.side == side)
         .where(T.Neuron.neuron == neuron)
-        .order_by(*NEWEST)
+        .order_by(*T.NEWEST_RUN)
     )
     return _execute(session, query).all()
 
@@ -335,7 +333,7 @@ def _neuron_with_run(pinned: bool):
         .where(T.Run.model_id == bindparam("model_id"), T.Neuron.layer == bindparam("layer"))
         .where(T.Neuron.side == bindparam("side"), T.Neuron.neuron == bindparam("neuron"))
     )
-    query = query.where(T.Run.hash == bindparam("run_hash")) if pinned else query.order_by(*NEWEST)
+    query = query.where(T.Run.hash == bindparam("run_hash")) if pinned else query.order_by(*T.NEWEST_RUN)
     return query.limit(1)
 
 

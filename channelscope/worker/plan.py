@@ -7,16 +7,18 @@ it lacks, so `decompose` after a crash resumes, and a wider --layers or --neuron
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
+import torch
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from channelscope.core import db
 from channelscope.core import tables as T
+from channelscope.core.config import config
 from channelscope.core.coordinates import out_of_range
-from channelscope.method import rotate
+from channelscope.method import precision, rotate
 from channelscope.method.decomposer import Decomposer
 from channelscope.method.weights import Model
 from channelscope.worker import store
@@ -93,6 +95,36 @@ def settings_from_run(stored: dict) -> tuple[rotate.Settings, str, int]:
     if "betas" in values:
         values["betas"] = tuple(values["betas"])  # JSON made the tuple a list
     return rotate.Settings(**values), stored["projection"], stored["reference_count"]
+
+
+def resolved_settings(
+    engine: Engine,
+    model: Model,
+    settings: rotate.Settings,
+    projection: str,
+    reference_count: int,
+    seed: int,
+    device: torch.device,
+) -> rotate.Settings:
+    """`auto` precision becomes the precision of the run these settings already have, made on
+    any machine, so that extending it never mixes precisions or splits its permalinks; for a new
+    run, the machine's choice (method/precision.py). Two machines that create a run from scratch
+    may therefore make two different runs."""
+    if settings.precision != "auto":
+        return settings
+    digests = {
+        store.run_hash(
+            model.sha256,
+            store.run_settings(replace(settings, precision=p), projection, reference_count),
+            seed,
+        ): p
+        for p in precision.PRECISIONS
+    }
+    with db.session(engine) as session:
+        newest = select(T.Run.hash).where(T.Run.hash.in_(digests)).order_by(*T.NEWEST_RUN).limit(1)
+        found = session.scalar(newest)
+    chosen = digests[found] if found else precision.choose(device, config().data_dir).precision
+    return replace(settings, precision=chosen)
 
 
 # --- creating and resuming a run ------------------------------------------------------------------

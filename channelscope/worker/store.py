@@ -114,7 +114,7 @@ def newest_channels(
         .join(T.Model, T.Model.id == T.Run.model_id)
         .where(T.Model.sha256 == model_sha256, T.Neuron.layer == layer, T.Neuron.side == side)
         .where(T.Neuron.neuron == neuron)
-        .order_by(T.Run.created_at.desc(), T.Run.id.desc())
+        .order_by(*T.NEWEST_RUN)
         .limit(1)
     ).first()
     if row is None:

@@ -52,7 +52,7 @@ def weight_selectivity(decomposer: Decomposer, record: NeuronRecord, generator) 
     cosines = torch.tensor([ch.cos for ch in record.channels], dtype=torch.float64)
     random = measures.random_at_cosines(w.cpu().double(), cosines, generator).float().to(w.device)
     z_c, z_r = proj.forward(vectors, exact=True), proj.forward(random, exact=True)
-    skew_r, zs_r = rotate.skewness(z_r), rotate.z_scores(z_r, scored)
+    skew_r, zs_r = rotate.tail_skew(z_r, scored), rotate.z_scores(z_r, scored)
     out = []
     for k, ch in enumerate(record.channels):
         real = measures.selectivity(

@@ -98,7 +98,7 @@ def random_draws(
     )  # [R, K, d]
     z = directions.reshape(-1, w.shape[0]) @ U  # [R K, V]
     zs = rotate.z_scores(z, scored)
-    skews = rotate.skewness(z)
+    skews = rotate.tail_skew(z, scored)
     found = []
     for r in range(draws):
         masked, signs = [], []

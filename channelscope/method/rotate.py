@@ -1,15 +1,21 @@
 """ROTATE: decompose MLP neuron vectors into vocabulary channels.
 
-"Disentangling MLP Neuron Weights in Vocabulary Space" (arXiv 2604.06005), as written up in
-shared/method.md. Pure: tensors in, tensors and dataclasses out; no files, no database, no CLI.
-Batched over neurons, on whatever device the tensors live on.
+"Disentangling MLP Neuron Weights in Vocabulary Space" (arXiv 2604.06005), as specified in
+docs/method.md, whose section names the comments below give in quotes. Pure: tensors in,
+tensors and dataclasses out; no files, no database, no CLI. Batched over neurons, on whatever
+device the tensors live on.
 
-Notation, as in method.md:
+Notation (docs/method.md, "Notation"):
   w [N, d]  neuron vectors (one side of one layer)      U [d, V]  projection (unembedding)
   c [N, d]  a channel, c = H(u) w, |c| = |w|            z [N, V]  its projection c @ U
   m [N, V]  per-neuron token weights                     K         excess kurtosis over all V
 
-    loss = -lambda_k * slog(K(z * m)) + lambda_f * (1 - cos(w, c))
+    loss = -lambda_k * slog(K((z - mu) * m)) + lambda_f * (1 - cos(w, c)),   mu = sum(m z) / sum(m)
+
+The centring by mu departs from the literal K(z * m) ("The loss", "Where this departs from the
+paper"): uncentred, a channel whose projection sits ~11 standard deviations off zero makes the ~500 tokens
+of weight 0 or 1e-4 a tail, K(z * m) ~26 with an unweighted K ~0.6, and the solvers found exactly
+that. With mu, low-weight tokens sit at the centre of the scored ones, where they cannot form a tail.
 
 Two solvers minimise the same loss for one channel:
   paper_channel  the published preset: AdamW on the Householder vector u (reference, slow);
@@ -40,19 +46,19 @@ import torch
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of method.md. Defaults are the paper's (Llama family: t = 6)."""
+    """Every knob of docs/method.md. Defaults are the paper's (Llama family: t = 6)."""
 
     channels: int = 50
     lambda_k: float = 0.3
     lambda_f: float = 1.0
-    # Deflation (method.md, "Many channels").
+    # Deflation ("Many channels: masking").
     mask_z: float = 6.0  # t
     mask_skew: float = 10.0  # |skew| above which only one tail is masked
     mask_weight: float = 0.01
     # Glitch tokens: weight 0 for control/unused, glitch_weight above this U column-norm quantile.
     glitch_quantile: float = 0.99
     glitch_weight: float = 1e-4
-    # Optional, off by default (method.md, "Generic channels"): down-weight the tokens that the
+    # Optional, off by default ("Generic channels"): down-weight the tokens that the
     # random-vector reference finds on the tails of many channels. Applied by the caller via m0.
     downweight_generic: bool = False
     solver: str = "fast"  # "fast" | "paper"
@@ -88,7 +94,8 @@ PAPER = Settings(solver="paper", precision="fp32")
 
 
 def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """Population excess kurtosis along the last axis; a Gaussian scores 0. [..., V] -> [...]"""
+    """Population excess kurtosis along the last axis; a Gaussian scores 0 ("Excess kurtosis, skew
+    and slog"). [..., V] -> [...]"""
     centred = x - x.mean(-1, keepdim=True)
     m2 = centred.pow(2).mean(-1)
     return centred.pow(4).mean(-1) / m2.pow(2) - 3
@@ -112,22 +119,30 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
+def centred_weighted(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x = (z - mu) m, mu = sum(m z) / sum(m): the projection centred on the tokens that count,
+    then weighted (see the module's docstring for why). sum over tokens of x is 0. [N, V] -> [N, V]"""
+    mu = (z * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+    return (z - mu) * m
+
+
 def loss(z: torch.Tensor, m: torch.Tensor, c: torch.Tensor, w: torch.Tensor, s: Settings):
-    """The method's loss per neuron, [N]."""
-    return -s.lambda_k * slog(excess_kurtosis(z * m)) + s.lambda_f * (1 - cosine(w, c))
+    """The method's loss per neuron ("The loss"). z [N, V], m [N, V], c and w [N, d] -> [N]"""
+    return -s.lambda_k * slog(excess_kurtosis(centred_weighted(z, m))) + s.lambda_f * (1 - cosine(w, c))
 
 
 def loss_gradient_z(z: torch.Tensor, m: torch.Tensor, s: Settings):
     """The kurtosis term and its gradient with respect to z, by hand: autograd would keep a
-    dozen [N, V] intermediates alive. With x = z m centred, moments m2..m4 over the V tokens,
-        dK/dx_j = 4/V * ((x_j^3 - m3) / m2^2 - m4 x_j / m2^3),   slog'(K) = 1 / (1 + |K|).
+    dozen [N, V] intermediates alive. With x = (z - mu) m (mean 0), moments m2..m4 over V tokens,
+        dK/dx_j = 4/V * ((x_j^3 - m3) / m2^2 - m4 x_j / m2^3),   slog'(K) = 1 / (1 + |K|),
+        dK/dz_i = m_i (dK/dx_i - sum_j m_j dK/dx_j / sum_j m_j)   (mu moves with z).
     Returns (kurtosis term [N], d term / dz [N, V], K [N])."""
-    x = z * m
-    x = x - x.mean(-1, keepdim=True)
+    x = centred_weighted(z, m)
     x2 = x * x
     m2, m3, m4 = x2.mean(-1, keepdim=True), (x2 * x).mean(-1, keepdim=True), (x2 * x2).mean(-1, keepdim=True)
     kurt = m4 / m2.pow(2) - 3
     dk_dx = (4 / x.shape[-1]) * ((x2 * x - m3) / m2.pow(2) - m4 * x / m2.pow(3))
+    dk_dx = dk_dx - (dk_dx * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
     grad = (-s.lambda_k / (1 + kurt.abs())) * dk_dx * m
     return -s.lambda_k * slog(kurt).squeeze(-1), grad, kurt.squeeze(-1)
 
@@ -145,7 +160,7 @@ def cosine_gradient(c: torch.Tensor, w: torch.Tensor, s: Settings):
 
 
 class Projection:
-    """U at the GEMM precision of the run, counting passes over it.
+    """U at the GEMM precision of the run, counting passes over it ("Precision").
 
     A pass is one [n, d] x [d, V] product or its transpose; `passes` counts them per neuron
     (an n-row product adds n). Batches are padded to at least 8 rows: fp32 CPU GEMMs take a
@@ -193,21 +208,22 @@ def paper_channel(
     w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings, fixed_shape=False
 ):
     """AdamW on u, warm-up, plateau stop per neuron, best checkpoint by |K| of the unweighted
-    projection (method.md, "One channel"). A neuron that stops is frozen; the rest go on.
+    projection ("The paper preset"). A neuron that stops is frozen; the rest go on.
     With fixed_shape, stopped neurons stay in the batch (their updates are ignored)."""
     n = w.shape[0]
-    u = u0.clone()
-    moments = (torch.zeros_like(u), torch.zeros_like(u))  # AdamW's exp_avg, exp_avg_sq
-    recent = w.new_zeros(n, s.plateau_window)  # last losses, a ring
+    u = u0.clone()  # [N, d]
+    moments = (torch.zeros_like(u), torch.zeros_like(u))  # AdamW's exp_avg, exp_avg_sq, [N, d] each
+    recent = w.new_zeros(n, s.plateau_window)  # [N, window] last losses, a ring
     best_abs_k = w.new_full((n,), -1.0)
     best = Found(
         w.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [], torch.zeros(n, dtype=torch.long)
     )
-    history = w.new_full((n, s.max_steps // s.checkpoint_every + 2), float("nan"))
-    scored_count = torch.zeros(n, dtype=torch.long, device=w.device)
-    active = torch.arange(n, device=w.device)
-    running = torch.ones(n, dtype=torch.bool, device=w.device)
+    history = w.new_full((n, s.max_steps // s.checkpoint_every + 2), float("nan"))  # [N, checkpoints]
+    scored_count = torch.zeros(n, dtype=torch.long, device=w.device)  # [N] checkpoints so far
+    active = torch.arange(n, device=w.device)  # [n] rows still in the batch (all, with fixed_shape)
+    running = torch.ones(n, dtype=torch.bool, device=w.device)  # [N] not stopped yet
     for step in range(s.max_steps + 1):  # `step` updates of u have been made so far
+        # c [n, d], z [n, V], loss_now [n], grad_u [n, d]: two passes over U
         c, z, loss_now, grad_u = _loss_and_u_gradient(u[active], w[active], proj, m[active], s)
         live = running[active]
         recent[active, step % s.plateau_window] = loss_now
@@ -216,8 +232,8 @@ def paper_channel(
             plateau = recent[active].std(-1) < s.plateau_std
         stopping = (plateau | (step == s.max_steps)) & live
         scoring = (stopping | (step > 0 and step % s.checkpoint_every == 0)) & live
-        if scoring.any():
-            kurt = excess_kurtosis(z)
+        if scoring.any():  # a checkpoint: keep c if its unweighted |K| is the best so far
+            kurt = excess_kurtosis(z)  # [n]
             rows = active[scoring]
             history[rows, scored_count[rows]] = kurt[scoring]
             scored_count[rows] += 1
@@ -237,13 +253,14 @@ def paper_channel(
 
 
 def _loss_and_u_gradient(u, w, proj: Projection, m, s: Settings):
-    """c = H(u) w, z = c @ U, the loss, and its gradient with respect to u (two passes)."""
+    """c = H(u) w, z = c @ U, the loss, and its gradient with respect to u (two passes). Autograd
+    only through the reflection, [n, d]; the [n, V] part is by hand ("The loss")."""
     u = u.detach().requires_grad_(True)
-    c = reflect(u, w)
-    z = proj.forward(c.detach())
-    k_term, gz, _ = loss_gradient_z(z, m, s)
-    cos_term, gc = cosine_gradient(c.detach(), w, s)
-    (grad_u,) = torch.autograd.grad(c, u, grad_outputs=proj.backward(gz) + gc)
+    c = reflect(u, w)  # [n, d]
+    z = proj.forward(c.detach())  # [n, V], pass 1
+    k_term, gz, _ = loss_gradient_z(z, m, s)  # [n], [n, V]
+    cos_term, gc = cosine_gradient(c.detach(), w, s)  # [n], [n, d]
+    (grad_u,) = torch.autograd.grad(c, u, grad_outputs=proj.backward(gz) + gc)  # pass 2, [n, d]
     return c.detach(), z, k_term + cos_term, grad_u
 
 
@@ -266,7 +283,7 @@ def _adamw(u, grad, moments, active, step: int, lr: float, warmup: int, betas, s
 def fast_channel(
     w: torch.Tensor, proj: Projection, m: torch.Tensor, u0: torch.Tensor, s: Settings, fixed_shape=False
 ):
-    """The same loss in two phases.
+    """The same loss in two phases ("The fast solver").
 
     Explore: the paper's own optimiser (AdamW on the Householder vector u, from the same u0) at
     a much higher learning rate, for a few dozen steps, with its moment decays rescaled to that
@@ -282,17 +299,17 @@ def fast_channel(
     iteration from the V-long projections, and the subspace minimum is found by damped Newton on
     k numbers, with no further pass over U. Stops when an iteration gains less than fast_tol."""
     n = w.shape[0]
-    history = w.new_full((n, s.fast_explore_steps + s.fast_max_iters + 1), float("nan"))
-    u = u0.clone()
-    moments = (torch.zeros_like(u), torch.zeros_like(u))
+    history = w.new_full((n, s.fast_explore_steps + s.fast_max_iters + 1), float("nan"))  # [N, steps]
+    u = u0.clone()  # [N, d]
+    moments = (torch.zeros_like(u), torch.zeros_like(u))  # [N, d] each
     everyone = torch.arange(n, device=w.device)
     # One step here stands for `scale` of the preset's, so the moment averages keep the preset's
     # memory in steps of its own time: beta ** scale (0.9 -> 0.001, 0.999 -> 0.94). With the
     # preset's own betas, parity with the preset was 87% of neurons; see bench/README.md.
     scale = s.fast_explore_lr / s.lr
     betas = (s.betas[0] ** scale, s.betas[1] ** scale)
-    for step in range(s.fast_explore_steps):
-        _, z, _, grad_u = _loss_and_u_gradient(u, w, proj, m, s)
+    for step in range(s.fast_explore_steps):  # explore: every row runs every step, 2 passes each
+        _, z, _, grad_u = _loss_and_u_gradient(u, w, proj, m, s)  # z [N, V], grad_u [N, d]
         history[:, step] = excess_kurtosis(z)
         u = _adamw(u, grad_u, moments, everyone, step, s.fast_explore_lr, s.fast_explore_warmup, betas, s)
     found = _descend(w, proj, m, reflect(u, w), s, history, s.fast_explore_steps, fixed_shape)
@@ -302,18 +319,20 @@ def fast_channel(
 
 
 def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, fixed_shape: bool) -> Found:
+    """The descent on the sphere |c| = |w| from c [N, d] ("The fast solver", "Descent"). The rows
+    still running are `active` [n]; c [n, d] and z = c @ U [n, V] are carried along by linearity."""
     n = w.shape[0]
-    radius = w.norm(dim=-1, keepdim=True)
-    z = proj.forward(c)
-    past: list[tuple[torch.Tensor, torch.Tensor]] = []  # previous steps and their projections
+    radius = w.norm(dim=-1, keepdim=True)  # [N, 1]
+    z = proj.forward(c)  # [N, V], the descent's only pass that is not part of an iteration
+    past: list[tuple[torch.Tensor, torch.Tensor]] = []  # previous steps [n, d] and projections [n, V]
     found = Found(c.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [])
     active = torch.arange(n, device=w.device)
     running = torch.ones(n, dtype=torch.bool, device=w.device)
     previous_loss = w.new_full((n,), float("inf"))
     for iteration in range(s.fast_max_iters + 1):
-        k_term, gz, _ = loss_gradient_z(z, m[active], s)
-        cos_term, gc = cosine_gradient(c, w[active], s)
-        loss_now = k_term + cos_term
+        k_term, gz, _ = loss_gradient_z(z, m[active], s)  # [n], [n, V]
+        cos_term, gc = cosine_gradient(c, w[active], s)  # [n], [n, d]
+        loss_now = k_term + cos_term  # [n]
         live = running[active]
         history[active[live], first_step + iteration] = excess_kurtosis(z)[live]
         done = ((previous_loss - loss_now < s.fast_tol) | (iteration == s.fast_max_iters)) & live
@@ -330,17 +349,18 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
                 active, c, z, previous_loss = active[keep], c[keep], z[keep], previous_loss[keep]
                 gz, gc = gz[keep], gc[keep]
                 past = [(p[keep], zp[keep]) for p, zp in past]
-        r = radius[active]
-        grad = proj.backward(gz) + gc
+        r = radius[active]  # [n, 1]
+        grad = proj.backward(gz) + gc  # [n, d], pass 1 of 2
         c_hat = c / r
         grad = grad - (grad * c_hat).sum(-1, keepdim=True) * c_hat  # tangent to the sphere
+        # pass 2 of 2: the gradient's projection; c's and the past steps' are known already
         basis = _orthonormal([(c_hat, z / r), (grad, proj.forward(grad)), *past])
         Q = torch.stack([q for q, _ in basis], 1)  # [n, k, d]
         ZQ = torch.stack([zq for _, zq in basis], 1)  # [n, k, V]
         del basis
         coef = _subspace_minimum(Q, ZQ, m[active], w[active], r, s)  # [n, k]
-        c_new = r * torch.einsum("nk,nkd->nd", coef, Q)
-        z_new = r * torch.einsum("nk,nkv->nv", coef, ZQ)
+        c_new = r * torch.einsum("nk,nkd->nd", coef, Q)  # [n, d]
+        z_new = r * torch.einsum("nk,nkv->nv", coef, ZQ)  # [n, V], no pass: z is linear in c
         past = [(c_new - c, z_new - z), *past][: s.fast_history]
         c, z = c_new, z_new
     return found
@@ -352,11 +372,12 @@ def _rows_without_nan(table: torch.Tensor) -> list[list[float]]:
 
 def _orthonormal(pairs):
     """Gram-Schmidt on d-vectors, applying the same combinations to their V-long projections.
-    A vector with nothing new in it (the first iteration's empty step) becomes zero."""
+    A vector with nothing new in it (the first iteration's empty step) becomes zero.
+    pairs: (v [n, d], zv = v @ U [n, V]) each; returns the same, orthonormal in d."""
     basis = []
     for v, zv in pairs:
         for q, zq in basis:
-            coef = (v * q).sum(-1, keepdim=True)
+            coef = (v * q).sum(-1, keepdim=True)  # [n, 1]
             v, zv = v - coef * q, zv - coef * zq
         norm = v.norm(dim=-1, keepdim=True)
         scale = torch.where(norm > 1e-6, 1 / norm.clamp_min(1e-30), torch.zeros_like(norm))
@@ -367,21 +388,21 @@ def _orthonormal(pairs):
 def _subspace_minimum(Q, ZQ, m, w, r, s: Settings, newton_steps: int = 12):
     """argmin over unit a of the loss of c = r Q a, starting from a = e1 (the current c).
 
-    With Y = r (ZQ * m) centred over tokens, the weighted projection is Y^T a, so
+    With Y = r (ZQ - mu) * m (mu per row of ZQ, as in centred_weighted), the loss's x is Y^T a, so
         K(a) = M4[a,a,a,a] / (a^T S2 a)^2 - 3,   S2 = Y Y^T / V,   M4 = mean_v Y Y Y Y,
     and cos(w, c) = (Q w / |w|) . a / |a|. Damped Newton on a = e1 + (0, t), |t| <= tan(max angle).
     Q [n, k, d] orthonormal rows, ZQ [n, k, V] their projections."""
     n, k, _ = ZQ.shape
-    S2, M4 = _moments(ZQ, m, r)
-    w_q = torch.einsum("nkd,nd->nk", Q, w / w.norm(dim=-1, keepdim=True)).double()
-    t = torch.zeros(n, k - 1, dtype=torch.float64, device=ZQ.device)
+    S2, M4 = _moments(ZQ, m, r)  # [n, k, k], [n, k, k, k, k], float64
+    w_q = torch.einsum("nkd,nd->nk", Q, w / w.norm(dim=-1, keepdim=True)).double()  # [n, k]
+    t = torch.zeros(n, k - 1, dtype=torch.float64, device=ZQ.device)  # [n, k - 1]
     damping = torch.full((n, 1, 1), 1e-6, dtype=torch.float64, device=ZQ.device)
     eye = torch.eye(k - 1, dtype=torch.float64, device=ZQ.device)
     radius = math.tan(s.fast_max_angle)  # |t| = tan(angle between a and e1)
     with_e1 = lambda t: torch.cat([torch.ones_like(t[:, :1]), t], 1)  # noqa: E731
     value, grad, hess = subspace_loss(with_e1(t), S2, M4, w_q, s)
-    for _ in range(newton_steps):
-        g, h = grad[:, 1:], hess[:, 1:, 1:]  # a = e1 + (0, t) is affine in t
+    for _ in range(newton_steps):  # on k numbers per row: no pass over U
+        g, h = grad[:, 1:], hess[:, 1:, 1:]  # [n, k-1], [n, k-1, k-1]: a = e1 + (0, t) is affine in t
         # Per row, not over the batch: whether a neuron moves must not depend on its batch-mates.
         moving = g.abs().amax(-1) >= 1e-12
         if not moving.any():
@@ -403,17 +424,18 @@ def _subspace_minimum(Q, ZQ, m, w, r, s: Settings, newton_steps: int = 12):
 
 
 def _moments(ZQ, m, r, chunk: int = 2048):
-    """S2 [n, k, k] and M4 [n, k, k, k, k] of Y = r (ZQ * m), centred over the V tokens, in float64.
+    """S2 [n, k, k] and M4 [n, k, k, k, k] of Y = r (ZQ - mu) * m, in float64. mu is linear in the
+    projection, so Y^T a = centred_weighted(r a^T ZQ, m), and Y has mean 0 over the V tokens.
     Token by token chunks keep the k(k+1)/2 products in cache: built whole, they would be the
     largest tensors of the solver."""
     n, k, V = ZQ.shape
-    weights = r.unsqueeze(-1) * m.unsqueeze(1)  # [n, 1, V]
-    mean = (ZQ * weights).mean(-1, keepdim=True)  # [n, k, 1]
+    weights = r.unsqueeze(-1) * m.unsqueeze(1)  # [n, 1, V]: r m
+    mean = (ZQ * m.unsqueeze(1)).sum(-1, keepdim=True) / m.sum(-1).view(n, 1, 1)  # [n, k, 1]
     i, j = torch.triu_indices(k, k, device=ZQ.device)
     S2 = ZQ.new_zeros(n, k, k)
     gram = ZQ.new_zeros(n, len(i), len(i))
     for start in range(0, V, chunk):
-        Y = ZQ[:, :, start : start + chunk] * weights[:, :, start : start + chunk] - mean
+        Y = (ZQ[:, :, start : start + chunk] - mean) * weights[:, :, start : start + chunk]  # [n, k, chunk]
         pairs = Y[:, i] * Y[:, j]  # [n, P, chunk], P = k(k+1)/2 distinct products
         S2 += Y @ Y.transpose(1, 2)
         gram += pairs @ pairs.transpose(1, 2)
@@ -467,7 +489,7 @@ SOLVERS: dict[str, Callable] = {"fast": fast_channel, "paper": paper_channel}
 
 def initial_token_weights(U: torch.Tensor, kinds: list[str], s: Settings) -> torch.Tensor:
     """m0 [V]: 0 for control and unused tokens, glitch_weight where |U column| is above the
-    quantile, 1 elsewhere (method.md, "Glitch tokens"). Tokens of weight 1 are the scored ones."""
+    quantile, 1 elsewhere ("Glitch tokens"). Tokens of weight 1 are the scored ones."""
     norms = U.float().norm(dim=0)
     m0 = torch.ones_like(norms)
     m0[norms > torch.quantile(norms, s.glitch_quantile)] = s.glitch_weight
@@ -482,6 +504,12 @@ def z_scores(z: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     return (z - values.mean(-1, keepdim=True)) / values.std(-1, unbiased=False, keepdim=True)
 
 
+def tail_skew(z: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Skewness over the scored tokens, the tokens of the z-scores: its sign is the side of a
+    projection's tail (the unscored ones, weight 0 or 1e-4, are part of no tail). [N, V] -> [N]"""
+    return skewness(z[..., scored])
+
+
 def tail_mask(zs: torch.Tensor, skew: torch.Tensor, scored: torch.Tensor, s: Settings):
     """The tokens a channel claims: z > t if skew > 10, z < -t if skew < -10, |z| > t otherwise."""
     upper, lower = zs > s.mask_z, zs < -s.mask_z
@@ -491,8 +519,7 @@ def tail_mask(zs: torch.Tensor, skew: torch.Tensor, scored: torch.Tensor, s: Set
 
 
 def neuron_seed(run_seed: int, layer: int, side: str, neuron: int) -> int:
-    """A neuron's generator seed depends on nothing but its own coordinates (method.md,
-    "Determinism")."""
+    """A neuron's generator seed depends on nothing but its own coordinates ("Determinism")."""
     key = f"{run_seed}/{layer}/{side}/{neuron}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
 
@@ -501,7 +528,7 @@ def neuron_seed(run_seed: int, layer: int, side: str, neuron: int) -> int:
 class Channel:
     vector: torch.Tensor  # [d] float32, on the CPU
     kurtosis: float  # excess kurtosis of the unweighted projection
-    skew: float
+    skew: float  # over the scored tokens, as the z-scores: its sign is the side of T_k and top tokens
     cos: float  # cos(w, c)
     loss: float  # under the token weights it was found with
     masked: torch.Tensor  # token ids it claimed (T_k), int64
@@ -519,7 +546,8 @@ def decompose(
     on_channel: Callable[[int], None] | None = None,
     fixed_shape: bool | None = None,
 ):
-    """C channels for each neuron vector in w [N, d]: a list (per neuron) of lists of Channel.
+    """C channels for each neuron vector in w [N, d]: a list (per neuron) of lists of Channel
+    ("Many channels: masking", "Determinism").
 
     Every channel is a reflection of the original w; only the token weights change between
     channels. `seeds` gives each neuron its own generator (see neuron_seed), so a neuron's
@@ -540,22 +568,23 @@ def decompose(
 
 
 def _decompose_batch(w, proj, m0, seeds, s, fixed_shape, real, on_channel):
-    """The channels of the first `real` rows of w (the rest is padding)."""
+    """The channels of the first `real` rows of w [N, d] (the rest is padding); "Many channels:
+    masking". w is never deflated: only the token weights m change between channels."""
     n, d = w.shape
-    scored = m0 == 1
-    m = m0.expand(n, -1).clone()
+    scored = m0 == 1  # [V]
+    m = m0.expand(n, -1).clone()  # [N, V]
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     solve = SOLVERS[s.solver]
     channels: list[list[Channel]] = [[] for _ in range(real)]
     for _ in range(s.channels):
-        u0 = torch.stack([torch.randn(d, generator=g) for g in generators]).to(w.device)
-        found = solve(w, proj, m, u0, s, fixed_shape)
-        z = proj.forward(found.vector, exact=True)
-        found.loss = loss(z, m, found.vector, w, s)  # in fp32, whatever the solver's precision
-        kurt, skew = excess_kurtosis(z), skewness(z)
-        claimed = tail_mask(z_scores(z, scored), skew, scored, s)
+        u0 = torch.stack([torch.randn(d, generator=g) for g in generators]).to(w.device)  # [N, d]
+        found = solve(w, proj, m, u0, s, fixed_shape)  # found.vector [N, d]
+        z = proj.forward(found.vector, exact=True)  # [N, V] in fp32, whatever the solver's precision
+        found.loss = loss(z, m, found.vector, w, s)
+        kurt, skew = excess_kurtosis(z), tail_skew(z, scored)  # [N] each
+        claimed = tail_mask(z_scores(z, scored), skew, scored, s)  # [N, V] bool: T_k per row
         m = torch.where(claimed, torch.clamp(m, max=s.mask_weight), m)
-        cos = cosine(w, found.vector)
+        cos = cosine(w, found.vector)  # [N]
         for i in range(real):
             channels[i].append(
                 Channel(

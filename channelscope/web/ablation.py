@@ -213,7 +213,7 @@ class Prepared:
 
     def preview(self, tokens: list[str]) -> pages.WeightPreview:
         e, scored = self.effect, self.scored
-        sign = 1.0 if float(rotate.skewness(e.before)) >= 0 else -1.0
+        sign = measures.tail_sign(float(rotate.tail_skew(e.before, scored)))
         zs = rotate.z_scores(torch.stack([e.before, e.after]), scored)
         top_before = measures.top_tokens(zs[0], scored, sign, LIST_TOKENS)[0]
         top_after = measures.top_tokens(zs[1], scored, sign, LIST_TOKENS)[0]

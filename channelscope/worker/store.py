@@ -28,7 +28,8 @@ from channelscope.method.weights import Model
 # Bump when a change to the algorithm changes results: runs are identified by their settings,
 # the model file and this number, never by the git commit.
 # 2: the fast solver's rescaled AdamW moments, first-channel tail tokens, fixed-shape CUDA batches.
-ALGORITHM_VERSION = 2
+# 3: the loss centres z on its weighted mean before weighting; the mask's side from scored tokens.
+ALGORITHM_VERSION = 3
 
 
 def run_settings(settings: rotate.Settings, projection: str, reference_count: int) -> dict:

@@ -221,10 +221,11 @@ def test_both_solvers_recover_planted_token_sets(solver):
 
 
 def _shifted(seed=0, d=32, V=3000, size=12):
-    """The hole in the literal loss K(z * m) (docs/method.md, "Where this departs from the paper"): every token of U shares an offset b,
-    60 tokens have weight 0, a weak sparse token set is planted along e, and w leans on b. A
-    projection shifted along b makes the 60 zeros a tail of z * m (K(z * m) ~30 at unweighted
-    K ~0.5), and under the literal loss that beats the planted set."""
+    """The hole in the literal loss K(z * m) (docs/method.md, "Where this departs from the
+    paper"): every token of U shares an offset b, 60 tokens have weight 0, a weak sparse token
+    set is planted along e, and w leans on b. A projection shifted along b makes the 60 zeros a
+    tail of z * m (K(z * m) ~30 at unweighted K ~0.5), and under the literal loss that beats the
+    planted set."""
     g = torch.Generator().manual_seed(seed)
     U = torch.randn(d, V, generator=g) / math.sqrt(d)
     e, b = torch.linalg.qr(torch.randn(d, 2, generator=g))[0].T

@@ -149,6 +149,7 @@ def build(url: str, channels: int, seed: int) -> None:
                 side=side,
                 neuron_start=start,
                 neuron_stop=start + SHARD,
+                size=SHARD,
                 done_at=T.now(),
                 seconds=0.0,
                 worker="bench/web.py",

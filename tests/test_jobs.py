@@ -107,9 +107,7 @@ def assert_rows_match_done_shards(engine, channels: int) -> set:
         n_tokens = session.scalar(select(func.count()).select_from(T.ChannelToken))
     keys = {tuple(row[:4]) for row in neurons}
     assert len(keys) == len(neurons), "a neuron was stored twice"
-    expected = {
-        (s.run_id, s.layer, s.side, n) for s in done.values() for n in range(s.neuron_start, s.neuron_stop)
-    }
+    expected = {(s.run_id, s.layer, s.side, n) for s in done.values() for n in T.shard_neurons(s)}
     assert keys == expected
     assert all(row.shard_id in done for row in neurons), "a neuron of an unfinished shard"
     assert n_channels == len(neurons) * channels
@@ -121,12 +119,13 @@ def assert_rows_match_done_shards(engine, channels: int) -> set:
 
 
 def test_blocks_are_aligned_so_extending_cuts_the_same_shards():
-    assert plan.blocks(list(range(0, 100)), [], 64) == [(0, 64), (64, 100)]
+    assert plan.blocks(list(range(0, 100)), set(), 64) == [(0, 64), (64, 100)]
     # Extending 0-99 to 0-199 fills the rest of the block first, then whole blocks.
-    assert plan.blocks(list(range(0, 200)), [(0, 64), (64, 100)], 64) == [(100, 128), (128, 192), (192, 200)]
-    # Gaps in the request are never bridged.
-    assert plan.blocks([0, 1, 2, 3, 7], [], 64) == [(0, 4), (7, 8)]
-    assert plan.blocks([5, 6], [(0, 10)], 4) == []
+    assert plan.blocks(list(range(0, 200)), set(range(100)), 64) == [(100, 128), (128, 192), (192, 200)]
+    # Gaps in the request are never bridged, and scattered neurons planned before are left out.
+    assert plan.blocks([0, 1, 2, 3, 7], set(), 64) == [(0, 4), (7, 8)]
+    assert plan.blocks([5, 6], set(range(10)), 4) == []
+    assert plan.blocks(list(range(8)), {2, 5}, 4) == [(0, 2), (3, 4), (4, 5), (6, 8)]
 
 
 def test_first_neurons_are_planned_with_the_rest_and_computed_first(database_url, tiny_folder, run_cli):
@@ -136,8 +135,8 @@ def test_first_neurons_are_planned_with_the_rest_and_computed_first(database_url
     shards = shard_rows(engine)
     # Every shard planned at once; the heads of both sides first, then the rest in aligned blocks.
     assert [(s.side, s.neuron_start, s.neuron_stop, s.priority) for s in shards] == [
-        ("out", 0, 2, -3), ("out", 2, 4, 0), ("out", 4, 8, 0), ("out", 8, 10, 0),
-        ("gate", 0, 2, -1), ("gate", 2, 4, 2), ("gate", 4, 8, 2), ("gate", 8, 10, 2),
+        ("out", 0, 2, -10), ("out", 2, 4, 0), ("out", 4, 8, 0), ("out", 8, 10, 0),
+        ("gate", 0, 2, -8), ("gate", 2, 4, 2), ("gate", 4, 8, 2), ("gate", 8, 10, 2),
     ]  # fmt: skip
     done = sorted(shards, key=lambda s: s.done_at)
     assert {(s.side, s.neuron_start) for s in done[:2]} == {("out", 0), ("gate", 0)}

@@ -133,7 +133,12 @@ def cmd_decompose(args) -> None:
     if shard_size is None:  # on a GPU a shard fills one padded batch (docs/method.md, "Determinism")
         device = pick_device(args.device)
         shard_size = default_batch_size(device) if device.type == "cuda" else plan.DEFAULT_SHARD_SIZE
-    request = plan.Request(layers, sides, neurons or list(range(model.d_mlp)), shard_size, args.first_neurons)
+    picks = ()
+    if args.aligned or args.random:
+        picks = plan.slice_picks(engine, model, layers, sides, args.aligned, args.random, args.seed)
+    else:
+        neurons = neurons or list(range(model.d_mlp))
+    request = plan.Request(layers, sides, neurons or [], shard_size, args.first_neurons, picks)
     try:
         plan.check_request(model, request)
     except plan.JobError as error:
@@ -414,6 +419,29 @@ def cmd_thresholds(args) -> None:
     print(f"{model.name}: activation thresholds (90th percentile) of {len(found)} layers are stored")
 
 
+# --- overview ----------------------------------------------------------------------------------
+
+
+def cmd_overview(args) -> None:
+    from tqdm import tqdm
+
+    from channelscope.method.decomposer import pick_device
+    from channelscope.worker import overview
+
+    _, engine = database(migrate=True)
+    model = load(args.model)
+    with tqdm(desc=f"{model.name} overview", unit="layer side", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def on_part(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        computed = overview.build(engine, model, pick_device(args.device), on_part)
+    log(
+        f"{model.name}: raw projections of {computed} layer sides computed and stored (the rest were already)"
+    )
+
+
 # --- doctor ------------------------------------------------------------------------------------
 
 
@@ -492,6 +520,15 @@ def add_commands(sub) -> None:
         "--shard-size", type=int, default=None, help="neurons per shard (default 64; 1024 on a GPU)"
     )
     p.add_argument(
+        "--aligned",
+        type=int,
+        default=0,
+        help="the N most vocabulary-aligned vectors (highest raw kurtosis) of each layer side, first",
+    )
+    p.add_argument(
+        "--random", type=int, default=0, help="N randomly chosen vectors of each layer side (the run's seed)"
+    )
+    p.add_argument(
         "--first-neurons",
         type=int,
         default=0,
@@ -527,6 +564,11 @@ def add_commands(sub) -> None:
     p.add_argument("--count", type=int, default=12, help="neighbours kept per channel (default 12)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.set_defaults(uses_torch=True, run=cmd_neighbours)
+
+    p = sub.add_parser("overview", help="the raw projection of every vector of a model, stored (minutes)")
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
+    p.set_defaults(uses_torch=True, run=cmd_overview)
 
     p = sub.add_parser("doctor", help="this machine: device, threads, GEMM rates, the precision auto picks")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")

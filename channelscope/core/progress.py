@@ -25,8 +25,7 @@ def is_complete(shards_done: int, shards_total: int) -> bool:
 def shard_counts():
     """shards_total, shards_done, neurons_total and neurons_done over the shards of a query
     (grouped by run by the caller): the columns every progress figure starts from."""
-    size = T.Shard.neuron_stop - T.Shard.neuron_start
-    done = T.Shard.done_at.is_not(None)
+    size, done = T.Shard.size, T.Shard.done_at.is_not(None)
     return (
         func.count(T.Shard.id).label("shards_total"),
         func.count(T.Shard.done_at).label("shards_done"),
@@ -66,8 +65,7 @@ class RunProgress:
 
 
 def run_progress(session: Session, run: T.Run) -> RunProgress:
-    size = T.Shard.neuron_stop - T.Shard.neuron_start
-    done = T.Shard.done_at.is_not(None)
+    size, done = T.Shard.size, T.Shard.done_at.is_not(None)
     counts = session.execute(select(*shard_counts()).where(T.Shard.run_id == run.id)).one()
     compute_seconds, failed = session.execute(
         select(

@@ -170,7 +170,9 @@ NEWEST_RUN = (Run.created_at.desc(), Run.id.desc())
 
 
 class Shard(Base):
-    """A block of neurons of one layer and side. Its rows and its done mark commit together."""
+    """Neurons of one layer and side: a block (neuron_start..neuron_stop), or the scattered
+    neurons listed in `neurons` (the most aligned, random ones, one asked for on a page), which
+    lie between neuron_start and neuron_stop. Its rows and its done mark commit together."""
 
     __tablename__ = "shards"
     __table_args__ = (
@@ -185,12 +187,23 @@ class Shard(Base):
     side: Mapped[str] = mapped_column(String(4))
     neuron_start: Mapped[int] = mapped_column(Integer)
     neuron_stop: Mapped[int] = mapped_column(Integer)  # exclusive
+    neurons: Mapped[list | None] = mapped_column(JSON, nullable=True)  # scattered: their ids, sorted
+    size: Mapped[int] = mapped_column(Integer)  # neurons in the shard
     priority: Mapped[int] = mapped_column(Integer, default=0)  # lower first: `out` before reads
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # compute time
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+def shard_neurons(shard) -> list[int]:
+    """The neuron ids a shard (row or ORM object) holds."""
+    return (
+        list(shard.neurons)
+        if shard.neurons is not None
+        else list(range(shard.neuron_start, shard.neuron_stop))
+    )
 
 
 class Neuron(Base):
@@ -314,6 +327,36 @@ class NeighbourBuild(Base):
     device: Mapped[str] = mapped_column(String(32))
     seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class OverviewLayer(Base):
+    """The raw vocabulary projection z_w = w @ U of every vector of one layer and side, computed
+    for the whole model at set-up (method/overview.py), before any channel: per vector its
+    statistics and its top and bottom tokens (z-scores over the scored tokens), and the vectors
+    themselves in float16, from which raw token search takes exact products. Arrays, one row per
+    layer and side: 90 rows for SmolLM2, not 138,240."""
+
+    __tablename__ = "overview_layers"
+    __table_args__ = (UniqueConstraint("model_id", "layer", "side"), CheckConstraint(SIDE_CHECK, name="side"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(Integer)
+    side: Mapped[str] = mapped_column(String(4))
+    version: Mapped[int] = mapped_column(Integer)  # method/overview.py's OVERVIEW_VERSION
+    glitch_quantile: Mapped[float] = mapped_column(Float)  # which tokens are scored
+    vectors: Mapped[bytes] = mapped_column(LargeBinary)  # float16 [d_mlp, d_model]
+    stats: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [OVERVIEW_STATS, d_mlp]
+    top_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [d_mlp, K], highest z first
+    top_z: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_mlp, K]
+    bottom_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [d_mlp, K], lowest z first
+    bottom_z: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_mlp, K]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+# The rows of OverviewLayer.stats, in order: |w|, the mean and standard deviation of z_w over the
+# scored tokens (a token's raw z = (w . U[:, t] - mean) / std), and K and skew of z_w over all V.
+OVERVIEW_STATS = ("norm", "mean", "std", "kurtosis", "skew")
 
 
 SIDE_CODES = {side: code for code, side in enumerate(SIDES)}

@@ -141,6 +141,8 @@ class ShardResult:
 
 
 def shard_label(shard: T.Shard) -> str:
+    if shard.neurons is not None:
+        return f"layer {shard.layer} {shard.side} neurons {', '.join(map(str, shard.neurons))}"
     return f"layer {shard.layer} {shard.side} neurons {shard.neuron_start}-{shard.neuron_stop - 1}"
 
 
@@ -173,7 +175,7 @@ def compute_shard(
         try:
             _, decomposer = decomposers.get(session, run, list(specs), device, cache_dir)
             started = time.perf_counter()
-            ids = list(range(shard.neuron_start, shard.neuron_stop))
+            ids = T.shard_neurons(shard)
             records = decomposer.neurons(shard.layer, shard.side, ids, on_channel)
             seconds = time.perf_counter() - started
         except Exception as error:
@@ -230,7 +232,7 @@ def compute_pending(
         todo = [(s.id, s) for s in pending_shards(session, run.id)]
         channels = run.channels
     for shard_id, shard in todo:
-        size = (shard.neuron_stop - shard.neuron_start) * channels
+        size = shard.size * channels
         on_channel = on_channel_for(shard, size) if on_channel_for else None
         result = compute_shard(
             engine,

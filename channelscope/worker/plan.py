@@ -18,14 +18,18 @@ from channelscope.core import db
 from channelscope.core import tables as T
 from channelscope.core.config import config
 from channelscope.core.coordinates import out_of_range
-from channelscope.method import precision, rotate
+from channelscope.method import precision, rotate, sampling
 from channelscope.method.decomposer import Decomposer
 from channelscope.method.weights import Model
-from channelscope.worker import store
+from channelscope.worker import overview, store
 
 DEFAULT_SHARD_SIZE = 64
-# `out` first: it is what a neuron writes, and the pages lead with it; the read sides follow.
+# Shards are computed lowest priority first. Within a tier `out` goes first: it is what a neuron
+# writes, and the pages lead with it; the read sides follow. The tiers: a neuron someone opened
+# on a page, then the default slice's most aligned and random vectors, then the first-neurons
+# head, then ordinary blocks.
 SIDE_PRIORITY = {side: rank for rank, side in enumerate(T.SIDE_ORDER)}
+ON_DEMAND, ALIGNED, RANDOM, HEAD, ORDINARY = -40, -30, -20, -10, 0
 
 
 class JobError(Exception):
@@ -36,30 +40,43 @@ class JobError(Exception):
 
 
 @dataclass(frozen=True)
+class Pick:
+    """Scattered neurons of one layer and side, planned as one shard of their own."""
+
+    layer: int
+    side: str
+    neurons: tuple[int, ...]
+    tier: int  # ON_DEMAND, ALIGNED or RANDOM
+
+
+@dataclass(frozen=True)
 class Request:
     layers: list[int]
     sides: list[str]
-    neurons: list[int]
+    neurons: list[int]  # cut into blocks of shard_size
     shard_size: int = DEFAULT_SHARD_SIZE
     # The first `first` requested neurons of every layer side in shards of their own, computed
     # before all other shards: the first pages appear soon, and because every shard is planned
     # at once, the run is not "complete" (its pinned pages immutable) until all of it is done.
     first: int = 0
+    picks: tuple[Pick, ...] = ()  # scattered neurons, before every block
 
 
 def check_request(model: Model, request: Request) -> None:
     """Every layer, side and neuron must exist in the model; a shard holds at least one neuron."""
     if not request.layers:
         raise JobError("the layer range is empty")
-    if not request.neurons:
+    if not request.neurons and not request.picks:
         raise JobError("the neuron range is empty")
     if not request.sides:
         raise JobError("no side given: use gate, in and/or out")
     shape = (model.name, model.n_layers, model.d_mlp, model.sides)
+    picked = [{"layer": p.layer, "side": p.side} for p in request.picks]
     coordinates = [
         *({"layer": x} for x in request.layers),
-        *({"neuron": x} for x in request.neurons),
+        *({"neuron": x} for x in [*request.neurons, *(n for p in request.picks for n in p.neurons)]),
         *({"side": x} for x in request.sides),
+        *picked,
     ]
     for given in coordinates:
         wrong = out_of_range(*shape, **given)
@@ -71,13 +88,37 @@ def check_request(model: Model, request: Request) -> None:
         raise JobError("--first-neurons cannot be negative")
 
 
-def blocks(neurons: list[int], covered: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges over the requested neurons that no existing shard covers, each within
-    one aligned block of `size` (0-63, 64-127, ...), so that extending a run later cuts the same
-    blocks as asking for everything at once would have."""
-    taken = set()
-    for start, stop in covered:
-        taken.update(range(start, stop))
+def slice_picks(
+    engine: Engine, model: Model, layers: list[int], sides: list[str], aligned: int, random: int, seed: int
+) -> tuple[Pick, ...]:
+    """A default slice that shows the whole model: in every layer and side, the `aligned` most
+    vocabulary-aligned vectors (highest raw kurtosis, from the stored overview where it exists)
+    and `random` others drawn with a generator of the run's seed, layer and side."""
+    picks = []
+    with db.session(engine) as session:
+        model_id = session.scalar(select(T.Model.id).where(T.Model.sha256 == model.sha256))
+        for layer in layers:
+            for side in sides:
+                stored = overview.raw_kurtosis(session, model_id, layer, side) if model_id else None
+                kurtosis = (
+                    torch.from_numpy(stored)
+                    if stored is not None
+                    else sampling.raw_kurtosis(model, layer, side)
+                )
+                top = torch.argsort(kurtosis, descending=True, stable=True)[:aligned].tolist()
+                generator = torch.Generator().manual_seed(rotate.neuron_seed(seed, layer, side, -1))
+                others = [
+                    n for n in torch.randperm(model.d_mlp, generator=generator).tolist() if n not in top
+                ]
+                picks.append(Pick(layer, side, tuple(sorted(top)), ALIGNED))
+                picks.append(Pick(layer, side, tuple(sorted(others[:random])), RANDOM))
+    return tuple(p for p in picks if p.neurons)
+
+
+def blocks(neurons: list[int], taken: set[int], size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges over the requested neurons that no existing shard covers (`taken`),
+    each within one aligned block of `size` (0-63, 64-127, ...), so that extending a run later
+    cuts the same blocks as asking for everything at once would have."""
     wanted = sorted(set(neurons) - taken)
     out: list[tuple[int, int]] = []
     for n in wanted:
@@ -158,36 +199,45 @@ def add_shards(session: Session, run: T.Run, request: Request) -> int:
     # Serialise planners of one run (PostgreSQL; SQLite has one writer anyway), so two commands
     # with different --shard-size cannot cut overlapping shards.
     session.execute(select(T.Run.id).where(T.Run.id == run.id).with_for_update())
-    existing: dict[tuple[int, str], list[tuple[int, int]]] = {}
-    for layer, side, start, stop in session.execute(
-        select(T.Shard.layer, T.Shard.side, T.Shard.neuron_start, T.Shard.neuron_stop).where(
+    taken: dict[tuple[int, str], set[int]] = {}
+    for shard in session.execute(
+        select(T.Shard.layer, T.Shard.side, T.Shard.neuron_start, T.Shard.neuron_stop, T.Shard.neurons).where(
             T.Shard.run_id == run.id
         )
     ):
-        existing.setdefault((layer, side), []).append((start, stop))
+        taken.setdefault((shard.layer, shard.side), set()).update(T.shard_neurons(shard))
     rows = []
+
+    def add(layer: int, side: str, neurons: list[int], priority: int, scattered: bool) -> None:
+        rows.append(
+            dict(
+                run_id=run.id,
+                layer=layer,
+                side=side,
+                neuron_start=neurons[0],
+                neuron_stop=neurons[-1] + 1,
+                neurons=neurons if scattered else None,
+                size=len(neurons),
+                priority=priority,
+                attempts=0,
+            )
+        )
+        taken.setdefault((layer, side), set()).update(neurons)
+
+    for pick in request.picks:
+        wanted = sorted(set(pick.neurons) - taken.get((pick.layer, pick.side), set()))
+        if wanted:
+            add(pick.layer, pick.side, wanted, pick.tier + SIDE_PRIORITY[pick.side], scattered=True)
     head = sorted(request.neurons)[: request.first]
     for side in sorted(request.sides, key=SIDE_PRIORITY.__getitem__):
         for layer in request.layers:
-            covered = existing.get((layer, side), [])
-            # (neurons, shard size, priority): the head before every ordinary shard of any side
-            for neurons, size, priority in (
-                (head, max(1, request.first), SIDE_PRIORITY[side] - len(SIDE_PRIORITY)),
-                (request.neurons, request.shard_size, SIDE_PRIORITY[side]),
+            # the head before every ordinary shard of any side
+            for neurons, size, tier in (
+                (head, max(1, request.first), HEAD),
+                (request.neurons, request.shard_size, ORDINARY),
             ):
-                for start, stop in blocks(neurons, covered, size):
-                    covered = [*covered, (start, stop)]
-                    rows.append(
-                        dict(
-                            run_id=run.id,
-                            layer=layer,
-                            side=side,
-                            neuron_start=start,
-                            neuron_stop=stop,
-                            priority=priority,
-                            attempts=0,
-                        )
-                    )
+                for start, stop in blocks(neurons, taken.get((layer, side), set()), size):
+                    add(layer, side, list(range(start, stop)), tier + SIDE_PRIORITY[side], scattered=False)
     if rows:
         session.execute(_insert_ignoring_duplicates(session, T.Shard), rows)
     return len(rows)

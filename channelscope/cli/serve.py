@@ -24,7 +24,7 @@ def cmd_serve(args) -> None:
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     print(f"Channelscope is serving at http://{shown}:{args.port}/", flush=True)
     uvicorn.run(
-        "channelscope.web.main:create_app",
+        "channelscope.web.main:served_app",
         factory=True,
         host=args.host,
         port=args.port,

@@ -25,6 +25,8 @@ class Config(BaseSettings):
     # torch threads of this process; 0: every core it may use for a worker or command, half of
     # them for the web app (whose own model work is the ablation page's).
     threads: int = Field(0, alias="CHANNELSCOPE_THREADS", ge=0)
+    # `serve`: opening a neuron no run has computed asks for its channels (web/demand.py).
+    on_demand: bool = Field(True, alias="CHANNELSCOPE_ON_DEMAND")
 
     @property
     def database(self) -> str:

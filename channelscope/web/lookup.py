@@ -107,16 +107,20 @@ def vocab(session: Session, model_row: Row) -> vocabulary.Vocabulary:
     return vocabulary.vocabulary(model_row.sha256, lambda: queries.vocabulary_blob(session, model_row.id))
 
 
-def projection(session: Session, model_row: Row, run_row: Row) -> tuple[vocabulary.Projection, np.ndarray]:
+def projection(
+    session: Session, model_row: Row, run_row: Row | None
+) -> tuple[vocabulary.Projection, np.ndarray]:
     """The run's projection matrix and the tokens it scores (z-scores and top tokens are over
-    those only, as the worker computed them)."""
+    those only, as the worker computed them); without a run, the overview's: the unembedding
+    and the default glitch tokens."""
+    which = run_row.projection if run_row is not None else "unembedding"
     proj = vocabulary.projection(
         model_row.sha256,
-        run_row.projection,
+        which,
         model_row.d_model,
-        lambda: queries.projection_blob(session, model_row.id, run_row.projection),
+        lambda: queries.projection_blob(session, model_row.id, which),
     )
-    settings = run_row.settings or {}
+    settings = (run_row.settings if run_row is not None else None) or {}
     excluded = []
     if settings.get("downweight_generic") and run_row.reference_id is not None:
         excluded = queries.reference_tail_tokens(session, run_row.reference_id)
@@ -124,11 +128,23 @@ def projection(session: Session, model_row: Row, run_row: Row) -> tuple[vocabula
     return proj, proj.scored(kinds, float(settings.get("glitch_quantile", 0.99)), excluded)
 
 
-def neuron_side(session: Session, model_name: str, layer: int, neuron: int, side: str, pinned: str | None):
-    """The model row and the neuron side's row joined with its run, or a 404 naming what is missing."""
+def neuron_side(
+    session: Session,
+    model_name: str,
+    layer: int,
+    neuron: int,
+    side: str,
+    pinned: str | None,
+    missing_ok=False,
+):
+    """The model row and the neuron side's row joined with its run, or a 404 naming what is
+    missing. With missing_ok, a neuron no run has computed gives None for the row (its page
+    shows the raw projection instead); a pinned run that lacks it is still a 404."""
     model_row = model(session, model_name)
     check(model_row, layer=layer, neuron=neuron, side=side)
     row = queries.neuron_with_run(session, model_row.id, layer, side, neuron, run_hash(pinned))
+    if row is None and missing_ok and pinned is None:
+        return model_row, None
     if row is None:
         if pinned is not None:
             run(session, model_row, pinned)  # a 404 for an unknown run first

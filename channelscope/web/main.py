@@ -21,13 +21,18 @@ from channelscope.core import db
 from channelscope.core.config import config
 from channelscope.method.precision import cores, set_threads
 from channelscope.web import errors
+from channelscope.web.demand import Demand
 from channelscope.web.responses import ROOT, CachedPages, PageStore, SecurityHeaders, render_html
 from channelscope.web.routes import ablation, home, models, neurons, search
 
 STATEMENT_TIMEOUT_MS = 10_000  # a page query that runs longer is stopped and answered with 504
 
 
-def create_app(database_url: str | None = None, page_cache_bytes: int = 64 * 2**20) -> FastAPI:
+def create_app(
+    database_url: str | None = None, page_cache_bytes: int = 64 * 2**20, on_demand: bool = False
+) -> FastAPI:
+    """on_demand: opening a neuron without channels asks for them (web/demand.py); `channelscope
+    serve` turns it on unless CHANNELSCOPE_ON_DEMAND=0, tests where they test it."""
     app = FastAPI(
         title="Channelscope",
         summary="MLP neurons of a language model, browsed through their vocabulary channels (ROTATE).",
@@ -55,6 +60,13 @@ def create_app(database_url: str | None = None, page_cache_bytes: int = 64 * 2**
     app.state.sessions = sessionmaker(bind=engine, expire_on_commit=False, info={"models": {}})
     app.state.head_revision = db.head_revision()
     app.state.pages = PageStore(page_cache_bytes)
+    app.state.demand = Demand(
+        engine,
+        enabled=on_demand,
+        device=config().device,
+        cache_dir=config().data_dir / "references",
+        url=database_url,
+    )
 
     errors.install(app)
     for module in (home, models, neurons, search, ablation):
@@ -75,3 +87,8 @@ def create_app(database_url: str | None = None, page_cache_bytes: int = 64 * 2**
     app.add_middleware(SecurityHeaders)
     app.add_middleware(CachedPages, store=app.state.pages)  # outermost: a hit skips everything
     return app
+
+
+def served_app() -> FastAPI:
+    """What `channelscope serve` runs: the configured database, channels on demand as configured."""
+    return create_app(on_demand=config().on_demand)

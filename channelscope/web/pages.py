@@ -258,15 +258,38 @@ class ChannelLink(BaseModel):
     below_cutoff: bool  # kurtosis < min_kurtosis
 
 
+class RawProjection(BaseModel):
+    """The neuron side's own projection z_w = w @ U, the view LM-Debugger gives: for every
+    vector of the model, with or without channels. z-scores over the scored tokens."""
+
+    source: str  # "overview" (every vector, computed at set-up) or "run" (stored with the channels)
+    norm: float
+    kurtosis: float  # excess kurtosis of z_w over all tokens
+    skew: float
+    top_tokens: list[TokenScore]  # highest z first
+    bottom_tokens: list[TokenScore]  # lowest z first
+
+
+class ChannelsState(BaseModel):
+    """Where the channels of a neuron without any stand: asked for, computing, or why not."""
+
+    state: str  # queued, computing, failed, limited, full, unavailable, off
+    message: str
+    refresh_url: str  # this page again (it fills in when the channels are committed)
+    refresh_seconds: int | None  # how soon to look again, while they are coming
+
+
 class NeuronPage(BaseModel):
     model: ModelOut
-    run: RunOut
+    run: RunOut | None  # the run the channels come from; None while no run has this neuron
     pinning: Pinning
     layer: int
     neuron: int
     side: str
     min_kurtosis: float
-    data: NeuronSideOut
+    raw: RawProjection | None  # None only without an overview and without channels: never shown
+    data: NeuronSideOut | None  # the channels; None until a run has computed them
+    channels_state: ChannelsState | None  # while data is None
     channels: list[ChannelLink]
     cosines: list[list[float]]  # channel x channel cos of the channel vectors
     side_urls: dict[str, str]

@@ -24,6 +24,7 @@ from sqlalchemy.sql import ColumnElement
 from channelscope.core import tables as T
 from channelscope.core.progress import shard_counts
 from channelscope.core.tokens import LABEL_TOKENS
+from channelscope.method.overview import OVERVIEW_VERSION
 
 MODEL_COLUMNS = (
     T.Model.id,
@@ -327,6 +328,12 @@ def _neuron_with_run(pinned: bool):
             .where(*same_side, other.neuron > T.Neuron.neuron)
             .scalar_subquery()
             .label("next"),
+            # Whether the overview has this layer side: then every neuron has a page.
+            select(T.OverviewLayer.id)
+            .where(T.OverviewLayer.model_id == T.Run.model_id, T.OverviewLayer.layer == T.Neuron.layer)
+            .where(T.OverviewLayer.side == T.Neuron.side, T.OverviewLayer.version == OVERVIEW_VERSION)
+            .exists()
+            .label("in_overview"),
         )
         .join(T.Run, T.Run.id == T.Neuron.run_id)
         .outerjoin(progress, progress.c.run_id == T.Neuron.run_id)

@@ -88,6 +88,8 @@ class Result:
     page: BaseModel
     immutable: bool = False
     plots: Any = None  # template-only geometry derived from the page (web/plots.py)
+    status: int = 200  # a whole page can still answer 429 or 503 (channels on demand)
+    headers: dict[str, str] | None = None  # Retry-After, Refresh
 
 
 class PageStore:
@@ -176,11 +178,19 @@ def render_html(template: str, request: Request, **context) -> str:
     return templates.get_template(template).render(request=request, **context)
 
 
-def finish(request: Request, body: bytes, media_type: str, immutable: bool, status: int = 200) -> Response:
+def finish(
+    request: Request,
+    body: bytes,
+    media_type: str,
+    immutable: bool,
+    status: int = 200,
+    extra: dict[str, str] | None = None,
+) -> Response:
     """ETag and Cache-Control; 304 when the client already has these bytes; remember immutable
     pages in the PageStore."""
     etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE if immutable and status == 200 else REVALIDATE}
+    headers |= extra or {}
     if immutable and status == 200:
         store: PageStore | None = getattr(request.app.state, "pages", None)
         if store is not None:
@@ -247,14 +257,16 @@ def page(
             if isinstance(result, Response):  # a redirect (the jump-to-neuron box)
                 return result
             body = result.page.model_dump_json().encode()
-            return finish(request, body, "application/json", result.immutable)
+            return finish(request, body, "application/json", result.immutable, result.status, result.headers)
 
         def as_html(request: Request, **params):
             result = build(request=request, **params)
             if isinstance(result, Response):
                 return result
             body = render_html(template, request, page=result.page, plots=result.plots).encode()
-            return finish(request, body, "text/html; charset=utf-8", result.immutable)
+            return finish(
+                request, body, "text/html; charset=utf-8", result.immutable, result.status, result.headers
+            )
 
         if on_loop:
             as_json, as_html = _on_loop(as_json), _on_loop(as_html)

@@ -56,7 +56,7 @@ def neuron(
     return with_query(path, side=None if side == DEFAULT_SIDE else side, run=run, min_kurtosis=cut)
 
 
-def histogram(name: str, layer_: int, neuron_: int, side: str, run: str) -> str:
+def histogram(name: str, layer_: int, neuron_: int, side: str, run: str | None) -> str:
     return with_query(f"/m/{quote(name)}/{layer_}/{neuron_}/histogram.svg", side=side, run=run)
 
 

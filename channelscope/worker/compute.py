@@ -185,6 +185,39 @@ def compute_shard(
     return ShardResult(shard_id, committed, len(records), seconds, label)
 
 
+def compute_together(
+    engine: Engine, shard_ids: list[int], decomposer: Decomposer, *, worker: str
+) -> list[ShardResult]:
+    """Several shards of one run in one solver batch (a neuron's three sides, asked for on a
+    page: one batch of three rows instead of three of one), each committed on its own. A
+    neuron's channels do not depend on its batch-mates, so they are what a shard alone gives."""
+    with db.session(engine) as session, session.begin():
+        shards = [
+            s for s in (session.get(T.Shard, i) for i in shard_ids) if s is not None and s.done_at is None
+        ]
+        for shard in shards:
+            shard.attempts, shard.worker, shard.error = shard.attempts + 1, worker, None
+        coords = [(s.layer, s.side, n) for s in shards for n in T.shard_neurons(s)]
+        labels = {s.id: shard_label(s) for s in shards}
+        sizes = {s.id: s.size for s in shards}
+    started = time.perf_counter()
+    try:
+        records = decomposer.anywhere(coords)
+    except Exception as error:
+        for shard_id in labels:
+            _record_error(engine, shard_id, error)
+        raise
+    seconds = time.perf_counter() - started
+    results = []
+    for shard_id, label in labels.items():
+        part, records = records[: sizes[shard_id]], records[sizes[shard_id] :]
+        committed = commit_shard(
+            engine, shard_id, part, seconds=seconds * len(part) / len(coords), worker=worker
+        )
+        results.append(ShardResult(shard_id, committed, len(part), seconds, label))
+    return results
+
+
 def commit_shard(engine: Engine, shard_id: int, records: list, *, seconds: float, worker: str) -> bool:
     """One transaction: the done mark (exactly one row, or roll back) and every row of the
     shard's neurons. False when the shard was committed by someone else first."""

@@ -37,9 +37,14 @@ from sqlalchemy.orm import Session
 from channelscope.core import db
 from channelscope.core import tables as T
 from channelscope.core.progress import RunProgress, run_progress
-from channelscope.worker import compute, plan
+from channelscope.worker import compute, on_demand, plan
 
 SHARD_TASK = "channelscope.shard"
+# A neuron opened on a page (worker/on_demand.py): its own queue, served by every worker and by
+# `decompose`, at a priority above every shard's.
+NEURON_TASK = "channelscope.neuron"
+NEURON_QUEUE = "on-demand"
+NEURON_PRIORITY = 1000
 QUEUE_PREFIX = "run-"
 MAX_LOST = 3
 logger = logging.getLogger("channelscope.worker")
@@ -78,6 +83,7 @@ class _Context:
 def make_app(url: str) -> App:
     app = App(connector=PsycopgConnector(conninfo=conninfo(url), min_size=1, max_size=8))
     app.task(name=SHARD_TASK, pass_context=True)(_shard_task)
+    app.task(name=NEURON_TASK, pass_context=True)(_neuron_task)
     return app
 
 
@@ -94,6 +100,40 @@ def _shard_task(context, shard: int, model: str) -> dict:
     if own.options.on_shard:
         own.options.on_shard(result)
     return {"committed": result.committed, "neurons": result.neurons, "seconds": round(result.seconds, 3)}
+
+
+def _neuron_task(context, source: str, sha256: str, layer: int, neuron: int) -> dict:
+    own: _Context = context.additional_context["channelscope"]
+    run_hash = on_demand.compute_neuron(
+        own.engine, source, sha256, layer, neuron,
+        device=own.options.device, cache_dir=own.options.cache_dir, worker=own.options.name,
+    )  # fmt: skip
+    return {"run": run_hash, "layer": layer, "neuron": neuron}
+
+
+def neuron_lock(sha256: str, layer: int, neuron: int) -> str:
+    """One job per neuron, however many ask (procrastinate's queueing lock)."""
+    return f"neuron-{sha256[:16]}-{layer}-{neuron}"
+
+
+def queued_neurons(session: Session) -> int:
+    """On-demand requests waiting or running, all models."""
+    return session.scalar(
+        text(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = :task AND status IN ('todo', 'doing')"
+        ),
+        {"task": NEURON_TASK},
+    )
+
+
+def neuron_job(session: Session, sha256: str, layer: int, neuron: int) -> str | None:
+    """The status of the newest on-demand job of a neuron (todo, doing, failed ...), if any."""
+    return session.scalar(
+        text(
+            "SELECT status::text FROM procrastinate_jobs WHERE queueing_lock = :lock ORDER BY id DESC LIMIT 1"
+        ),
+        {"lock": neuron_lock(sha256, layer, neuron)},
+    )
 
 
 # --- queueing a run -------------------------------------------------------------------------------
@@ -260,7 +300,7 @@ async def decompose(
             app,
             engine,
             options,
-            queues=[queue_name(run.hash)],
+            queues=[queue_name(run.hash), NEURON_QUEUE],  # on-demand neurons go first
             until=watch_run(engine, run, on_progress),
             install_signal_handlers=False,
         )

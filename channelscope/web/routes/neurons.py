@@ -12,7 +12,7 @@ from sqlalchemy.engine import Row
 from channelscope.core import tables as T
 from channelscope.core.schemas import TokenScore, neuron_side
 from channelscope.core.tokens import label
-from channelscope.web import ablation, lookup, neighbours, pages, plots, queries, urls
+from channelscope.web import ablation, lookup, neighbours, overview, pages, plots, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.errors import NotFound
 from channelscope.web.responses import Result, finish, page, problem_responses, render_html
@@ -70,16 +70,54 @@ def neuron_page(
     run: RunParam = None,
     min_kurtosis: MinKurtosis = urls.DEFAULT_MIN_KURTOSIS,
 ) -> Result:
-    """One side of a neuron: its kurtosis, top and bottom tokens, its channels in discovery
-    order with faithfulness and its percentile against random vectors, kurtosis curves, the
-    reconstruction beside its random baseline, and the channel x channel cosines."""
-    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
+    """One side of a neuron: its raw projection (kurtosis, top and bottom tokens of w @ U) and
+    its channels in discovery order with faithfulness and its percentile against random vectors,
+    kurtosis curves, the reconstruction beside its random baseline, and the channel x channel
+    cosines. A neuron no run has computed yet shows its raw projection, and asks for its channels
+    (on a server that computes on demand): the page fills in when they are committed."""
+    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run, missing_ok=True)
+    name = model_row.name
+    arrays = overview.layer(session, model_row, layer, side) if row is None else None
+    if row is None and arrays is None:
+        raise NotFound(f"Layer {layer} neuron {neuron} ({side}) of {name} has not been computed yet.")
+    vocab = lookup.vocab(session, model_row)
+    pin = row.hash if row is not None and run is not None else None
+
+    def neighbour(n: int | None) -> str | None:
+        return None if n is None else urls.neuron(name, layer, n, side, pin, min_kurtosis)
+
+    # With the overview every neuron has a page, so the neighbours are the next ids; without it,
+    # the neurons the run has computed.
+    if row is None or row.in_overview:
+        previous, following = (
+            neuron - 1 if neuron > 0 else None,
+            neuron + 1 if neuron + 1 < model_row.d_mlp else None,
+        )
+    else:
+        previous, following = row.previous, row.next
+    common = dict(
+        model=lookup.model_out(model_row),
+        layer=layer,
+        neuron=neuron,
+        side=side,
+        min_kurtosis=min_kurtosis,
+        side_urls={
+            s: urls.neuron(name, layer, neuron, s, pin, min_kurtosis) for s in model_row.sides.split(",")
+        },
+        layer_url=urls.layer(name, layer, side, run=pin),
+        previous_url=neighbour(previous),
+        next_url=neighbour(following),
+        random_url=urls.random_neuron(name, run=pin),
+        histogram_url=urls.histogram(name, layer, neuron, side, row.hash if row is not None else None),
+        compare_url=urls.compare(name, layer, neuron, side),
+        json_url=urls.neuron(name, layer, neuron, side, pin, min_kurtosis, json=True),
+    )
+    if row is None:
+        return _without_channels(request, model_row, vocab, arrays, common)
+
     channel_rows = queries.channels(session, [row.id])
     tokens_by_channel = queries.channel_tokens(session, [row.id])
-    vocab = lookup.vocab(session, model_row)
-
-    name, run_out = model_row.name, lookup.run_out(model_row.name, row, row)
-    pin = row.hash if run is not None else None
+    run_out = lookup.run_out(name, row, row)
     data = neuron_side(
         name,
         row.hash,
@@ -93,16 +131,21 @@ def neuron_page(
         return urls.channel(name, layer, neuron, side, index, run=row.hash)
 
     result = pages.NeuronPage(
-        model=lookup.model_out(model_row),
+        **common,
         run=run_out,
         pinning=lookup.pinning(
             run is not None, urls.neuron(name, layer, neuron, side, row.hash, min_kurtosis)
         ),
-        layer=layer,
-        neuron=neuron,
-        side=side,
-        min_kurtosis=min_kurtosis,
+        raw=pages.RawProjection(
+            source="run",
+            norm=data.norm,
+            kurtosis=data.kurtosis,
+            skew=data.skew,
+            top_tokens=data.top_tokens,
+            bottom_tokens=data.bottom_tokens,
+        ),
         data=data,
+        channels_state=None,
         channels=[
             pages.ChannelLink(
                 index=ch.index,
@@ -113,18 +156,6 @@ def neuron_page(
             for ch in data.channels
         ],
         cosines=_cosines(channel_rows),
-        side_urls={
-            s: urls.neuron(name, layer, neuron, s, pin, min_kurtosis) for s in model_row.sides.split(",")
-        },
-        layer_url=urls.layer(name, layer, side, run=pin),
-        previous_url=None
-        if row.previous is None
-        else urls.neuron(name, layer, row.previous, side, pin, min_kurtosis),
-        next_url=None if row.next is None else urls.neuron(name, layer, row.next, side, pin, min_kurtosis),
-        random_url=urls.random_neuron(name, run=pin),
-        histogram_url=urls.histogram(name, layer, neuron, side, row.hash),
-        compare_url=urls.compare(name, layer, neuron, side),
-        json_url=urls.neuron(name, layer, neuron, side, pin, min_kurtosis, json=True),
         ablation=None
         if not data.channels
         else ablation.controls(name, layer, neuron, side, row.hash, data.channels, [], None, min_kurtosis),
@@ -141,15 +172,80 @@ def neuron_page(
     return Result(result, immutable=run is not None and run_out.complete, plots=charts)
 
 
+def _without_channels(request: Request, model_row: Row, vocab, arrays, common: dict) -> Result:
+    """The page of a neuron no run has computed: its raw projection, and where its channels
+    stand. Asking is idempotent (one job per neuron); a client over its limit gets 429 and a full
+    queue 503, each with Retry-After, and the page all the same. While the channels are coming
+    the page looks again by itself: htmx polls it with JavaScript, a <noscript> refresh without
+    (a Refresh header would reload the page under htmx's feet too)."""
+    layer, neuron = common["layer"], common["neuron"]
+    asked = request.app.state.demand.ask(
+        model_row, layer, neuron, request.client.host if request.client else ""
+    )
+    coming = asked.state in ("queued", "computing")
+    refresh = 5 if coming else None
+    status = {"limited": 429, "full": 503}.get(asked.state, 200)
+    headers = {}
+    if asked.retry_after:
+        headers["Retry-After"] = str(asked.retry_after)
+    stats = {name: float(values[neuron]) for name, values in arrays.stats.items()}
+
+    def scores(ids, zs) -> list[TokenScore]:
+        return [
+            TokenScore(id=int(i), token=vocab.tokens[int(i)], z=round(float(z), 4))
+            for i, z in zip(ids, zs, strict=True)
+        ]
+
+    page_out = pages.NeuronPage(
+        **common,
+        run=None,
+        pinning=lookup.pinning(False, urls.neuron(model_row.name, layer, neuron, common["side"])),
+        raw=pages.RawProjection(
+            source="overview",
+            norm=stats["norm"],
+            kurtosis=stats["kurtosis"],
+            skew=stats["skew"],
+            top_tokens=scores(arrays.top_ids[neuron], arrays.top_z[neuron]),
+            bottom_tokens=scores(arrays.bottom_ids[neuron], arrays.bottom_z[neuron]),
+        ),
+        data=None,
+        channels_state=pages.ChannelsState(
+            state=asked.state,
+            message=asked.message,
+            refresh_url=urls.neuron(
+                model_row.name, layer, neuron, common["side"], None, common["min_kurtosis"]
+            ),
+            refresh_seconds=refresh,
+        ),
+        channels=[],
+        cosines=[],
+        ablation=None,
+    )
+    return Result(page_out, status=status, headers=headers or None)
+
+
 def _neuron_histogram(session, model, layer, neuron, side, run) -> pages.Histogram:
-    model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
+    """From the run's stored vector; without a run, from the overview's (float16) one."""
+    if run is not None:
+        model_row, row = lookup.neuron_side(session, model, layer, neuron, side, run)
+        vector = T.neuron_vector(row.vector)
+    else:
+        model_row, row = lookup.model(session, model), None
+        lookup.check(model_row, layer=layer, neuron=neuron, side=side)
+        arrays = overview.layer(session, model_row, layer, side)
+        if arrays is None:
+            raise NotFound(f"The raw projections of layer {layer} ({side}) have not been computed yet.")
+        vector = arrays.vectors[neuron].float().numpy()
     projection, scored = lookup.projection(session, model_row, row)
-    zs = projection.z_scores(T.neuron_vector(row.vector)[None, :], scored)[0]
+    zs = projection.z_scores(vector[None, :], scored)[0]
     return _histogram(zs[scored])
 
 
 HistogramRun = Annotated[
-    str, Query(max_length=64, description="the run hash (histogram links are always pinned)")
+    str | None,
+    Query(
+        max_length=64, description="the run hash; without it, the overview's vector (every neuron has one)"
+    ),
 ]
 
 
@@ -166,11 +262,11 @@ def neuron_histogram_json(
     model: ModelName,
     layer: Layer,
     neuron: Neuron,
-    run: HistogramRun,
+    run: HistogramRun = None,
     side: Side = "out",
 ):
     hist = _neuron_histogram(session, model, layer, neuron, side, run)
-    return finish(request, hist.model_dump_json().encode(), "application/json", immutable=True)
+    return finish(request, hist.model_dump_json().encode(), "application/json", immutable=run is not None)
 
 
 @router.get(
@@ -186,7 +282,7 @@ def neuron_histogram_svg(
     model: ModelName,
     layer: Layer,
     neuron: Neuron,
-    run: HistogramRun,
+    run: HistogramRun = None,
     side: Side = "out",
 ):
     """A separate image rather than part of the neuron page: w @ U over the whole vocabulary is
@@ -195,7 +291,7 @@ def neuron_histogram_svg(
     hist = _neuron_histogram(session, model, layer, neuron, side, run)
     chart = plots.histogram(hist, f"Layer {layer} neuron {neuron} ({side}): z-scores of w @ U")
     body = render_html("histogram.svg", request, chart=chart).encode()
-    return finish(request, body, "image/svg+xml", immutable=True)
+    return finish(request, body, "image/svg+xml", immutable=run is not None)
 
 
 @page(

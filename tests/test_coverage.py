@@ -1,0 +1,169 @@
+"""Every neuron of the model, from the first minute: raw projections for all of them, and
+channels on demand for a neuron no run has computed (SQLite: the web process's own thread;
+PostgreSQL: procrastinate's on-demand queue and `channelscope worker`), with the crowd bounded."""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.core.config import config
+from channelscope.method import rotate
+from channelscope.method.decomposer import Decomposer
+from channelscope.method.weights import load_model
+from channelscope.web import demand as D
+from channelscope.web.main import create_app
+from channelscope.worker import on_demand, overview
+from tests.test_jobs import spawn, wait_for
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHANNELSCOPE_DATA_DIR", str(tmp_path / "data"))
+    config.cache_clear()
+    yield tmp_path / "data"
+    config.cache_clear()
+
+
+def with_overview(url: str, folder) -> None:
+    engine = db.make_engine(url)
+    overview.build(engine, load_model(folder), torch.device("cpu"))
+    engine.dispose()
+
+
+def page(client, url: str, status: int = 200):
+    response = client.get(url)
+    assert response.status_code == status, (url, response.status_code, response.text[-800:])
+    return response
+
+
+def test_every_neuron_has_a_page_with_its_raw_projection_before_any_run(database_url, tiny_folder, tmp_path):
+    with_overview(database_url, tiny_folder)
+    app = create_app(database_url)
+    with TestClient(app) as client:
+        for side in ("out", "in", "gate"):
+            data = page(client, f"/m/tiny-llama/1/7.json?side={side}").json()
+            assert data["data"] is None and data["run"] is None
+            assert data["raw"]["source"] == "overview"
+            assert data["channels_state"]["state"] == "off"  # this app computes nothing on request
+        html = page(client, "/m/tiny-llama/1/7?side=gate").text
+        assert "Raw projection" in html and "No run has computed this neuron" in html
+        assert (
+            page(client, "/m/tiny-llama/1/7/histogram.svg?side=gate")
+            .headers["content-type"]
+            .startswith("image/svg")
+        )
+        page(client, "/m/tiny-llama/1/128", 404)  # out of range stays a 404
+        # The raw projection is the one a channel run records for the neuron.
+        model = load_model(tiny_folder)
+        settings = rotate.with_overrides(rotate.Settings(), channels=1, precision="fp32")
+        (record,) = Decomposer(model, settings, reference_count=4, cache_dir=tmp_path).neurons(1, "gate", [7])
+        raw = page(client, "/m/tiny-llama/1/7.json?side=gate").json()["raw"]
+        assert [t["id"] for t in raw["top_tokens"]] == record.top_ids.tolist()
+        assert raw["kurtosis"] == pytest.approx(record.kurtosis, abs=1e-4)
+        # Neighbours are the next ids: every neuron has a page now.
+        neighbours = page(client, "/m/tiny-llama/1/7.json").json()
+        assert neighbours["previous_url"].startswith("/m/tiny-llama/1/6") and "/1/8" in neighbours["next_url"]
+    app.state.engine.dispose()
+
+
+def test_opening_an_uncomputed_neuron_computes_its_three_sides_on_demand(sqlite_url, tiny_gguf, data_dir):
+    with_overview(sqlite_url, tiny_gguf)
+    app = create_app(sqlite_url, on_demand=True)
+    with TestClient(app) as client:
+        first = page(client, "/m/tiny-llama/0/5.json").json()
+        assert first["data"] is None and first["channels_state"]["state"] in ("queued", "computing")
+        assert first["channels_state"]["refresh_seconds"]
+        html = page(client, "/m/tiny-llama/0/5").text
+        assert 'hx-trigger="every' in html and '<noscript><meta http-equiv="refresh"' in html
+        done = wait_for(
+            lambda: (found := page(client, "/m/tiny-llama/0/5.json").json())["data"] and found,
+            240,
+            "channels",
+        )
+        for side in ("gate", "in"):
+            assert len(page(client, f"/m/tiny-llama/0/5.json?side={side}").json()["data"]["channels"]) == 5
+    engine = app.state.engine
+    with db.session(engine) as session:
+        (run,) = session.scalars(select(T.Run)).all()
+        shards = session.scalars(select(T.Shard)).all()
+    # The model's default run (the one bin/up's slice uses), each side a one-neuron shard of the
+    # on-demand tier, all three computed.
+    assert run.channels == on_demand.DEFAULT_CHANNELS and run.seed == on_demand.DEFAULT_SEED
+    assert done["run"]["hash"] == run.hash and run.settings["solver"] == "fast"
+    assert sorted((s.side, s.neurons, s.done_at is not None) for s in shards) == [
+        ("gate", [5], True), ("in", [5], True), ("out", [5], True)
+    ]  # fmt: skip
+    assert all(s.priority < 0 for s in shards)
+    app.state.engine.dispose()
+
+
+def test_the_crowd_is_bounded_one_job_per_neuron_a_cap_and_a_limit_per_client(
+    sqlite_url, tiny_gguf, monkeypatch
+):
+    engine = db.make_engine(sqlite_url)
+    demand = D.Demand(engine, enabled=True, device="cpu", cache_dir=tiny_gguf.parent)
+    demand.thread = SimpleNamespace()  # nothing computes here: only what is queued is looked at
+    model_row = SimpleNamespace(sha256="ab" * 32, source=str(tiny_gguf))
+    # However many ask, one job per neuron.
+    assert [demand.ask(model_row, 0, 1, f"client {i}").state for i in range(5)] == ["queued"] * 5
+    assert demand.todo.qsize() == 1
+    # A client asking for many neurons quickly is told to wait.
+    asked = [demand.ask(model_row, 1, n, "eager") for n in range(D.PER_CLIENT + 1)]
+    assert [a.state for a in asked[:-1]] == ["queued"] * D.PER_CLIENT
+    assert asked[-1].state == "limited" and asked[-1].retry_after
+    # And a full queue turns everyone away.
+    monkeypatch.setattr(D, "MAX_QUEUED", demand.todo.qsize())
+    full = demand.ask(model_row, 0, 99, "patient")
+    assert full.state == "full" and full.retry_after
+    assert demand.todo.qsize() == 1 + D.PER_CLIENT
+    engine.dispose()
+
+
+def test_a_client_over_its_limit_gets_429_with_retry_after_and_the_page(sqlite_url, tiny_gguf, monkeypatch):
+    with_overview(sqlite_url, tiny_gguf)
+    monkeypatch.setattr(D, "PER_CLIENT", 1)
+    app = create_app(sqlite_url, on_demand=True)
+    app.state.demand.thread = SimpleNamespace()  # queue only
+    with TestClient(app) as client:
+        page(client, "/m/tiny-llama/0/1.json")
+        limited = page(client, "/m/tiny-llama/0/2", 429)
+        assert limited.headers["retry-after"] == "60" and "Raw projection" in limited.text
+        page(client, "/m/tiny-llama/0/1.json")  # asking again for the same neuron is free
+    app.state.engine.dispose()
+
+
+def test_on_postgresql_a_request_is_one_job_that_any_worker_takes(
+    postgres_url, tiny_gguf, tmp_path, data_dir
+):
+    with_overview(postgres_url, tiny_gguf)
+    app = create_app(postgres_url, on_demand=True)
+    engine = app.state.engine
+    with TestClient(app) as client:
+        for _ in range(3):
+            assert page(client, "/m/tiny-llama/1/9.json").json()["channels_state"]["state"] == "queued"
+        with engine.connect() as connection:
+            jobs = connection.exec_driver_sql(
+                "SELECT task_name, queue_name, priority, status::text FROM procrastinate_jobs"
+            ).all()
+        assert [tuple(j) for j in jobs] == [("channelscope.neuron", "on-demand", 1000, "todo")]
+        log = tmp_path / "worker.log"
+        worker = spawn(postgres_url, tmp_path / "worker", log, "worker", "--model", tiny_gguf.parent)
+        try:
+            wait_for(
+                lambda: page(client, "/m/tiny-llama/1/9.json").json()["data"], 240, "channels", worker, log
+            )
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+        assert len(page(client, "/m/tiny-llama/1/9.json?side=in").json()["data"]["channels"]) == 5
+    with db.session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(T.Neuron)) == 3
+    app.state.engine.dispose()

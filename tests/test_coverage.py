@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 from types import SimpleNamespace
+from urllib.parse import urlencode
 
 import pytest
 import torch
@@ -166,4 +167,55 @@ def test_on_postgresql_a_request_is_one_job_that_any_worker_takes(
         assert len(page(client, "/m/tiny-llama/1/9.json?side=in").json()["data"]["channels"]) == 5
     with db.session(engine) as session:
         assert session.scalar(select(func.count()).select_from(T.Neuron)) == 3
+    app.state.engine.dispose()
+
+
+def test_search_finds_exactly_the_vectors_whose_raw_projection_puts_the_token_far_out(
+    database_url, tiny_folder
+):
+    with_overview(database_url, tiny_folder)
+    model = load_model(tiny_folder)
+    U = model.projection()
+    scored = rotate.initial_token_weights(U, model.vocabulary.kinds, rotate.Settings()) == 1
+    # The independent computation: every vector's z-scores, fp32, straight from the model file.
+    zs = {
+        (layer, side): rotate.z_scores(model.vectors(layer, side) @ U, scored)
+        for layer in range(model.n_layers)
+        for side in model.sides
+    }
+    counts = sum((z.abs() >= 4).sum(0) for z in zs.values())
+    token = int(torch.argmax(torch.where(scored, counts, -1)))
+    expected = sorted(
+        (
+            (-abs(float(z[n, token])), layer, side, n)
+            for (layer, side), z in zs.items()
+            for n in range(model.d_mlp)
+            if abs(float(z[n, token])) >= 4.0
+        )  # fmt: skip
+    )
+    assert len(expected) >= 2
+    app = create_app(database_url)
+    with TestClient(app) as client:
+        text = model.vocabulary.tokens[token]
+        data = page(client, "/search.json?" + urlencode({"token": text, "exact": 1, "limit": 200})).json()
+        assert data["hits"] == [] and data["raw_note"] is None  # no channels anywhere, every raw projection
+        found = [(h["layer"], h["side"], h["neuron"]) for h in data["raw_hits"]]
+        # Exactly those vectors; strongest first up to float16 rounding of the stored vectors.
+        assert set(found) == {(layer, side, n) for _, layer, side, n in expected}
+        assert [abs(h["token"]["z"]) for h in data["raw_hits"]] == sorted(
+            (abs(h["token"]["z"]) for h in data["raw_hits"]), reverse=True
+        )
+        for h in data["raw_hits"]:
+            assert h["token"]["z"] == pytest.approx(
+                float(zs[h["layer"], h["side"]][h["neuron"], token]), abs=2e-2
+            )
+        # One at a time, the pages follow each other with no hit twice or lost.
+        seen, url = [], "/search.json?" + urlencode({"token": text, "exact": 1, "limit": 1})
+        while url:
+            part = page(client, url).json()
+            seen += [(h["layer"], h["side"], h["neuron"]) for h in part["raw_hits"]]
+            url = part["raw_next_url"] and part["raw_next_url"].replace("/search?", "/search.json?")
+        assert seen == found
+        html = page(client, "/search?" + urlencode({"token": text, "exact": 1})).text
+        assert "Raw projections" in html and f"/m/tiny-llama/{found[0][0]}/{found[0][2]}" in html
     app.state.engine.dispose()

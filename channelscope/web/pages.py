@@ -382,7 +382,7 @@ class ComparePage(BaseModel):
 
 class TokenMatch(BaseModel):
     model: str
-    run: str
+    run: str | None  # the run whose channels were searched; None for a model without one
     id: int
     token: str
 
@@ -401,6 +401,17 @@ class SearchHit(BaseModel):
     faithfulness_percentile: float
     generic: bool
     label: str
+
+
+class RawHit(BaseModel):
+    """A vector whose own projection w @ U puts the token far out, with or without channels."""
+
+    model: str
+    layer: int
+    side: str
+    neuron: int
+    url: str  # the neuron page
+    token: TokenScore  # the matched token and its raw z in w @ U (signed: negative = suppressed)
 
 
 class SearchQuery(BaseModel):
@@ -429,6 +440,10 @@ class SearchPage(BaseModel):
     matches: list[TokenMatch] = Field(description="vocabulary tokens the query matched")
     hits: list[SearchHit]
     next_url: str | None
+    raw_hits: list[RawHit]  # after the channels: every vector's raw projection, exact
+    raw_threshold: float  # |raw z| a vector's projection must reach to be listed
+    raw_next_url: str | None
+    raw_note: str | None  # models whose raw projections are not (all) computed yet
     message: str | None  # the empty state, or what the filters hid
     close: list[CloseToken]  # for a token not in the vocabulary
 

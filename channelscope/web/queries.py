@@ -97,8 +97,20 @@ def _scalar(session: Session, statement, params: dict | None = None):
 
 
 @functools.cache
+def _overview_parts():
+    """How many layer sides of the model's overview are stored: all of them (layers x sides)
+    once `channelscope overview` has finished. A count, so a model without one costs no query."""
+    return (
+        select(func.count())
+        .select_from(T.OverviewLayer)
+        .where(T.OverviewLayer.model_id == T.Model.id, T.OverviewLayer.version == OVERVIEW_VERSION)
+        .scalar_subquery()
+        .label("overview_parts")
+    )
+
+
 def _models():
-    return select(*MODEL_COLUMNS).order_by(T.Model.name)
+    return select(*MODEL_COLUMNS, _overview_parts()).order_by(T.Model.name)
 
 
 @functools.cache
@@ -182,7 +194,7 @@ def _models_with_newest_run():
     )
     newest = select(ranked).where(ranked.c.rank == 1).subquery()
     return (
-        select(*MODEL_COLUMNS, *(column for column in newest.c if column.name != "rank"))
+        select(*MODEL_COLUMNS, _overview_parts(), *(column for column in newest.c if column.name != "rank"))
         .outerjoin(newest, newest.c.model_id == T.Model.id)
         .order_by(T.Model.name)
     )

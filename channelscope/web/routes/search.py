@@ -7,9 +7,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 
+from channelscope.core import tables as T
 from channelscope.core.schemas import TokenScore
 from channelscope.core.tokens import LABEL_TOKENS, label, visible
-from channelscope.web import lookup, pages, queries, urls
+from channelscope.web import lookup, overview, pages, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.errors import Malformed, NotFound
 from channelscope.web.responses import Result, page
@@ -18,6 +19,7 @@ router = APIRouter()
 
 MAX_TOKEN = 100  # characters: the longest SmolLM2 token is 64 (a run of spaces)
 PAGE = 25  # hits per page; keyset pagination gives the next ones
+RAW_Z = 4.0  # a raw hit: the token at |z| >= this in the vector's own projection
 MAX_VARIANTS = 32  # token ids one query may match per model (case and leading-space variants)
 SUGGESTIONS = 10
 
@@ -63,6 +65,7 @@ def search_page(
     generic: Annotated[bool, Query(description="include generic channels")] = False,
     sort: Literal["percentile", "z"] = "percentile",
     after: Annotated[str | None, Query(max_length=100)] = None,
+    raw_after: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = PAGE,
 ) -> Result:
     """Every channel whose top tokens include the token, most trustworthy first (faithfulness
@@ -90,6 +93,10 @@ def search_page(
         matches=[],
         hits=[],
         next_url=None,
+        raw_hits=[],
+        raw_threshold=RAW_Z,
+        raw_next_url=None,
+        raw_note=None,
         message=None,
         close=[],
     )
@@ -108,39 +115,43 @@ def search_page(
         if run_row is None:
             raise NotFound(f"There is no run {query.run!r}" + (f" of {query.model}." if query.model else "."))
         runs = {run_row.model_id: run_row}
+        chosen = [m for m in chosen if m.id == run_row.model_id]
     else:
         runs = {m.id: m for m in chosen if m.run_id is not None}
-    models_by_id = {m.id: m for m in chosen if m.id in runs}
 
     targets, vocab_of_run, model_of_run = [], {}, {}
-    for model_id, run_row in runs.items():
-        model_row = models_by_id[model_id]
+    for model_row in chosen:
         vocab = lookup.vocab(session, model_row)
-        vocab_of_run[run_row.run_id], model_of_run[run_row.run_id] = vocab, (model_row.name, run_row.hash)
+        run_row = runs.get(model_row.id)
+        if run_row is not None:
+            vocab_of_run[run_row.run_id], model_of_run[run_row.run_id] = vocab, (model_row.name, run_row.hash)
         for token_id in vocab.find(query.token, exact)[:MAX_VARIANTS]:
-            targets.append((run_row.run_id, token_id))
+            if run_row is not None:
+                targets.append((run_row.run_id, token_id))
             page_out.matches.append(
                 pages.TokenMatch(
-                    model=model_row.name, run=run_row.hash, id=token_id, token=vocab.tokens[token_id]
+                    model=model_row.name,
+                    run=run_row.hash if run_row is not None else None,
+                    id=token_id,
+                    token=vocab.tokens[token_id],
                 )
             )
 
-    if not targets:
-        where = ", ".join(m.name for m in models_by_id.values()) or "any model with computed channels"
+    if not page_out.matches:
+        where = ", ".join(m.name for m in chosen) or "any model here"
         page_out.message = f"{visible(query.token)} is not a token of {where}" + (
             " (exact match: try without exact)." if exact else "."
         )
-        for model_id in runs:
-            model_row = models_by_id[model_id]
-            vocab = vocab_of_run[runs[model_id].run_id]
-            for token_id in vocab.close(query.token, 8):
-                text = vocab.tokens[token_id]
+        for model_row in chosen:
+            for token_id in lookup.vocab(session, model_row).close(query.token, 8):
+                text = lookup.vocab(session, model_row).tokens[token_id]
                 page_out.close.append(
                     pages.CloseToken(
                         model=model_row.name, token=text, url=_here(query, token=text, exact=None)
                     )
                 )
         return Result(page_out)
+    _raw_hits(session, page_out, chosen, _raw_cursor(raw_after))
 
     filters = queries.SearchFilters(
         layer_min=query.layer_min,
@@ -150,7 +161,7 @@ def search_page(
         include_generic=generic,
         by_z=sort == "z",
     )
-    rows = queries.search(session, targets, filters, cursor, limit + 1)
+    rows = queries.search(session, targets, filters, cursor, limit + 1) if targets else []
     more = len(rows) > limit
     rows = rows[:limit]
     for r in rows:
@@ -190,6 +201,83 @@ def search_page(
     else:
         page_out.message = f"Left out: {' and '.join(hidden)}."
     return Result(page_out)
+
+
+def _raw_cursor(after: str | None) -> tuple | None:
+    """raw_after=|z|~layer~side code~neuron~model: where the previous page of raw hits ended."""
+    if not after:
+        return None
+    parts = after.split("~", 4)
+    try:
+        z, layer, code, neuron, model = float(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]), parts[4]
+    except (ValueError, IndexError):
+        raise Malformed(
+            f"raw_after must look like 5.25~12~2~1234~smollm2-135m-instruct, not {after!r}"
+        ) from None
+    if not math.isfinite(z):
+        raise Malformed(f"raw_after must look like 5.25~12~2~1234~smollm2-135m-instruct, not {after!r}")
+    return (-z, layer, code, neuron, model)
+
+
+def _raw_hits(session, page_out: pages.SearchPage, chosen, cursor: tuple | None) -> None:
+    """The vectors whose own projection puts a matched token at |z| >= RAW_Z: exact, one product
+    of the token's column of U with every vector of the model (web/overview.py), strongest
+    first, each vector once (its strongest matched spelling), filtered like the channels."""
+    query = page_out.query
+    found: dict[tuple, tuple[int, float]] = {}
+    missing = []
+    for model_row in chosen:
+        complete = model_row.overview_parts == model_row.n_layers * len(model_row.sides.split(","))
+        vectors = overview.model_vectors(session, model_row) if complete else None
+        if vectors is None:
+            missing.append(model_row.name)
+            continue
+        vocab = lookup.vocab(session, model_row)
+        projection, scored = lookup.projection(session, model_row, None)
+        for token_id in vocab.find(query.token, query.exact)[:MAX_VARIANTS]:
+            if not scored[token_id]:  # special and glitch tokens are in no token list
+                continue
+            indices, zs = overview.raw_hits(vectors, projection.matrix[:, token_id], RAW_Z)
+            for i, z in zip(indices.tolist(), zs.tolist(), strict=True):
+                layer, code, neuron = (int(x) for x in vectors.keys[i])
+                side = T.SIDES[code]
+                if query.side is not None and side != query.side:
+                    continue
+                if (query.layer_min is not None and layer < query.layer_min) or (
+                    query.layer_max is not None and layer > query.layer_max
+                ):
+                    continue
+                key = (-abs(z), layer, code, neuron, model_row.name)
+                known = found.get(key[1:])
+                if known is None or abs(z) > abs(known[1]):
+                    found[key[1:]] = (token_id, z)
+    ranked = sorted(((-abs(z), *rest), token_id, z) for rest, (token_id, z) in found.items())
+    if cursor is not None:
+        ranked = [r for r in ranked if r[0] > cursor]
+    for key, token_id, z in ranked[: query.limit]:
+        _, layer, code, neuron, name = key
+        side = T.SIDES[code]
+        vocab = lookup.vocab(session, next(m for m in chosen if m.name == name))
+        page_out.raw_hits.append(
+            pages.RawHit(
+                model=name,
+                layer=layer,
+                side=side,
+                neuron=neuron,
+                url=urls.neuron(name, layer, neuron, side),
+                token=TokenScore(id=token_id, token=vocab.tokens[token_id], z=round(z, 4)),
+            )
+        )
+    if len(ranked) > query.limit:
+        last = ranked[query.limit - 1][0]
+        page_out.raw_next_url = _here(
+            query, raw_after=f"{-last[0]!r}~{last[1]}~{last[2]}~{last[3]}~{last[4]}"
+        )
+    if missing:
+        page_out.raw_note = (
+            f"The raw projections of {', '.join(missing)} are not all computed yet "
+            "(`channelscope overview`): raw hits leave those models out."
+        )
 
 
 def _here(query: pages.SearchQuery, **changes) -> str:

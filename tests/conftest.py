@@ -8,7 +8,12 @@ by what they need, so `bin/test --fast` can leave out the slow kinds:
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.databases", "tests.fixtures.web_store", "tests.fixtures.browser"]
+pytest_plugins = [
+    "tests.fixtures.databases",
+    "tests.fixtures.web_store",
+    "tests.fixtures.browser",
+    "tests.fixtures.cli",
+]
 
 POSTGRES_FIXTURES = {"postgres_url", "empty_postgres_url", "postgres_template"}
 

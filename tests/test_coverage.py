@@ -22,7 +22,7 @@ from channelscope.method.weights import load_model
 from channelscope.web import demand as D
 from channelscope.web.main import create_app
 from channelscope.worker import on_demand, overview
-from tests.test_jobs import spawn, wait_for
+from tests.fixtures.cli import spawn, wait_for
 
 
 @pytest.fixture
@@ -219,3 +219,49 @@ def test_search_finds_exactly_the_vectors_whose_raw_projection_puts_the_token_fa
         html = page(client, "/search?" + urlencode({"token": text, "exact": 1})).text
         assert "Raw projections" in html and f"/m/tiny-llama/{found[0][0]}/{found[0][2]}" in html
     app.state.engine.dispose()
+
+
+def test_the_default_slice_and_the_layer_and_model_pages_show_every_neuron(
+    database_url, tiny_folder, run_cli
+):
+    with_overview(database_url, tiny_folder)
+    args = ["decompose", tiny_folder, "--layers", "0-1", "--aligned", "2", "--random", "2", "--channels", "2"]
+    assert run_cli(database_url, *args, "--reference-count", "4") == 0
+    engine = db.make_engine(database_url)
+    with db.session(engine) as session:
+        shards = session.scalars(select(T.Shard).order_by(T.Shard.priority, T.Shard.id)).all()
+    # Per layer side one shard of the 2 most aligned, one of 2 random others: aligned first.
+    assert len(shards) == 12 and all(s.done_at is not None and s.size == 2 for s in shards)
+    assert [s.priority < -20 for s in shards] == [True] * 6 + [False] * 6
+    model = load_model(tiny_folder)
+    for s in shards[:6]:
+        kurtosis = rotate.excess_kurtosis(model.vectors(s.layer, s.side) @ model.projection())
+        assert set(s.neurons) == set(torch.topk(kurtosis, 2).indices.tolist())
+    app = create_app(database_url)
+    with TestClient(app) as client:
+        rows = page(client, "/m/tiny-llama/1.json?limit=500").json()["rows"]
+        assert len(rows) == model.d_mlp and all(r["raw_tokens"] for r in rows)
+        with_channels = {r["neuron"] for r in rows if r["has_channels"]}
+        out = {n for s in shards if (s.layer, s.side) == (1, "out") for n in s.neurons}
+        assert with_channels == out
+        assert [r["has_channels"] for r in rows[:4]] == [True] * 4  # rows without a percentile go last
+        by_kurtosis = page(client, "/m/tiny-llama/1.json?sort=kurtosis&limit=500").json()["rows"]
+        values = [r["kurtosis"] for r in by_kurtosis]
+        assert values == sorted(values, reverse=True)
+        # Keyset pages over all neurons, rows with and without channels, none twice or lost.
+        seen, url = [], "/m/tiny-llama/1.json?limit=50"
+        while url:
+            part = page(client, url).json()
+            seen += [r["neuron"] for r in part["rows"]]
+            url = part["next_url"] and part["next_url"].replace("/m/tiny-llama/1?", "/m/tiny-llama/1.json?")
+        assert seen == [r["neuron"] for r in rows]
+        cells = page(client, "/m/tiny-llama.json").json()["cells"]
+        assert {(c["layer"], c["side"], c["vectors"], c["neurons"]) for c in cells} == {
+            (layer, side, model.d_mlp, 4) for layer in (0, 1) for side in model.sides
+        }
+        landed = {
+            client.get("/m/tiny-llama/random", follow_redirects=False).headers["location"] for _ in range(20)
+        }
+        assert len(landed) > 10  # uniform over every vector, not the next computed neuron
+    app.state.engine.dispose()
+    engine.dispose()

@@ -4,78 +4,23 @@ Subprocesses get their database and data folder through DATABASE_URL and CHANNEL
 and one torch thread each: two of them share this machine's two cores with pytest."""
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sqlalchemy import func, select
 
 from channelscope import cli
 from channelscope.core import db
 from channelscope.core import tables as T
-from channelscope.core.config import config
 from channelscope.method import rotate
 from channelscope.method.decomposer import TOP_K, Decomposer
 from channelscope.method.weights import load_model
 from channelscope.worker import compute, plan
+from tests.fixtures.cli import spawn, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--channels", "3", "--reference-count", "8"]
-
-
-@pytest.fixture
-def run_cli(monkeypatch, tmp_path):
-    """`channelscope ...` in this process, against the given database, on one torch thread (the
-    subprocesses of other tests, and other work, share the two cores: threads would contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-    def call(url: str, *args: str) -> int:
-        monkeypatch.setenv("DATABASE_URL", url)
-        monkeypatch.setenv("CHANNELSCOPE_DATA_DIR", str(tmp_path / "data"))
-        config.cache_clear()
-        return cli.main([str(a) for a in args])
-
-    yield call
-    config.cache_clear()
-    torch.set_num_threads(threads)
-
-
-def spawn(url: str, data_dir: Path, log: Path, *args: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "CHANNELSCOPE_DATA_DIR": str(data_dir),
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "channelscope.cli", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None, log=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            pytest.fail(
-                f"the process ended (rc {process.returncode}) before {what}:\n{log.read_text()[-3000:]}"
-            )
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}" + (f":\n{log.read_text()[-3000:]}" if log else ""))
 
 
 def shard_rows(engine):

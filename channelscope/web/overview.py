@@ -17,8 +17,10 @@ from channelscope.core import tables as T
 from channelscope.method import overview
 
 _lock = threading.Lock()
-_layers: dict[tuple[str, int, str], LayerArrays | None] = {}
-_models: dict[str, ModelVectors] = {}
+# Kept per database and model file: the same file can have an overview in one store and not yet
+# in another (the tests' stores, a staging database).
+_layers: dict[tuple[str, str, int, str], LayerArrays] = {}
+_models: dict[tuple[str, str], ModelVectors] = {}
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class LayerArrays:
     top_z: np.ndarray
     bottom_ids: np.ndarray
     bottom_z: np.ndarray
+
+
+def _database(session: Session) -> str:
+    return session.get_bind().url.render_as_string(hide_password=True)
 
 
 def _read(row) -> LayerArrays:
@@ -56,7 +62,7 @@ def _query(model_id: int, layer: int | None = None, side: str | None = None):
 def layer(session: Session, model_row: Row, layer: int, side: str) -> LayerArrays | None:
     """One layer side's raw projections, or None where the overview has not reached it yet (a
     miss is not kept: it may be computed a minute later)."""
-    key = (model_row.sha256, layer, side)
+    key = (_database(session), model_row.sha256, layer, side)
     found = _layers.get(key)
     if found is None:
         row = session.scalar(_query(model_row.id, layer, side))
@@ -80,7 +86,8 @@ class ModelVectors:
 def model_vectors(session: Session, model_row: Row) -> ModelVectors | None:
     """All layer sides of the model's overview stacked (160 MB for SmolLM2), or None until the
     overview is complete (search over part of a model would silently miss the rest)."""
-    found = _models.get(model_row.sha256)
+    key = (_database(session), model_row.sha256)
+    found = _models.get(key)
     if found is not None:
         return found
     sides = model_row.sides.split(",")
@@ -88,7 +95,7 @@ def model_vectors(session: Session, model_row: Row) -> ModelVectors | None:
     if len(rows) < model_row.n_layers * len(sides):
         return None
     with _lock:
-        if model_row.sha256 not in _models:
+        if key not in _models:
             parts = sorted(((r.layer, T.SIDE_CODES[r.side]), _read(r)) for r in rows)
             keys = np.concatenate(
                 [
@@ -103,13 +110,13 @@ def model_vectors(session: Session, model_row: Row) -> ModelVectors | None:
                     for (lay, code), a in parts
                 ]
             ).astype(np.int32)
-            _models[model_row.sha256] = ModelVectors(
+            _models[key] = ModelVectors(
                 keys=keys,
                 vectors=torch.cat([a.vectors for _, a in parts]),
                 mean=torch.from_numpy(np.concatenate([a.stats["mean"] for _, a in parts])),
                 std=torch.from_numpy(np.concatenate([a.stats["std"] for _, a in parts])),
             )
-    return _models[model_row.sha256]
+    return _models[key]
 
 
 def raw_hits(vectors: ModelVectors, column: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -119,3 +126,28 @@ def raw_hits(vectors: ModelVectors, column: np.ndarray, threshold: float) -> tup
     hits = np.nonzero(np.abs(z) >= threshold)[0]
     order = np.argsort(-np.abs(z[hits]), kind="stable")
     return hits[order], z[hits[order]]
+
+
+_summaries: dict[tuple[str, str], dict[tuple[int, str], tuple[float, float, int]]] = {}
+
+
+def layer_summary(session: Session, model_row: Row) -> dict[tuple[int, str], tuple[float, float, int]]:
+    """(layer, side) -> mean and max raw kurtosis and the number of vectors, for the model
+    page's heatmaps: only the stats column is read, and a complete overview is kept."""
+    key = (_database(session), model_row.sha256)
+    found = _summaries.get(key)
+    if found is not None:
+        return found
+    rows = session.execute(
+        select(T.OverviewLayer.layer, T.OverviewLayer.side, T.OverviewLayer.stats).where(
+            T.OverviewLayer.model_id == model_row.id, T.OverviewLayer.version == overview.OVERVIEW_VERSION
+        )
+    ).all()
+    kurtosis = T.OVERVIEW_STATS.index("kurtosis")
+    summary = {}
+    for r in rows:
+        values = T.unpack(r.stats, "float32").reshape(len(T.OVERVIEW_STATS), -1)[kurtosis]
+        summary[r.layer, r.side] = (float(values.mean()), float(values.max()), len(values))
+    if len(summary) == model_row.n_layers * len(model_row.sides.split(",")):
+        _summaries[key] = summary
+    return summary

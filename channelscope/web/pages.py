@@ -75,11 +75,12 @@ class LayerSideCell(BaseModel):
     layer: int
     side: str
     url: str
-    neurons: int  # computed so far
-    mean_kurtosis: float
+    neurons: int  # with channels computed so far
+    vectors: int  # the kurtosis columns are over these: every vector (overview) or the computed ones
+    mean_kurtosis: float  # raw kurtosis of w @ U
     max_kurtosis: float
-    mean_channels: float  # channels with kurtosis >= 5 per neuron (the stored junk cut)
-    best_percentile: float
+    mean_channels: float | None  # channels with kurtosis >= 5 per computed neuron; None without any
+    best_percentile: float | None
 
 
 class ModelPage(BaseModel):
@@ -97,13 +98,15 @@ class ModelPage(BaseModel):
 class NeuronRow(BaseModel):
     neuron: int
     url: str
-    kurtosis: float
-    best_percentile: float  # max faithfulness percentile over the neuron's non-generic channels
-    best_kurtosis: float
-    channel_count: int  # channels with kurtosis >= 5
-    generic_count: int
-    reconstruction: float  # |P_C w| / |w| with all C channels
-    reconstruction_baseline: float  # the same for random vectors at the channels' cosines
+    kurtosis: float  # raw kurtosis of w @ U
+    raw_tokens: str | None  # its own top tokens (the overview's); None without an overview
+    has_channels: bool  # the channel columns below are None until a run has computed them
+    best_percentile: float | None  # max faithfulness percentile over the non-generic channels
+    best_kurtosis: float | None
+    channel_count: int | None  # channels with kurtosis >= 5
+    generic_count: int | None
+    reconstruction: float | None  # |P_C w| / |w| with all C channels
+    reconstruction_baseline: float | None  # the same for random vectors at the channels' cosines
 
 
 class SortLink(BaseModel):
@@ -115,7 +118,7 @@ class SortLink(BaseModel):
 
 class LayerPage(BaseModel):
     model: ModelOut
-    run: RunOut
+    run: RunOut | None  # where the channel columns come from; None while no run has this layer
     pinning: Pinning
     layer: int
     side: str

@@ -325,19 +325,20 @@ def layer_side_heatmap(
         height=TOP + 14 + cell_h * n_layers + 8,
         axes=False,
     )
-    values = [getattr(c, metric) for c in cells]
+    values = [getattr(c, metric) for c in cells if getattr(c, metric) is not None]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     by_key = {(c.layer, c.side): c for c in cells}
     for layer in range(n_layers):
         for j, side in enumerate(sides):
             c = by_key.get((layer, side))
             x, y = LEFT + j * cell_w, TOP + 14 + layer * cell_h
-            if c is None:
+            if c is None or getattr(c, metric) is None:
                 chart.bars.append(
                     Bar(x, y, cell_w - 1, cell_h - 1, "#f1f1f1", f"layer {layer} {side}: not computed")
                 )
                 continue
             value = getattr(c, metric)
+            over = c.vectors if metric == "mean_kurtosis" else c.neurons
             fill, ink = _sequential(value, lo, hi)
             chart.bars.append(
                 Bar(
@@ -346,7 +347,7 @@ def layer_side_heatmap(
                     cell_w - 1,
                     cell_h - 1,
                     fill,
-                    f"layer {layer} {side}: {label} {value:.1f} over {c.neurons:,} neurons",
+                    f"layer {layer} {side}: {label} {value:.1f} over {over:,} neurons",
                     c.url,
                     f"{value:.1f}" if cell_h >= 12 else None,
                     ink,

@@ -265,3 +265,43 @@ def test_the_default_slice_and_the_layer_and_model_pages_show_every_neuron(
         assert len(landed) > 10  # uniform over every vector, not the next computed neuron
     app.state.engine.dispose()
     engine.dispose()
+
+
+def test_a_pinned_neuron_page_served_as_immutable_never_changes_as_its_run_grows(
+    sqlite_url, tiny_folder, run_cli
+):
+    with_overview(sqlite_url, tiny_folder)
+    small = ["--channels", "2", "--reference-count", "4"]
+    assert (
+        run_cli(
+            sqlite_url, "decompose", tiny_folder, "--layers", "1", "--sides", "out", "--aligned", "1", *small
+        )
+        == 0
+    )
+    engine = db.make_engine(sqlite_url)
+    with db.session(engine) as session:
+        (run,) = session.scalars(select(T.Run)).all()
+        (shard,) = session.scalars(select(T.Shard)).all()
+    url = f"/m/tiny-llama/1/{shard.neurons[0]}?run={run.hash}"
+
+    def fetch(target: str, **headers):
+        app = create_app(sqlite_url)  # a fresh process's view: nothing from an earlier cache
+        with TestClient(app) as client:
+            response = client.get(target, headers=headers)
+        app.state.engine.dispose()
+        return response
+
+    first = fetch(url)
+    assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert "http://evil.example/" in fetch(url, host="evil.example").text  # rendered for that host alone
+    # The run grows: a neuron asked for on a page, and a wider slice of the same run.
+    assert run_cli(sqlite_url, "decompose", tiny_folder, "--layers", "0-1", "--aligned", "3", *small) == 0
+    with db.session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(T.Run)) == 1
+        assert session.scalar(select(func.count()).select_from(T.Neuron)) > 1
+    again = fetch(url)
+    assert again.content == first.content and again.headers["etag"] == first.headers["etag"]
+    # The pages that follow the run's growth are never cached for good.
+    for changing in (f"/m/tiny-llama?run={run.hash}", f"/m/tiny-llama/1?run={run.hash}", "/"):
+        assert fetch(changing).headers["cache-control"] == "no-cache", changing
+    engine.dispose()

@@ -37,7 +37,8 @@ def model_out(row: Row) -> pages.ModelOut:
     )
 
 
-def run_out(model_name: str, run: Row, progress: Row) -> pages.RunOut:
+def run_out(model_name: str, run: Row, progress: Row | None) -> pages.RunOut:
+    """The run as pages show it; progress None leaves its progress out (see pages.RunOut)."""
     return pages.RunOut(
         hash=run.hash,
         url=urls.model(model_name, run=run.hash),
@@ -48,11 +49,11 @@ def run_out(model_name: str, run: Row, progress: Row) -> pages.RunOut:
         algorithm_version=run.algorithm_version,
         created_at=T.utc(run.run_created_at),  # JSON's date-time needs the zone
         settings=run.settings,
-        shards_done=progress.shards_done,
-        shards_total=progress.shards_total,
-        neurons_done=progress.neurons_done,
-        neurons_total=progress.neurons_total,
-        complete=is_complete(progress.shards_done, progress.shards_total),
+        shards_done=progress.shards_done if progress else None,
+        shards_total=progress.shards_total if progress else None,
+        neurons_done=progress.neurons_done if progress else None,
+        neurons_total=progress.neurons_total if progress else None,
+        complete=is_complete(progress.shards_done, progress.shards_total) if progress else None,
     )
 
 

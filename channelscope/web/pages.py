@@ -44,11 +44,14 @@ class RunOut(BaseModel):
     algorithm_version: int
     created_at: datetime
     settings: dict
-    shards_done: int
-    shards_total: int
-    neurons_done: int
-    neurons_total: int
-    complete: bool  # every shard done: its pinned pages are immutable
+    # How far the run has got; None on a page pinned to the run that must never change while the
+    # run grows (a neuron's own page: its channels are committed whole and never change, but a
+    # run can always be extended, and asking for a neuron on a page extends it).
+    shards_done: int | None
+    shards_total: int | None
+    neurons_done: int | None
+    neurons_total: int | None
+    complete: bool | None  # every shard done
 
 
 class Pinning(BaseModel):

@@ -117,7 +117,11 @@ def neuron_page(
 
     channel_rows = queries.channels(session, [row.id])
     tokens_by_channel = queries.channel_tokens(session, [row.id])
-    run_out = lookup.run_out(name, row, row)
+    # Pinned to its run, a neuron's page is immutable: it leaves out what changes as the run grows
+    # (its progress), and its neighbours are the next ids (the overview's) rather than the next
+    # computed neurons. Without the overview it is not cached for good.
+    immutable = run is not None and bool(row.in_overview)
+    run_out = lookup.run_out(name, row, None if run is not None else row)
     data = neuron_side(
         name,
         row.hash,
@@ -169,7 +173,7 @@ def neuron_page(
         "reconstruction": plots.reconstruction(data),
         "cosines": plots.cosine_heatmap(result.cosines),
     }
-    return Result(result, immutable=run is not None and run_out.complete, plots=charts)
+    return Result(result, immutable=immutable, plots=charts)
 
 
 def _without_channels(request: Request, model_row: Row, vocab, arrays, common: dict) -> Result:
@@ -389,7 +393,8 @@ def channel_page(
     )
     marks = [(float(zs[top[0]]), "top token")] if len(top) else []
     chart = plots.histogram(result.histogram, f"Channel {channel}: z-scores of c @ U", marks)
-    return Result(result, immutable=run is not None and run_out.complete, plots={"histogram": chart})
+    # Not cached for good: its nearest channels are those of the run as it stands now.
+    return Result(result, plots={"histogram": chart})
 
 
 @page(
@@ -460,8 +465,6 @@ def compare_page(
     }
     channel_rows = queries.channels(session, [r.id for r in rows.values()])
     tokens = queries.channel_tokens(session, [r.id for r in rows.values()])
-    progress_a = queries.run_progress(session, run_a.run_id)
-    progress_b = queries.run_progress(session, run_b.run_id)
     vocab = lookup.vocab(session, model_row)
 
     def side_of(run_row: Row):
@@ -472,11 +475,11 @@ def compare_page(
 
     n_a, chs_a, result.a = side_of(run_a)
     n_b, chs_b, result.b = side_of(run_b)
-    result.run_a = lookup.run_out(name, run_a, progress_a)
-    result.run_b = lookup.run_out(name, run_b, progress_b)
+    # Not cached for good: the list of runs to choose from grows as other runs compute the neuron.
+    result.run_a, result.run_b = lookup.run_out(name, run_a, None), lookup.run_out(name, run_b, None)
     if chs_a and chs_b:
         _match(result, n_a, chs_a, chs_b, (layer, side, neuron))
-    return Result(result, immutable=result.run_a.complete and result.run_b.complete)
+    return Result(result)
 
 
 def _match(result: pages.ComparePage, neuron_row, chs_a, chs_b, where) -> None:

@@ -58,7 +58,7 @@ def test_raw_z_of_a_token_is_its_z_score_in_each_vectors_projection(tiny_folder)
     mean = torch.from_numpy(part.stats[T.OVERVIEW_STATS.index("mean")])
     std = torch.from_numpy(part.stats[T.OVERVIEW_STATS.index("std")])
     token = int(torch.nonzero(scored)[10])
-    found = O.raw_z(torch.from_numpy(part.vectors), mean, std, U[:, token])
+    found = O.raw_z(torch.from_numpy(part.vectors), mean, std, U[:, [token]])[:, 0]
     expected = rotate.z_scores(model.vectors(0, "out") @ U, scored)[:, token]
     assert torch.allclose(found, expected, atol=2e-2)  # float16 vectors
     assert torch.equal(torch.argsort(found)[-3:], torch.argsort(expected)[-3:])

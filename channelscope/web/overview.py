@@ -119,13 +119,14 @@ def model_vectors(session: Session, model_row: Row) -> ModelVectors | None:
     return _models[key]
 
 
-def raw_hits(vectors: ModelVectors, column: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """The vectors whose raw z of one token reaches |z| >= threshold, exact (one product with
-    all of them), strongest first: (indices into vectors.keys, z)."""
-    z = overview.raw_z(vectors.vectors, vectors.mean, vectors.std, torch.from_numpy(column)).numpy()
-    hits = np.nonzero(np.abs(z) >= threshold)[0]
-    order = np.argsort(-np.abs(z[hits]), kind="stable")
-    return hits[order], z[hits[order]]
+def raw_hits(
+    vectors: ModelVectors, columns: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the raw z of some tokens (columns [d, k] of U) reaches |z| >= threshold, exact (one
+    product with every vector): (indices into vectors.keys, token positions in columns, z)."""
+    z = overview.raw_z(vectors.vectors, vectors.mean, vectors.std, torch.from_numpy(columns)).numpy()
+    rows, tokens = np.nonzero(np.abs(z) >= threshold)
+    return rows, tokens, z[rows, tokens]
 
 
 _summaries: dict[tuple[str, str], dict[tuple[int, str], tuple[float, float, int]]] = {}

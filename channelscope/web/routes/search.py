@@ -234,23 +234,23 @@ def _raw_hits(session, page_out: pages.SearchPage, chosen, cursor: tuple | None)
             continue
         vocab = lookup.vocab(session, model_row)
         projection, scored = lookup.projection(session, model_row, None)
-        for token_id in vocab.find(query.token, query.exact)[:MAX_VARIANTS]:
-            if not scored[token_id]:  # special and glitch tokens are in no token list
+        # Special and glitch tokens are in no token list.
+        token_ids = [t for t in vocab.find(query.token, query.exact)[:MAX_VARIANTS] if scored[t]]
+        if not token_ids:
+            continue
+        rows, columns, zs = overview.raw_hits(vectors, projection.matrix[:, token_ids], RAW_Z)
+        for i, column, z in zip(rows.tolist(), columns.tolist(), zs.tolist(), strict=True):
+            layer, code, neuron = (int(x) for x in vectors.keys[i])
+            if query.side is not None and T.SIDES[code] != query.side:
                 continue
-            indices, zs = overview.raw_hits(vectors, projection.matrix[:, token_id], RAW_Z)
-            for i, z in zip(indices.tolist(), zs.tolist(), strict=True):
-                layer, code, neuron = (int(x) for x in vectors.keys[i])
-                side = T.SIDES[code]
-                if query.side is not None and side != query.side:
-                    continue
-                if (query.layer_min is not None and layer < query.layer_min) or (
-                    query.layer_max is not None and layer > query.layer_max
-                ):
-                    continue
-                key = (-abs(z), layer, code, neuron, model_row.name)
-                known = found.get(key[1:])
-                if known is None or abs(z) > abs(known[1]):
-                    found[key[1:]] = (token_id, z)
+            if (query.layer_min is not None and layer < query.layer_min) or (
+                query.layer_max is not None and layer > query.layer_max
+            ):
+                continue
+            key = (layer, code, neuron, model_row.name)
+            known = found.get(key)
+            if known is None or abs(z) > abs(known[1]):
+                found[key] = (token_ids[column], z)
     ranked = sorted(((-abs(z), *rest), token_id, z) for rest, (token_id, z) in found.items())
     if cursor is not None:
         ranked = [r for r in ranked if r[0] > cursor]

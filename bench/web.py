@@ -173,7 +173,7 @@ def build(url: str, channels: int, seed: int) -> None:
     with psycopg.connect(psql) as connection, connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit = off")
         cursor.execute("SET maintenance_work_mem = '1GB'")
-        drops, creates = _secondary_ddl(cursor, ["channel_tokens", "channels"])
+        drops, creates = _secondary_ddl(cursor, ["channel_neighbours", "channel_tokens", "channels"])
         for statement in drops:
             cursor.execute(statement)
 

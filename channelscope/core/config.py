@@ -27,6 +27,10 @@ class Config(BaseSettings):
     threads: int = Field(0, alias="CHANNELSCOPE_THREADS", ge=0)
     # `serve`: opening a neuron no run has computed asks for its channels (web/demand.py).
     on_demand: bool = Field(True, alias="CHANNELSCOPE_ON_DEMAND")
+    # The web app's answer to a database that is slow or silent: a query that runs longer is
+    # stopped by the server (504), and one the server does not answer at all within this plus
+    # a margin has its connection cut by the app (503), so no request waits longer.
+    query_timeout: float = Field(10.0, alias="CHANNELSCOPE_QUERY_TIMEOUT", gt=0)
 
     @property
     def database(self) -> str:

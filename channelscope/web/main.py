@@ -22,10 +22,22 @@ from channelscope.core.config import config
 from channelscope.method.precision import cores, set_threads
 from channelscope.web import errors
 from channelscope.web.demand import Demand
-from channelscope.web.responses import ROOT, CachedPages, PageStore, SecurityHeaders, render_html
+from channelscope.web.responses import (
+    ROOT,
+    Admission,
+    CachedPages,
+    PageStore,
+    SecurityHeaders,
+    render_html,
+)
 from channelscope.web.routes import ablation, home, models, neurons, search
 
-STATEMENT_TIMEOUT_MS = 10_000  # a page query that runs longer is stopped and answered with 504
+# A statement the server has not answered this long after its own statement_timeout has fired
+# never will: the server or the link is hung, and the app cuts the connection (core/db.py).
+ANSWER_MARGIN_SECONDS = 2.0
+# Requests that may wait on the database at once: as many as the pool has connections
+# (core/db.py: 10 + 20 overflow); fewer than anyio's 40 threads, which static files need too.
+DATABASE_REQUESTS = 30
 
 
 def create_app(
@@ -42,13 +54,16 @@ def create_app(
     )
     # Pages only read, and a shard's rows are committed whole and never change: each query can
     # see its own snapshot, and autocommit saves the BEGIN and ROLLBACK round trips of a request.
-    engine = db.make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+    timeout = config().query_timeout
+    engine = db.make_engine(database_url, answer_seconds=timeout + ANSWER_MARGIN_SECONDS)
+    engine = engine.execution_options(isolation_level="AUTOCOMMIT")
     if engine.dialect.name == "postgresql":
 
         @event.listens_for(engine, "connect")
         def _timeout(connection, _record):
+            # A page query that runs longer is stopped by the server and answered with 504.
             with connection.cursor() as cursor:
-                cursor.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+                cursor.execute(f"SET statement_timeout = {round(timeout * 1000)}")
             connection.commit()
 
     app.state.engine = engine
@@ -84,6 +99,7 @@ def create_app(
     gc.collect()
     gc.freeze()
 
+    app.add_middleware(Admission, limit=DATABASE_REQUESTS, wait_seconds=db.POOL_TIMEOUT_SECONDS)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(CachedPages, store=app.state.pages)  # outermost: a hit skips everything
     return app

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -154,6 +155,43 @@ class CachedPages:
         await send({"type": "http.response.body", "body": body})
 
 
+async def _plain(send, status: int, text: str, headers: list | None = None) -> None:
+    body = text.encode()
+    start = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*start, *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Admission:
+    """ASGI middleware: at most `limit` requests at once past this point, where a request may
+    wait on the database in a worker thread; the next ones wait up to `wait_seconds` for a
+    place, then get a 503. The thread pool that static files are read in (anyio's default, 40
+    threads) stays larger than `limit`, so a stalled database never takes every thread:
+    /ping, static files and cached pages keep answering."""
+
+    UNGATED = ("/ping", "/static/")
+
+    def __init__(self, app, limit: int, wait_seconds: float):
+        self.app = app
+        self.limiter = anyio.CapacityLimiter(limit)
+        self.wait_seconds = wait_seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].startswith(self.UNGATED):
+            return await self.app(scope, receive, send)
+        admitted = False
+        with anyio.move_on_after(self.wait_seconds):
+            await self.limiter.acquire()
+            admitted = True
+        if admitted:
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                self.limiter.release()
+        retry = [(b"retry-after", b"5"), (b"cache-control", b"no-store")]
+        await _plain(send, 503, "Too many requests are waiting for the database; try again shortly.\n", retry)
+
+
 class SecurityHeaders:
     """Adds SECURITY_HEADERS to every response, errors and static files included."""
 
@@ -201,15 +239,6 @@ def finish(
     return Response(body, status_code=status, media_type=media_type, headers=headers)
 
 
-def _on_loop(endpoint: Callable[..., Response]) -> Callable[..., Any]:
-    """The same endpoint as a coroutine: FastAPI runs it on the event loop, not in a thread."""
-
-    async def run(request: Request, **params):
-        return endpoint(request=request, **params)
-
-    return run
-
-
 def problem_responses(html: bool) -> dict:
     content = {"text/html": {"schema": {"type": "string"}}} if html else None
     out = {}
@@ -232,7 +261,6 @@ def page(
     template: str,
     model: type[BaseModel],
     summary: str,
-    on_loop: bool = False,
     redirect: str | None = None,
 ):
     """Registers a page builder twice: `path` renders `template` as HTML and `path.json`
@@ -240,14 +268,9 @@ def page(
     otherwise swallow `5.json` and fail its integer check. `redirect` documents a 303 the
     builder may answer with instead (what it leads to).
 
-    on_loop: build and render on the event loop instead of in a worker thread. For the pages
-    people open most (a neuron, a search), whose few queries are index lookups of well under a
-    millisecond: under load, dozens of threads taking turns at the GIL made each page wait for
-    the others' turns and the loop's, so p99 was 2.4-3.3 times p50 (bench/README.md, "Web").
-    The price: while such a page waits on the database, nothing else runs, so a stalled
-    database stalls every request (up to the 10 s statement timeout, app.main). A page that
-    computes for long (nearest channels, a model run) or aggregates a whole run stays in a
-    thread, where it cannot hold up the others."""
+    Both run in a worker thread, never on the event loop: a page that waits on the database
+    (or computes) holds up only itself, so /ping, static files and cached pages keep answering
+    while the database stalls. The price, measured with bench/web.py: bench/README.md, "Web"."""
 
     def register(build: Callable[..., Result]):
         signature = inspect.signature(build, eval_str=True)  # annotations are strings here
@@ -267,9 +290,6 @@ def page(
             return finish(
                 request, body, "text/html; charset=utf-8", result.immutable, result.status, result.headers
             )
-
-        if on_loop:
-            as_json, as_html = _on_loop(as_json), _on_loop(as_html)
 
         moved = {303: {"description": redirect}} if redirect else {}
         for endpoint, suffix in ((as_json, "_json"), (as_html, "")):

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from channelscope.core import db
 from channelscope.core.config import config
@@ -26,8 +27,11 @@ from channelscope.web.responses import (
     ROOT,
     Admission,
     CachedPages,
+    HeadAsGet,
+    HeaderLimits,
     PageStore,
     SecurityHeaders,
+    query_parameters,
     render_html,
 )
 from channelscope.web.routes import ablation, home, models, neurons, search
@@ -87,6 +91,7 @@ def create_app(
     for module in (home, models, neurons, search, ablation):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    app.state.pages.parameters = query_parameters(app)
 
     @app.get("/docs", response_class=HTMLResponse, tags=["pages"], summary="The API, from its OpenAPI schema")
     def docs(request: Request):
@@ -99,9 +104,16 @@ def create_app(
     gc.collect()
     gc.freeze()
 
+    # The last added is the outermost (responses.py describes each).
     app.add_middleware(Admission, limit=DATABASE_REQUESTS, wait_seconds=db.POOL_TIMEOUT_SECONDS)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(CachedPages, store=app.state.pages)  # outermost: a hit skips everything
+    app.add_middleware(CachedPages, store=app.state.pages)  # a hit skips everything below
+    app.add_middleware(HeadAsGet)
+    if config().trusted_proxies:
+        # Only here, never in the server: from anyone else, X-Forwarded-Proto would change the
+        # scheme of every link in a page, and the page is in the cache under that scheme.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config().trusted_proxies)
+    app.add_middleware(HeaderLimits)
     return app
 
 

@@ -90,6 +90,8 @@ def test_database_outage_gives_503_and_the_app_recovers(store):
         assert twin.status_code == 503 and twin.json()["status"] == 503
         health = client.get("/healthz")
         assert health.status_code == 503 and health.json()["database"].startswith("unreachable")
+        # The driver's message (host, port) goes to the log, not to whoever asks.
+        assert "127.0.0.1" not in health.text and str(proxy.port) not in health.text
         assert client.get("/search?token=the").status_code == 503
         assert client.get(pinned).status_code == 200  # an immutable page is still served from memory
 

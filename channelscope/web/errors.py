@@ -1,5 +1,6 @@
 """Errors as pages: a 404, 422, 503 or 504 is an HTML page or, under a `.json` path, a Problem
-object. Never a stack trace: the last handler logs the exception and says only that it happened.
+object. Never a stack trace, and never the driver's words (they name hosts, ports and paths):
+the log has those, the page says what is wrong in its own words.
 """
 
 from __future__ import annotations

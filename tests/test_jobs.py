@@ -4,6 +4,7 @@ Subprocesses get their database and data folder through DATABASE_URL and CHANNEL
 and one torch thread each: two of them share this machine's two cores with pytest."""
 
 import json
+import shutil
 import signal
 import socket
 
@@ -321,6 +322,27 @@ def test_an_old_schema_is_refused_with_the_command_that_fixes_it(tmp_path, run_c
     assert "run `channelscope db upgrade`" in capsys.readouterr().err
     assert run_cli(url, "db", "upgrade") == 0
     assert run_cli(url, "status") == 0
+
+
+def test_a_different_model_at_the_same_path_is_refused_in_one_line_before_any_reference(
+    database_url, tmp_path, run_cli, capsys, monkeypatch
+):
+    from tests import tiny
+
+    folder = tiny.write_folder(tmp_path / "models" / "tiny-llama")
+    args = ["decompose", folder, "--layers", "0", "--sides", "out", "--neurons", "0-3", *SMALL]
+    assert run_cli(database_url, *args) == 0
+    shutil.rmtree(folder)
+    tiny.write_folder(folder, seed=1)  # another model with the same name, at the same path
+    capsys.readouterr()
+
+    def no_reference(*_, **__):
+        raise AssertionError("the random-vector reference was about to be computed")
+
+    monkeypatch.setattr(Decomposer, "__init__", no_reference)
+    assert run_cli(database_url, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a different model named 'tiny-llama' is already stored" in err and len(err.splitlines()) == 1, err
 
 
 def test_a_failing_shard_is_recorded_reported_and_retried_by_the_next_command(

@@ -7,6 +7,9 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ from channelscope.method import rotate
 from channelscope.method.decomposer import TOP_K, Decomposer
 from channelscope.method.weights import load_model
 from channelscope.worker import compute, plan
-from tests.fixtures.cli import spawn, wait_for
+from tests.fixtures.cli import ROOT, spawn, wait_for
 
 SMALL = ["--channels", "3", "--reference-count", "8"]
 
@@ -263,6 +266,32 @@ def test_two_workers_share_a_run_and_survive_one_being_killed(postgres_url, tiny
     assert {status for _, status, _ in queued} == {"succeeded"}
     assert {shard for shard, _, attempts in queued if attempts > 1} == {victim.id}  # retried once
     assert "queued again" in logs[1].read_text()
+    engine.dispose()
+
+
+# --- two commands on one SQLite file --------------------------------------------------------------
+
+
+def test_migrations_on_sqlite_take_a_lock(tmp_path):
+    """Three processes migrate one fresh file at the same instant: one creates the schema, the
+    others find it made (without the lock: `table alembic_version already exists`)."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = (
+        "import sys, time; from channelscope.core import db; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+        "db.upgrade_locked(sys.argv[1], db.make_engine(sys.argv[1]))"
+    )
+    start = time.time() + 3  # after every interpreter has started
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url, str(start)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], errors
+    engine = db.make_engine(url)
+    assert db.current_revision(engine) == db.head_revision()
     engine.dispose()
 
 

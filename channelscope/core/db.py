@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -189,9 +191,11 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
 
 def upgrade_locked(url: str, engine: Engine) -> None:
     """Migrate to head; two commands starting at once on a fresh database must not both
-    create it, so on PostgreSQL the migration runs under an advisory lock."""
+    create it, so the migration runs under a lock: an advisory lock on PostgreSQL, a lock on a
+    file beside the database on SQLite."""
     if engine.dialect.name != "postgresql":
-        upgrade(url)
+        with sqlite_lock(engine, "migrate"):
+            upgrade(url)
         return
     with engine.connect() as connection:
         connection.execute(text("SELECT pg_advisory_lock(7012004)"))
@@ -200,6 +204,23 @@ def upgrade_locked(url: str, engine: Engine) -> None:
         finally:
             connection.execute(text("SELECT pg_advisory_unlock(7012004)"))
             connection.commit()
+
+
+@contextlib.contextmanager
+def sqlite_lock(engine: Engine, purpose: str) -> Iterator[None]:
+    """An exclusive lock on `<database>-<purpose>.lock` for the duration, waited for. The
+    operating system lets go of it when its process ends, however it ends, so there is nothing
+    to clean up after a crash. An in-memory database belongs to one process: no lock needed."""
+    path = engine.url.database
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}-{purpose}.lock", "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:

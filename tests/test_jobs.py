@@ -269,6 +269,47 @@ def test_two_workers_share_a_run_and_survive_one_being_killed(postgres_url, tiny
     engine.dispose()
 
 
+def test_a_paused_worker_that_resumes_after_its_shard_went_elsewhere_says_so_in_one_line(
+    postgres_url, tiny_folder, tmp_path, run_cli
+):
+    assert run_cli(postgres_url, "decompose", tiny_folder, "--layers", "0", "--sides", "out",
+                   "--neurons", "0-23", "--shard-size", "8", "--channels", "4", "--reference-count", "8",
+                   "--enqueue-only") == 0  # fmt: skip
+    engine = db.make_engine(postgres_url)
+    options = ["--heartbeat-seconds", "0.5", "--stalled-seconds", "2"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = spawn(postgres_url, tmp_path / "a", logs[0], "worker", *options)
+    host = socket.gethostname()
+    try:
+
+        def a_in_flight():
+            return [s for s in shard_rows(engine) if s.worker == f"{host}:{a.pid}" and s.done_at is None]
+
+        (victim,) = wait_for(a_in_flight, 120, "worker A to start a shard", a, logs[0])
+        a.send_signal(signal.SIGSTOP)  # paused past the stall timeout: B takes its shard over
+        b = spawn(postgres_url, tmp_path / "b", logs[1], "worker", *options)
+        wait_for(
+            lambda: all(s.done_at is not None for s in shard_rows(engine)), 120, "B to finish", b, logs[1]
+        )
+        a.send_signal(signal.SIGCONT)
+        wait_for(
+            lambda: f"shard {victim.id} " in logs[0].read_text(), 60, "A to report its shard", a, logs[0]
+        )
+        time.sleep(2)  # what A logs after the rejected commit, if anything
+    finally:
+        a.send_signal(signal.SIGCONT)
+        for process in (a, b):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    log = logs[0].read_text()
+    assert "Traceback" not in log, log
+    (line,) = [line for line in log.splitlines() if f"shard {victim.id} " in line]
+    assert "already done elsewhere" in line, log
+    assert_rows_match_done_shards(engine, 4)
+    engine.dispose()
+
+
 # --- two commands on one SQLite file --------------------------------------------------------------
 
 

@@ -336,6 +336,49 @@ def test_migrations_on_sqlite_take_a_lock(tmp_path):
     engine.dispose()
 
 
+def test_two_decompose_commands_on_one_sqlite_file_share_the_shards(tiny_folder, tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"  # fresh: both migrate it too
+    args = ["decompose", tiny_folder, "--layers", "0-1", "--sides", "out", "--neurons", "0-23",
+            "--shard-size", "4", *SMALL]  # fmt: skip
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    processes = [spawn(url, tmp_path / "data", log, *args) for log in logs]
+    for process, log in zip(processes, logs, strict=True):
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    engine = db.make_engine(url)
+    rows = shard_rows(engine)
+    assert len(rows) == 12 and all(s.done_at is not None for s in rows)
+    assert [s.attempts for s in rows] == [1] * 12  # each computed once: claimed before computing
+    host = socket.gethostname()
+    assert {s.worker for s in rows} == {f"{host}:{p.pid}" for p in processes}  # by both
+    assert len(assert_rows_match_done_shards(engine, 3)) == 2 * 24
+    for log in logs:
+        assert "Traceback" not in log.read_text()
+    engine.dispose()
+
+
+def test_a_shard_claimed_by_a_decompose_that_died_is_computed_by_the_other(sqlite_url, tiny_folder, tmp_path):
+    args = ["decompose", tiny_folder, "--layers", "0", "--sides", "out", "--neurons", "0-47",
+            "--shard-size", "8", *SMALL]  # fmt: skip
+    engine = db.make_engine(sqlite_url)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a, b = (spawn(sqlite_url, tmp_path / "data", log, *args) for log in logs)
+    host = socket.gethostname()
+
+    def in_flight(process):
+        return [s for s in shard_rows(engine) if s.worker == f"{host}:{process.pid}" and s.done_at is None]
+
+    wait_for(lambda: in_flight(a) and in_flight(b), 120, "both to compute a shard", a, logs[0])
+    (victim,) = in_flight(a)
+    a.send_signal(signal.SIGKILL)  # in the middle of its shard; its claim goes with it
+    a.wait()
+    assert b.wait(timeout=300) == 0, logs[1].read_text()[-3000:]
+    rows = {s.id: s for s in shard_rows(engine)}
+    assert all(s.done_at is not None for s in rows.values())
+    assert rows[victim.id].worker == f"{host}:{b.pid}" and rows[victim.id].attempts == 2
+    assert len(assert_rows_match_done_shards(engine, 3)) == 48
+    engine.dispose()
+
+
 # --- status and errors ----------------------------------------------------------------------------
 
 

@@ -223,6 +223,38 @@ def sqlite_lock(engine: Engine, purpose: str) -> Iterator[None]:
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
+_claims: dict[str, int] = {}  # lock file -> descriptor, open for as long as the process runs
+_claims_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def sqlite_claim(engine: Engine, number: int, wait: bool) -> Iterator[bool]:
+    """Byte `number` of `<database>-claims.lock`, locked for the duration if it can be, at once
+    or (`wait`) once its holder lets go: yields whether it is held. These are POSIX record
+    locks: the operating system drops them when their process ends, however it ends, so the
+    claims of a process that died are free again at once, with no timeout to wait out. They
+    belong to a process (two threads of one never exclude each other), and closing any
+    descriptor of the file would drop them all, so each process keeps one open. Other
+    databases need none: yields True."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        yield True
+        return
+    with _claims_lock:
+        if path not in _claims:
+            _claims[path] = os.open(f"{path}-claims.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = _claims[path]
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, number)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.lockf(descriptor, fcntl.LOCK_UN, 1, number)
+
+
 def downgrade(url: str | None = None, revision: str = "base") -> None:
     from alembic import command
 

@@ -129,6 +129,17 @@ def test_beyond_the_admitted_model_runs_the_answer_is_429_with_retry_after(sqlit
         assert c.get(ablate_url(run, json=True)).status_code == 200  # the slot is free again
 
 
+def test_the_weight_level_preview_takes_no_model_slot(sqlite_store, tiny_gguf):
+    url, run = sqlite_store
+    app = make_app(url, [tiny_gguf.parent], max_runs=2)
+    slots = app.state.runtime.slot
+    with TestClient(app) as c, slots(), slots():  # both slots held by model runs elsewhere
+        preview = c.get(ablate_url(run, prompt="", json=True))
+        assert preview.status_code == 200 and preview.json()["preview"]["top_before"]
+        assert c.get(ablate_url(run, json=True)).status_code == 429  # a model run would need one
+    app.state.engine.dispose()
+
+
 def test_unknown_neuron_side_or_run_is_404(client, sqlite_store):
     _, run = sqlite_store
     assert client.get(ablate_url(run, neuron=9, json=True)).status_code == 404

@@ -182,6 +182,35 @@ def test_a_locked_table_times_out_each_page_at_once_while_ping_answers(store, on
     assert max(seconds for _, seconds in answers) < 2.5, answers
 
 
+def test_beyond_the_pools_size_requests_wait_briefly_then_get_503_and_ping_and_static_still_answer():
+    from channelscope.web.responses import Admission
+
+    async def scenario():
+        stalled = asyncio.Event()
+
+        async def app(scope, receive, send):  # every page waits on a stalled database
+            if not scope["path"].startswith(("/ping", "/static/")):
+                await stalled.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        transport = httpx.ASGITransport(app=Admission(app, limit=2, wait_seconds=0.3))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            admitted = [asyncio.create_task(client.get(f"/m/tiny/0/{n}")) for n in range(2)]
+            await asyncio.sleep(0.05)
+            started = time.perf_counter()
+            refused = await client.get("/m/tiny/0/9")
+            waited = time.perf_counter() - started
+            ping, static = await client.get("/ping"), await client.get("/static/channelscope.css")
+            stalled.set()
+            return refused, waited, ping.status_code, static.status_code, await asyncio.gather(*admitted)
+
+    refused, waited, ping, static, admitted = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5" and 0.3 <= waited < 1
+    assert ping == static == 200
+    assert [r.status_code for r in admitted] == [200, 200]
+
+
 def test_healthz_reports_migrations_that_are_not_current(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     db.upgrade(url, "0001")

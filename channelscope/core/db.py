@@ -246,13 +246,14 @@ def sqlite_claim(engine: Engine, number: int, wait: bool) -> Iterator[bool]:
         descriptor = _claims[path]
     try:
         fcntl.lockf(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, number)
+        held = True
     except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
-        yield False
-        return
+        held = False
     try:
-        yield True
+        yield held
     finally:
-        fcntl.lockf(descriptor, fcntl.LOCK_UN, 1, number)
+        if held:
+            fcntl.lockf(descriptor, fcntl.LOCK_UN, 1, number)
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:

@@ -75,7 +75,8 @@ def test_database_outage_gives_503_and_the_app_recovers(store):
     proxy = Proxy((url.host, url.port or 5432))
     app = create_app(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
     neuron = f"/m/{store.model}/1/1?side=in"
-    pinned = f"/m/{store.model}/0/1?run={store.run_a}"
+    # Immutable, so kept in the page cache (a pinned neuron page is only with the overview stored).
+    pinned = f"/m/{store.model}/0/1/histogram.svg?run={store.run_a}&side=in"
     with TestClient(app) as client:
         assert client.get(neuron).status_code == 200
         assert client.get(pinned).status_code == 200
@@ -106,7 +107,7 @@ def test_database_outage_gives_503_and_the_app_recovers(store):
 def test_a_paused_database_holds_up_only_the_pages_that_wait_on_it(store, one_second_queries):
     proxy = Proxy(("127.0.0.1", make_url(db.normalise_url(store.url)).port or 5432))
     app = create_app(through(proxy, store.url))
-    pinned = f"/m/{store.model}/0/1?run={store.run_a}"
+    pinned = f"/m/{store.model}/0/1/histogram.svg?run={store.run_a}&side=in"  # immutable: cached
     fast = ["/ping", "/static/channelscope.css", pinned]
 
     async def scenario():

@@ -12,7 +12,9 @@ of synthetic rows shaped like the worker's: every neuron of the model (30 layers
 1,536) with 8 channels each = 1,105,920 channels and 20 top tokens per channel in the token
 index. Rows are random, not the solver's; token ids are drawn with a heavy head (a few tokens sit
 in the top lists of ~10^5 channels, as the generic fragments do) so search meets both popular and
-rare tokens. Rows go in with binary COPY built from numpy arrays, indexes afterwards.
+rare tokens. Rows go in with binary COPY built from numpy arrays, indexes afterwards. The model's
+overview (`channelscope overview`) too: without it a pinned neuron page is not immutable, and
+`pinned` would measure an uncached page.
 
 run: the app (`uvicorn channelscope.web.main:create_app --factory`, one process) on loopback, and 16 clients
 with keep-alive connections, each sending its next request as soon as the last one is answered,
@@ -127,13 +129,14 @@ def _secondary_ddl(cursor, tables: list[str]) -> tuple[list[str], list[str]]:
 
 def build(url: str, channels: int, seed: int) -> None:
     import psycopg
+    import torch
     from sqlalchemy import select
 
     from channelscope.core import db
     from channelscope.core import tables as T
     from channelscope.method import rotate
     from channelscope.method.weights import load_model
-    from channelscope.worker import store
+    from channelscope.worker import overview, store
 
     admin = url.rsplit("/", 1)[0] + "/postgres"
     name = url.rsplit("/", 1)[1]
@@ -174,6 +177,7 @@ def build(url: str, channels: int, seed: int) -> None:
             (r.layer, r.side, r.neuron_start): r.id
             for r in session.execute(select(T.Shard).where(T.Shard.run_id == run_id)).scalars()
         }
+    overview.build(engine, model, torch.device("cpu"))
     engine.dispose()
     scored = np.array([k == "normal" for k in model.vocabulary.kinds])
     draw = token_sampler(rng, vocab, scored)

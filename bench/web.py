@@ -3,6 +3,7 @@
     .venv/bin/python bench/web.py build   # once: ~1.1 M channels, ~22 M token-index rows (minutes)
     .venv/bin/python bench/web.py run     # the measurement, a few minutes
     .venv/bin/python bench/web.py split   # where a page's time goes: build and render, in-process
+    .venv/bin/python bench/web.py stall   # /ping, a static file and cached pages while the database hangs
         [--url postgresql://postgres@127.0.0.1:5432/channelscope_bench] [--clients 16]
         [--seconds 20] [--out bench/results/web.json]
 
@@ -11,7 +12,9 @@ of synthetic rows shaped like the worker's: every neuron of the model (30 layers
 1,536) with 8 channels each = 1,105,920 channels and 20 top tokens per channel in the token
 index. Rows are random, not the solver's; token ids are drawn with a heavy head (a few tokens sit
 in the top lists of ~10^5 channels, as the generic fragments do) so search meets both popular and
-rare tokens. Rows go in with binary COPY built from numpy arrays, indexes afterwards.
+rare tokens. Rows go in with binary COPY built from numpy arrays, indexes afterwards. The model's
+overview (`channelscope overview`) too: without it a pinned neuron page is not immutable, and
+`pinned` would measure an uncached page.
 
 run: the app (`uvicorn channelscope.web.main:create_app --factory`, one process) on loopback, and 16 clients
 with keep-alive connections, each sending its next request as soon as the last one is answered,
@@ -23,12 +26,20 @@ for `--seconds` per endpoint after a warm-up:
   search     /search?token=..., tokens drawn the way they occur in the index (popular ones often)
 Latencies are per request, from sending to the last byte. Goals, as ratios to the trivial
 endpoint's p99 in the same run: pinned <= 2, unpinned <= 15, search <= 5.
+
+stall: the same server, talking to PostgreSQL through a TCP proxy in this process
+(tests/fixtures/proxy.py). Each of /ping, /static/channelscope.css and a pinned page (cached) is
+measured as above, first normally, then with the proxy paused (connections stay open, nothing is
+forwarded: a hung server) while as many other clients ask for unpinned neuron pages, which wait
+on the database until their own timeouts end them. Goal: each endpoint's p99 during the stall at
+most 3x its normal p99, and under 100 ms.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -50,6 +61,7 @@ LAYERS, NEURONS, SIDES, D_MODEL = 30, 1536, ("gate", "in", "out"), 576
 CHANNELS, TOP_K, SHARD = 8, 20, 256
 HISTORY, MASKED = 40, 12  # kurtosis values recorded per channel, tokens claimed per channel
 GOALS = {"pinned": 2.0, "unpinned": 15.0, "search": 5.0}
+RESULTS = ROOT / "bench" / "results"
 
 
 # --- build -------------------------------------------------------------------------------------------
@@ -117,13 +129,14 @@ def _secondary_ddl(cursor, tables: list[str]) -> tuple[list[str], list[str]]:
 
 def build(url: str, channels: int, seed: int) -> None:
     import psycopg
+    import torch
     from sqlalchemy import select
 
     from channelscope.core import db
     from channelscope.core import tables as T
     from channelscope.method import rotate
     from channelscope.method.weights import load_model
-    from channelscope.worker import store
+    from channelscope.worker import overview, store
 
     admin = url.rsplit("/", 1)[0] + "/postgres"
     name = url.rsplit("/", 1)[1]
@@ -164,6 +177,7 @@ def build(url: str, channels: int, seed: int) -> None:
             (r.layer, r.side, r.neuron_start): r.id
             for r in session.execute(select(T.Shard).where(T.Shard.run_id == run_id)).scalars()
         }
+    overview.build(engine, model, torch.device("cpu"))
     engine.dispose()
     scored = np.array([k == "normal" for k in model.vocabulary.kinds])
     draw = token_sampler(rng, vocab, scored)
@@ -173,7 +187,7 @@ def build(url: str, channels: int, seed: int) -> None:
     with psycopg.connect(psql) as connection, connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit = off")
         cursor.execute("SET maintenance_work_mem = '1GB'")
-        drops, creates = _secondary_ddl(cursor, ["channel_tokens", "channels"])
+        drops, creates = _secondary_ddl(cursor, ["channel_neighbours", "channel_tokens", "channels"])
         for statement in drops:
             cursor.execute(statement)
 
@@ -340,6 +354,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _server(database_url: str, quiet: bool = False):
+    """The app as one uvicorn process on loopback until the block ends; yields its port. quiet:
+    without its stderr (during a stall, a warning line for every page that gave up)."""
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": database_url}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "channelscope.web.main:create_app", "--factory",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env=env, stderr=subprocess.DEVNULL if quiet else None,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _shared_permalinks(base: str, run_hash: str, rng: random.Random) -> list[str]:
+    return [
+        f"{base}/{rng.randrange(LAYERS)}/{rng.randrange(NEURONS)}?side={rng.choice(SIDES)}&run={run_hash}"
+        for _ in range(200)
+    ]
+
+
+async def _open_once(port: int, paths: list[str]) -> None:
+    """Each path requested once: a pinned page is in the page cache afterwards."""
+    for path in paths:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _request(reader, writer, path)
+        writer.close()
+
+
+def _machine(load_before) -> dict:
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dict:
     import psycopg
 
@@ -364,19 +427,9 @@ def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dic
 
     tokens = json.loads(zlib.decompress(vocabulary))["tokens"]
     terms = [tokens[i] for i in token_ids]
-    port = _free_port()
-    env = {**os.environ, "DATABASE_URL": url}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "channelscope.web.main:create_app", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=env,
-    )  # fmt: skip
     rng = random.Random(0)
     base = f"/m/{quote(model)}"
-    shared = [
-        f"{base}/{rng.randrange(LAYERS)}/{rng.randrange(NEURONS)}?side={rng.choice(SIDES)}&run={run_hash}"
-        for _ in range(200)
-    ]
+    shared = _shared_permalinks(base, run_hash, rng)
     paths = {
         "trivial": lambda: "/ping",
         "pinned": lambda: rng.choice(shared),
@@ -385,27 +438,13 @@ def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dic
         ),
         "search": lambda: "/search?" + urlencode({"token": rng.choice(terms)}),
     }
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+    with _server(url) as port:
 
         async def measure() -> dict:
-            for path in shared:  # each shared permalink opened once: now in the page cache
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                await _request(reader, writer, path)
-                writer.close()
+            await _open_once(port, shared)
             return {name: await _phase(port, clients, seconds, warmup, make) for name, make in paths.items()}
 
         results = asyncio.run(measure())
-    finally:
-        server.terminate()
-        server.wait(10)
     trivial = results["trivial"]["p99_ms"]
     for name, goal in GOALS.items():
         results[name]["ratio_p99_to_trivial_p99"] = round(results[name]["p99_ms"] / trivial, 2)
@@ -415,9 +454,7 @@ def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dic
         "store": {"channels": channels, "url": url.rsplit("@", 1)[-1]},
         "clients": clients,
         "seconds_per_endpoint": seconds,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        **_machine(load_before),
         "results": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -427,6 +464,85 @@ def run(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dic
         ratio = r.get("ratio_p99_to_trivial_p99", 1.0)
         goal = f"<= {r['goal']:g} {'met' if r['met'] else 'MISSED'}" if "goal" in r else ""
         print(f"{name:10} {r['per_second']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {ratio:12.2f} {goal}")
+    return report
+
+
+# --- stall: what keeps answering while the database hangs -----------------------------------------
+
+
+def stall(url: str, clients: int, seconds: float, warmup: float, out: Path) -> dict:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tests.fixtures.proxy import Proxy
+
+    load_before = os.getloadavg()
+    with psycopg.connect(url) as connection:
+        model, run_hash = connection.execute(
+            "SELECT m.name, r.hash FROM runs r JOIN models m ON m.id = r.model_id ORDER BY r.id LIMIT 1"
+        ).fetchone()
+    target = make_url(url)
+    proxy = Proxy((target.host or "127.0.0.1", target.port or 5432))
+    proxied = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    rng = random.Random(0)
+    base = f"/m/{quote(model)}"
+    shared = _shared_permalinks(base, run_hash, rng)
+    measured = {
+        "trivial": lambda: "/ping",
+        "static": lambda: "/static/channelscope.css",
+        "pinned": lambda: rng.choice(shared),
+    }
+
+    def waiting_page() -> str:
+        return f"{base}/{rng.randrange(LAYERS)}/{rng.randrange(NEURONS)}?side={rng.choice(SIDES)}"
+
+    with _server(proxied, quiet=True) as port:
+
+        async def measure() -> dict:
+            await _open_once(port, shared)
+            normal = {
+                name: await _phase(port, clients, seconds, warmup, make) for name, make in measured.items()
+            }
+            proxy.pause()
+            # As many clients again ask for pages that wait on the database, all through the stall.
+            span = len(measured) * (seconds + warmup)
+            load = asyncio.create_task(_phase(port, clients, span, 0.0, waiting_page))
+            stalled = {
+                name: await _phase(port, clients, seconds, warmup, make) for name, make in measured.items()
+            }
+            waiting = await load
+            proxy.resume()
+            return {"normal": normal, "stalled": stalled, "waiting_pages": waiting}
+
+        try:
+            results = asyncio.run(measure())
+        finally:
+            proxy.down()
+    for name in measured:
+        before, during = results["normal"][name]["p99_ms"], results["stalled"][name]["p99_ms"]
+        ratio = round(during / before, 2)
+        results["stalled"][name]["ratio_p99_to_normal_p99"] = ratio
+        results["stalled"][name]["met"] = ratio <= 3 and during < 100
+    report = {
+        "clients": clients,
+        "seconds_per_endpoint": seconds,
+        **_machine(load_before),
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'endpoint':10} {'p99 normal':>11} {'p99 stalled':>12} {'ratio':>6} goal (<= 3x and < 100 ms)")
+    for name in measured:
+        r = results["stalled"][name]
+        print(
+            f"{name:10} {results['normal'][name]['p99_ms']:9.2f}ms {r['p99_ms']:10.2f}ms "
+            f"{r['ratio_p99_to_normal_p99']:6.2f} {'met' if r['met'] else 'MISSED'}"
+        )
+    w = results["waiting_pages"]
+    print(
+        f"pages waiting on the database: {w['requests']} answered, "
+        f"p50 {w['p50_ms']:.0f} ms, p99 {w['p99_ms']:.0f} ms"
+    )
     return report
 
 
@@ -495,21 +611,23 @@ def split(url: str, count: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "run", "split"])
+    parser.add_argument("action", choices=["build", "run", "split", "stall"])
     parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--channels", type=int, default=CHANNELS, help="channels per neuron (build)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per endpoint")
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "web.json")
+    parser.add_argument("--out", type=Path, help="default bench/results/web.json (stall: stall.json)")
     args = parser.parse_args()
     if args.action == "build":
         build(args.url, args.channels, args.seed)
     elif args.action == "split":
         split(args.url, 400)
+    elif args.action == "stall":
+        stall(args.url, args.clients, args.seconds, args.warmup, args.out or RESULTS / "stall.json")
     else:
-        run(args.url, args.clients, args.seconds, args.warmup, args.out)
+        run(args.url, args.clients, args.seconds, args.warmup, args.out or RESULTS / "web.json")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,17 @@ def test_beyond_the_admitted_model_runs_the_answer_is_429_with_retry_after(sqlit
         assert c.get(ablate_url(run, json=True)).status_code == 200  # the slot is free again
 
 
+def test_the_weight_level_preview_takes_no_model_slot(sqlite_store, tiny_gguf):
+    url, run = sqlite_store
+    app = make_app(url, [tiny_gguf.parent], max_runs=2)
+    slots = app.state.runtime.slot
+    with TestClient(app) as c, slots(), slots():  # both slots held by model runs elsewhere
+        preview = c.get(ablate_url(run, prompt="", json=True))
+        assert preview.status_code == 200 and preview.json()["preview"]["top_before"]
+        assert c.get(ablate_url(run, json=True)).status_code == 429  # a model run would need one
+    app.state.engine.dispose()
+
+
 def test_unknown_neuron_side_or_run_is_404(client, sqlite_store):
     _, run = sqlite_store
     assert client.get(ablate_url(run, neuron=9, json=True)).status_code == 404
@@ -147,7 +158,7 @@ def test_without_channels_the_page_is_the_form_with_example_prompts(client, sqli
         assert example["url"].startswith(f"/m/tiny-llama/{LAYER}/0/ablate?")
 
 
-def test_a_model_outside_the_allowed_directories_is_refused_but_the_preview_works(sqlite_store):
+def test_a_model_outside_the_allowed_directories_is_refused_but_the_preview_works(sqlite_store, tiny_gguf):
     url, run = sqlite_store
     app = make_app(url, [])  # only the SmolLM2 wheel is allowed
     with TestClient(app) as c:
@@ -156,6 +167,9 @@ def test_a_model_outside_the_allowed_directories_is_refused_but_the_preview_work
         assert "CHANNELSCOPE_MODEL_DIRS" in data["model_note"]
         assert data["preview"]["selectivity"]["value"] is not None
         assert app.state.runtime._models == {}
+        page = c.get(ablate_url(run))
+        # The file's name, never where it is on the server.
+        assert tiny_gguf.name in page.text and str(tiny_gguf.parent) not in page.text
 
 
 def test_a_missing_model_file_is_said_on_the_page_and_the_preview_still_works(
@@ -171,6 +185,7 @@ def test_a_missing_model_file_is_said_on_the_page_and_the_preview_still_works(
         page = c.get(ablate_url(run, "gate", "0"))
         assert page.status_code == 200
         assert "missing on this server" in page.text
+        assert gguf.name in page.text and str(gguf.parent) not in page.text
         data = c.get(ablate_url(run, "gate", "0", json=True)).json()
         assert data["model_effect"] is None and data["preview"]["top_before"]
     app.state.engine.dispose()

@@ -4,8 +4,12 @@ Subprocesses get their database and data folder through DATABASE_URL and CHANNEL
 and one torch thread each: two of them share this machine's two cores with pytest."""
 
 import json
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +22,7 @@ from channelscope.method import rotate
 from channelscope.method.decomposer import TOP_K, Decomposer
 from channelscope.method.weights import load_model
 from channelscope.worker import compute, plan
-from tests.fixtures.cli import spawn, wait_for
+from tests.fixtures.cli import ROOT, spawn, wait_for
 
 SMALL = ["--channels", "3", "--reference-count", "8"]
 
@@ -265,6 +269,116 @@ def test_two_workers_share_a_run_and_survive_one_being_killed(postgres_url, tiny
     engine.dispose()
 
 
+def test_a_paused_worker_that_resumes_after_its_shard_went_elsewhere_says_so_in_one_line(
+    postgres_url, tiny_folder, tmp_path, run_cli
+):
+    assert run_cli(postgres_url, "decompose", tiny_folder, "--layers", "0", "--sides", "out",
+                   "--neurons", "0-23", "--shard-size", "8", "--channels", "4", "--reference-count", "8",
+                   "--enqueue-only") == 0  # fmt: skip
+    engine = db.make_engine(postgres_url)
+    options = ["--heartbeat-seconds", "0.5", "--stalled-seconds", "2"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = spawn(postgres_url, tmp_path / "a", logs[0], "worker", *options)
+    host = socket.gethostname()
+    try:
+
+        def a_in_flight():
+            return [s for s in shard_rows(engine) if s.worker == f"{host}:{a.pid}" and s.done_at is None]
+
+        (victim,) = wait_for(a_in_flight, 120, "worker A to start a shard", a, logs[0])
+        a.send_signal(signal.SIGSTOP)  # paused past the stall timeout: B takes its shard over
+        b = spawn(postgres_url, tmp_path / "b", logs[1], "worker", *options)
+        wait_for(
+            lambda: all(s.done_at is not None for s in shard_rows(engine)), 120, "B to finish", b, logs[1]
+        )
+        a.send_signal(signal.SIGCONT)
+        wait_for(
+            lambda: f"shard {victim.id} " in logs[0].read_text(), 60, "A to report its shard", a, logs[0]
+        )
+        time.sleep(2)  # what A logs after the rejected commit, if anything
+    finally:
+        a.send_signal(signal.SIGCONT)
+        for process in (a, b):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    log = logs[0].read_text()
+    assert "Traceback" not in log, log
+    (line,) = [line for line in log.splitlines() if f"shard {victim.id} " in line]
+    assert "already done elsewhere" in line, log
+    assert_rows_match_done_shards(engine, 4)
+    engine.dispose()
+
+
+# --- two commands on one SQLite file --------------------------------------------------------------
+
+
+def test_migrations_on_sqlite_take_a_lock(tmp_path):
+    """Three processes migrate one fresh file at the same instant: one creates the schema, the
+    others find it made (without the lock: `table alembic_version already exists`)."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = (
+        "import sys, time; from channelscope.core import db; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+        "db.upgrade_locked(sys.argv[1], db.make_engine(sys.argv[1]))"
+    )
+    start = time.time() + 3  # after every interpreter has started
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url, str(start)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], errors
+    engine = db.make_engine(url)
+    assert db.current_revision(engine) == db.head_revision()
+    engine.dispose()
+
+
+def test_two_decompose_commands_on_one_sqlite_file_share_the_shards(tiny_folder, tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"  # fresh: both migrate it too
+    args = ["decompose", tiny_folder, "--layers", "0-1", "--sides", "out", "--neurons", "0-23",
+            "--shard-size", "4", *SMALL]  # fmt: skip
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    processes = [spawn(url, tmp_path / "data", log, *args) for log in logs]
+    for process, log in zip(processes, logs, strict=True):
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    engine = db.make_engine(url)
+    rows = shard_rows(engine)
+    assert len(rows) == 12 and all(s.done_at is not None for s in rows)
+    assert [s.attempts for s in rows] == [1] * 12  # each computed once: claimed before computing
+    host = socket.gethostname()
+    assert {s.worker for s in rows} == {f"{host}:{p.pid}" for p in processes}  # by both
+    assert len(assert_rows_match_done_shards(engine, 3)) == 2 * 24
+    for log in logs:
+        assert "Traceback" not in log.read_text()
+    engine.dispose()
+
+
+def test_a_shard_claimed_by_a_decompose_that_died_is_computed_by_the_other(sqlite_url, tiny_folder, tmp_path):
+    args = ["decompose", tiny_folder, "--layers", "0", "--sides", "out", "--neurons", "0-47",
+            "--shard-size", "8", *SMALL]  # fmt: skip
+    engine = db.make_engine(sqlite_url)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a, b = (spawn(sqlite_url, tmp_path / "data", log, *args) for log in logs)
+    host = socket.gethostname()
+
+    def in_flight(process):
+        return [s for s in shard_rows(engine) if s.worker == f"{host}:{process.pid}" and s.done_at is None]
+
+    wait_for(lambda: in_flight(a) and in_flight(b), 120, "both to compute a shard", a, logs[0])
+    (victim,) = in_flight(a)
+    a.send_signal(signal.SIGKILL)  # in the middle of its shard; its claim goes with it
+    a.wait()
+    assert b.wait(timeout=300) == 0, logs[1].read_text()[-3000:]
+    rows = {s.id: s for s in shard_rows(engine)}
+    assert all(s.done_at is not None for s in rows.values())
+    assert rows[victim.id].worker == f"{host}:{b.pid}" and rows[victim.id].attempts == 2
+    assert len(assert_rows_match_done_shards(engine, 3)) == 48
+    engine.dispose()
+
+
 # --- status and errors ----------------------------------------------------------------------------
 
 
@@ -321,6 +435,27 @@ def test_an_old_schema_is_refused_with_the_command_that_fixes_it(tmp_path, run_c
     assert "run `channelscope db upgrade`" in capsys.readouterr().err
     assert run_cli(url, "db", "upgrade") == 0
     assert run_cli(url, "status") == 0
+
+
+def test_a_different_model_at_the_same_path_is_refused_in_one_line_before_any_reference(
+    database_url, tmp_path, run_cli, capsys, monkeypatch
+):
+    from tests import tiny
+
+    folder = tiny.write_folder(tmp_path / "models" / "tiny-llama")
+    args = ["decompose", folder, "--layers", "0", "--sides", "out", "--neurons", "0-3", *SMALL]
+    assert run_cli(database_url, *args) == 0
+    shutil.rmtree(folder)
+    tiny.write_folder(folder, seed=1)  # another model with the same name, at the same path
+    capsys.readouterr()
+
+    def no_reference(*_, **__):
+        raise AssertionError("the random-vector reference was about to be computed")
+
+    monkeypatch.setattr(Decomposer, "__init__", no_reference)
+    assert run_cli(database_url, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a different model named 'tiny-llama' is already stored" in err and len(err.splitlines()) == 1, err
 
 
 def test_a_failing_shard_is_recorded_reported_and_retried_by_the_next_command(

@@ -1,74 +1,69 @@
 """A database outage during requests: 503 pages, /healthz says so, and the app recovers by itself
 once the database is back. The outage is real: the app talks to PostgreSQL through a TCP proxy
-that the test closes (every open connection cut, new ones refused) and opens again."""
+(tests/fixtures/proxy.py) that the test closes (every open connection cut, new ones refused) or
+pauses (nothing forwarded, nothing refused: a hung server), and opens again.
+
+A stalled or locked database holds up only the requests that wait on it, each for at most its
+own timeout, all at once rather than one after another; /ping, static files and cached pages
+answer as fast as before."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
+import asyncio
 import threading
+import time
 
+import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
 
 from channelscope.core import db
+from channelscope.core.config import config
 from channelscope.web.main import create_app
+from tests.fixtures.proxy import Proxy
+
+# Below this, a p99 is scheduling noise on a shared 2-core machine, not a stall.
+NOISE_FLOOR_S = 0.010
 
 
-class Proxy:
-    """127.0.0.1:<port> -> target, until down(); up() listens on the same port again."""
+def through(proxy: Proxy, url: str) -> str:
+    """The store's URL, pointed at the proxy."""
+    parsed = make_url(db.normalise_url(url))
+    return parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
 
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.connections: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.listener: socket.socket | None = None
-        self.port = 0
-        self.up()
 
-    def up(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self.port = listener.getsockname()[1]
-        self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+@pytest.fixture
+def one_second_queries(monkeypatch):
+    """CHANNELSCOPE_QUERY_TIMEOUT=1: the server stops a query after 1 s (504), and the app cuts a
+    connection whose statement has had no answer for 3 s (503), so a stall is over in seconds."""
+    monkeypatch.setenv("CHANNELSCOPE_QUERY_TIMEOUT", "1")
+    config.cache_clear()
+    yield
+    config.cache_clear()
 
-    def down(self) -> None:
-        # shutdown() wakes the thread blocked in accept(); close() alone would leave it accepting.
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with self.lock:
-            for s in self.connections:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self.connections.clear()
 
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.connections += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+async def p99(client: httpx.AsyncClient, path: str, count: int = 150) -> float:
+    seconds = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = await client.get(path)
+        seconds.append(time.perf_counter() - started)
+        assert response.status_code == 200, (path, response.status_code)
+    return float(np.percentile(seconds, 99))
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            with contextlib.suppress(OSError):
-                s.close()
+
+async def timed(request, since: float) -> tuple[int, float]:
+    """The status, and when it came: seconds after `since`."""
+    response = await request
+    return response.status_code, time.perf_counter() - since
+
+
+def assert_as_fast(normal: dict[str, float], stalled: dict[str, float]) -> None:
+    for path, before in normal.items():
+        after = stalled[path]
+        assert after < 0.100 and after <= 3 * max(before, NOISE_FLOOR_S), (path, before, after)
 
 
 # The outage is a PostgreSQL server going away; SQLite is a file inside this process.
@@ -80,7 +75,8 @@ def test_database_outage_gives_503_and_the_app_recovers(store):
     proxy = Proxy((url.host, url.port or 5432))
     app = create_app(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
     neuron = f"/m/{store.model}/1/1?side=in"
-    pinned = f"/m/{store.model}/0/1?run={store.run_a}"
+    # Immutable, so kept in the page cache (a pinned neuron page is only with the overview stored).
+    pinned = f"/m/{store.model}/0/1/histogram.svg?run={store.run_a}&side=in"
     with TestClient(app) as client:
         assert client.get(neuron).status_code == 200
         assert client.get(pinned).status_code == 200
@@ -95,6 +91,8 @@ def test_database_outage_gives_503_and_the_app_recovers(store):
         assert twin.status_code == 503 and twin.json()["status"] == 503
         health = client.get("/healthz")
         assert health.status_code == 503 and health.json()["database"].startswith("unreachable")
+        # The driver's message (host, port) goes to the log, not to whoever asks.
+        assert "127.0.0.1" not in health.text and str(proxy.port) not in health.text
         assert client.get("/search?token=the").status_code == 503
         assert client.get(pinned).status_code == 200  # an immutable page is still served from memory
 
@@ -103,6 +101,115 @@ def test_database_outage_gives_503_and_the_app_recovers(store):
         assert client.get("/healthz").json()["status"] == "ok"
     proxy.down()
     app.state.engine.dispose()
+
+
+@pytest.mark.parametrize("store", ["postgresql"], indirect=True)
+def test_a_paused_database_holds_up_only_the_pages_that_wait_on_it(store, one_second_queries):
+    proxy = Proxy(("127.0.0.1", make_url(db.normalise_url(store.url)).port or 5432))
+    app = create_app(through(proxy, store.url))
+    pinned = f"/m/{store.model}/0/1/histogram.svg?run={store.run_a}&side=in"  # immutable: cached
+    fast = ["/ping", "/static/channelscope.css", pinned]
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            assert (await client.get(f"/m/{store.model}/1/1?side=in")).status_code == 200
+            normal = {path: await p99(client, path) for path in fast}
+
+            proxy.pause()
+            started = time.perf_counter()
+            pages = [f"/m/{store.model}/{layer}/{n}?side=gate" for layer in (0, 1) for n in range(4)]
+            waiting = [asyncio.create_task(timed(client.get(page), started)) for page in pages]
+            await asyncio.sleep(0.2)  # every one of them waits on the database now
+            stalled = {path: await p99(client, path) for path in fast}
+            assert not any(task.done() for task in waiting)
+            answers = await asyncio.gather(*waiting)
+
+            proxy.resume()
+            recovered = await client.get(f"/m/{store.model}/1/1?side=in")
+            return normal, stalled, answers, recovered.status_code
+
+    # Should the stall hold up the event loop itself (as it did when pages ran on it), it ends
+    # after 20 s anyway, and the test fails on its figures instead of hanging.
+    release = threading.Timer(20, proxy.resume)
+    release.start()
+    try:
+        normal, stalled, answers, recovered = asyncio.run(scenario())
+    finally:
+        release.cancel()
+        proxy.down()
+        app.state.engine.dispose()
+    assert_as_fast(normal, stalled)
+    # Each gave up by itself, all at once: a pooled connection after 1 + 2 s without an answer,
+    # a new one at its 5 s connect timeout; one after another, eight would take 24-40 s.
+    assert {status for status, _ in answers} == {503}
+    assert max(seconds for _, seconds in answers) < 8, answers
+    assert recovered == 200
+
+
+@pytest.mark.parametrize("store", ["postgresql"], indirect=True)
+def test_a_locked_table_times_out_each_page_at_once_while_ping_answers(store, one_second_queries):
+    import psycopg
+
+    app = create_app(store.url)
+    fast = ["/ping", "/static/channelscope.css"]
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            assert (await client.get(f"/m/{store.model}/1/1?side=in")).status_code == 200
+            normal = {path: await p99(client, path) for path in fast}
+            # As a migration would: every reader of the table waits for the lock.
+            with psycopg.connect(store.url) as locker:
+                locker.execute("LOCK TABLE neurons IN ACCESS EXCLUSIVE MODE")
+                started = time.perf_counter()
+                waiting = [
+                    asyncio.create_task(timed(client.get(f"/m/{store.model}/0/{neuron}?side=out"), started))
+                    for neuron in range(3)
+                ]
+                await asyncio.sleep(0.1)
+                stalled = {path: await p99(client, path, 100) for path in fast}
+                answers = await asyncio.gather(*waiting)
+                locker.rollback()
+            return normal, stalled, answers
+
+    try:
+        normal, stalled, answers = asyncio.run(scenario())
+    finally:
+        app.state.engine.dispose()
+    assert_as_fast(normal, stalled)
+    # Three statement timeouts of 1 s side by side, not 1, 2 and 3 s one after another.
+    assert [status for status, _ in answers] == [504, 504, 504]
+    assert max(seconds for _, seconds in answers) < 2.5, answers
+
+
+def test_beyond_the_pools_size_requests_wait_briefly_then_get_503_and_ping_and_static_still_answer():
+    from channelscope.web.responses import Admission
+
+    async def scenario():
+        stalled = asyncio.Event()
+
+        async def app(scope, receive, send):  # every page waits on a stalled database
+            if not scope["path"].startswith(("/ping", "/static/")):
+                await stalled.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        transport = httpx.ASGITransport(app=Admission(app, limit=2, wait_seconds=0.3))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            admitted = [asyncio.create_task(client.get(f"/m/tiny/0/{n}")) for n in range(2)]
+            await asyncio.sleep(0.05)
+            started = time.perf_counter()
+            refused = await client.get("/m/tiny/0/9")
+            waited = time.perf_counter() - started
+            ping, static = await client.get("/ping"), await client.get("/static/channelscope.css")
+            stalled.set()
+            return refused, waited, ping.status_code, static.status_code, await asyncio.gather(*admitted)
+
+    refused, waited, ping, static, admitted = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5" and 0.3 <= waited < 1
+    assert ping == static == 200
+    assert [r.status_code for r in admitted] == [200, 200]
 
 
 def test_healthz_reports_migrations_that_are_not_current(tmp_path):

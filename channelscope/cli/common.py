@@ -89,6 +89,19 @@ def load(spec: str):
         raise CliError(str(error)) from None
 
 
+def check_stored_model(engine, model) -> None:
+    """A different file stored under this model's name ends the command here, before its long
+    work (the random-vector reference, the corpus), not in the middle of it."""
+    from channelscope.core import db
+    from channelscope.worker import store
+
+    with db.session(engine) as session:
+        try:
+            store.check_model(session, model)
+        except store.ModelConflict as error:
+            raise CliError(str(error)) from None
+
+
 def model_spec(spec: str) -> str:
     """What a worker on another machine is told to load: the name, or an absolute path."""
     from pathlib import Path

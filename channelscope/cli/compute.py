@@ -11,6 +11,7 @@ import sys
 from channelscope.cli.common import (
     CliError,
     at_least_one,
+    check_stored_model,
     database,
     duration,
     int_range,
@@ -129,6 +130,7 @@ def cmd_decompose(args) -> None:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     url, engine = database(migrate=True)
     model = load(args.model)
+    check_stored_model(engine, model)
     shard_size = args.shard_size
     if shard_size is None:  # on a GPU a shard fills one padded batch (docs/method.md, "Determinism")
         device = pick_device(args.device)
@@ -414,6 +416,7 @@ def cmd_thresholds(args) -> None:
 
     model = load(args.model)
     _, engine = database(migrate=True)
+    check_stored_model(engine, model)
     lm = load_language_model(model.source, args.device if args.device != "auto" else "cpu")
     found = corpus.ensure_thresholds(engine, model, lm, recompute=args.recompute, log=log)
     print(f"{model.name}: activation thresholds (90th percentile) of {len(found)} layers are stored")
@@ -430,6 +433,7 @@ def cmd_overview(args) -> None:
 
     _, engine = database(migrate=True)
     model = load(args.model)
+    check_stored_model(engine, model)
     with tqdm(desc=f"{model.name} overview", unit="layer side", file=sys.stderr, dynamic_ncols=True) as bar:
 
         def on_part(done: int, total: int) -> None:

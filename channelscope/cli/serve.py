@@ -7,11 +7,28 @@ import sys
 from channelscope.cli.common import CliError, database, log, stored_run
 
 
+def server_options(host: str, port: int, workers: int) -> dict:
+    """uvicorn's settings for `channelscope serve` (tests run a server from these too)."""
+    return dict(
+        app="channelscope.web.main:served_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        # Forwarded headers are the app's to believe, from CHANNELSCOPE_TRUSTED_PROXIES only
+        # (web/main.py): uvicorn's default believes them from 127.0.0.1, where a local proxy
+        # and anyone on the machine look alike.
+        proxy_headers=False,
+    )
+
+
 def cmd_serve(args) -> None:
     import uvicorn
     from sqlalchemy.exc import SQLAlchemyError
 
     from channelscope.core import db
+    from channelscope.core.config import config
 
     # Like the worker, serve only checks the schema (decompose and `db upgrade` migrate it): a
     # web process of older code must never migrate a shared database under the others.
@@ -22,15 +39,9 @@ def cmd_serve(args) -> None:
     except SQLAlchemyError as error:
         log(f"warning: the database is unreachable for now ({str(error).splitlines()[0]})")
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    print(f"Channelscope is serving at http://{shown}:{args.port}/", flush=True)
-    uvicorn.run(
-        "channelscope.web.main:served_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level="warning",
-    )
+    url = config().public_url.rstrip("/") + "/" if config().public_url else f"http://{shown}:{args.port}/"
+    print(f"Channelscope is serving at {url}", flush=True)
+    uvicorn.run(**server_options(args.host, args.port, args.workers))
 
 
 def cmd_export(args) -> None:

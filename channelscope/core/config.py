@@ -27,6 +27,17 @@ class Config(BaseSettings):
     threads: int = Field(0, alias="CHANNELSCOPE_THREADS", ge=0)
     # `serve`: opening a neuron no run has computed asks for its channels (web/demand.py).
     on_demand: bool = Field(True, alias="CHANNELSCOPE_ON_DEMAND")
+    # The web app's answer to a database that is slow or silent: a query that runs longer is
+    # stopped by the server (504), and one the server does not answer at all within this plus
+    # a margin has its connection cut by the app (503), so no request waits longer.
+    query_timeout: float = Field(10.0, alias="CHANNELSCOPE_QUERY_TIMEOUT", gt=0)
+    # X-Forwarded-Proto and X-Forwarded-For are believed only from these addresses (comma-
+    # separated IPs or networks, `*` for any): from anyone else they could change the scheme
+    # of the links in pages that are cached for everyone.
+    trusted_proxies: str = Field("", alias="CHANNELSCOPE_TRUSTED_PROXIES")
+    # The site's address as visitors see it (https://channels.example.org): absolute links in
+    # pages (the permalink box, og:url) use it instead of the request's scheme and Host.
+    public_url: str = Field("", alias="CHANNELSCOPE_PUBLIC_URL")
 
     @property
     def database(self) -> str:

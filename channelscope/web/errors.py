@@ -1,5 +1,6 @@
 """Errors as pages: a 404, 422, 503 or 504 is an HTML page or, under a `.json` path, a Problem
-object. Never a stack trace: the last handler logs the exception and says only that it happened.
+object. Never a stack trace, and never the driver's words (they name hosts, ports and paths):
+the log has those, the page says what is wrong in its own words.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from channelscope.web.pages import Problem
@@ -67,6 +69,12 @@ def _is_timeout(error: DBAPIError) -> bool:
     return getattr(error.orig, "sqlstate", None) == "57014"
 
 
+UNREACHABLE = (
+    "The database cannot be reached right now. Pages come back by themselves once it is up "
+    "again; /healthz says when."
+)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -82,15 +90,15 @@ def install(app: FastAPI) -> None:
             return problem(request, 504, "The query took too long and was stopped; narrow the filters.")
         if isinstance(error, OperationalError | InterfaceError) or error.connection_invalidated:
             log.warning("database unavailable: %s", str(error.orig).splitlines()[0] if error.orig else error)
-            return problem(
-                request,
-                503,
-                "The database cannot be reached right now. Pages come back by themselves once it "
-                "is up again; /healthz says when.",
-                {"Retry-After": "5"},
-            )
+            return problem(request, 503, UNREACHABLE, {"Retry-After": "5"})
         log.exception("database error")
         return problem(request, 500, "Something went wrong on our side; it has been logged.")
+
+    @app.exception_handler(PoolTimeout)
+    async def no_connection(request: Request, error: PoolTimeout):
+        # Every connection of the pool is busy, most likely waiting on a stalled database.
+        log.warning("no database connection free: %s", error)
+        return problem(request, 503, UNREACHABLE, {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def any_error(request: Request, error: Exception):

@@ -16,16 +16,32 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from channelscope.core import db
 from channelscope.core.config import config
 from channelscope.method.precision import cores, set_threads
 from channelscope.web import errors
 from channelscope.web.demand import Demand
-from channelscope.web.responses import ROOT, CachedPages, PageStore, SecurityHeaders, render_html
+from channelscope.web.responses import (
+    ROOT,
+    Admission,
+    CachedPages,
+    HeadAsGet,
+    HeaderLimits,
+    PageStore,
+    SecurityHeaders,
+    query_parameters,
+    render_html,
+)
 from channelscope.web.routes import ablation, home, models, neurons, search
 
-STATEMENT_TIMEOUT_MS = 10_000  # a page query that runs longer is stopped and answered with 504
+# A statement the server has not answered this long after its own statement_timeout has fired
+# never will: the server or the link is hung, and the app cuts the connection (core/db.py).
+ANSWER_MARGIN_SECONDS = 2.0
+# Requests that may wait on the database at once: as many as the pool has connections
+# (core/db.py: 10 + 20 overflow); fewer than anyio's 40 threads, which static files need too.
+DATABASE_REQUESTS = 30
 
 
 def create_app(
@@ -42,13 +58,16 @@ def create_app(
     )
     # Pages only read, and a shard's rows are committed whole and never change: each query can
     # see its own snapshot, and autocommit saves the BEGIN and ROLLBACK round trips of a request.
-    engine = db.make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+    timeout = config().query_timeout
+    engine = db.make_engine(database_url, answer_seconds=timeout + ANSWER_MARGIN_SECONDS)
+    engine = engine.execution_options(isolation_level="AUTOCOMMIT")
     if engine.dialect.name == "postgresql":
 
         @event.listens_for(engine, "connect")
         def _timeout(connection, _record):
+            # A page query that runs longer is stopped by the server and answered with 504.
             with connection.cursor() as cursor:
-                cursor.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+                cursor.execute(f"SET statement_timeout = {round(timeout * 1000)}")
             connection.commit()
 
     app.state.engine = engine
@@ -72,6 +91,7 @@ def create_app(
     for module in (home, models, neurons, search, ablation):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    app.state.pages.parameters = query_parameters(app)
 
     @app.get("/docs", response_class=HTMLResponse, tags=["pages"], summary="The API, from its OpenAPI schema")
     def docs(request: Request):
@@ -84,8 +104,16 @@ def create_app(
     gc.collect()
     gc.freeze()
 
+    # The last added is the outermost (responses.py describes each).
+    app.add_middleware(Admission, limit=DATABASE_REQUESTS, wait_seconds=db.POOL_TIMEOUT_SECONDS)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(CachedPages, store=app.state.pages)  # outermost: a hit skips everything
+    app.add_middleware(CachedPages, store=app.state.pages)  # a hit skips everything below
+    app.add_middleware(HeadAsGet)
+    if config().trusted_proxies:
+        # Only here, never in the server: from anyone else, X-Forwarded-Proto would change the
+        # scheme of every link in a page, and the page is in the cache under that scheme.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config().trusted_proxies)
+    app.add_middleware(HeaderLimits)
     return app
 
 

@@ -5,6 +5,12 @@ headers a permalink deserves.
   `Cache-Control: public, max-age=31536000, immutable` and an ETag, and its bytes are kept in
   an in-process PageStore that CachedPages serves before routing (no query, no render).
 - Everything else revalidates: `Cache-Control: no-cache` and an ETag (a 304 saves the bytes).
+
+A cached page is keyed by what can change it (`page_key`): the origin its absolute links are
+built from, its path and the query parameters that some route reads. The ASGI middleware here
+wrap the app, outermost first: HeaderLimits (431 for oversized headers), HeadAsGet (HEAD
+wherever GET works), CachedPages (hits served before routing), Admission (requests that may
+wait on the database, bounded), SecurityHeaders.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
-from fastapi import APIRouter, Request
+import anyio
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from pydantic import BaseModel
 
+from channelscope.core.config import config
 from channelscope.core.schemas import TokenScore
 from channelscope.core.tokens import visible
 from channelscope.web import pages, urls
@@ -92,46 +101,96 @@ class Result:
     headers: dict[str, str] | None = None  # Retry-After, Refresh
 
 
+def _header(scope, name: bytes) -> str | None:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
+
+
+def page_origin(scope) -> str:
+    """The scheme and host that a page's absolute links are made of: CHANNELSCOPE_PUBLIC_URL
+    when the operator sets it (a server bound to 0.0.0.0 cannot know its public name), else the
+    request's own scheme and Host."""
+    public = config().public_url.rstrip("/")
+    if public:
+        return public
+    host = _header(scope, b"host")
+    if not host:
+        server_host, server_port = scope.get("server") or ("localhost", 80)
+        host = f"{server_host}:{server_port}"
+    return f"{scope['scheme']}://{host}"
+
+
+def page_query(scope, parameters: frozenset[str]) -> str:
+    """The query with only the parameters some route reads, sorted by name (a repeated
+    parameter keeps the order of its values): a tracking parameter on a shared link, or junk,
+    neither changes the page nor makes another copy of it."""
+    pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    return urlencode(sorted(((k, v) for k, v in pairs if k in parameters), key=lambda kv: kv[0]))
+
+
+def page_key(scope, parameters: frozenset[str]) -> str:
+    """Everything a cached page depends on (the route reads nothing else of the request)."""
+    return f"{page_origin(scope)}{scope['path']}?{page_query(scope, parameters)}"
+
+
+def canonical_url(request: Request) -> str:
+    """This page's absolute URL, as og:url gives it: the cache key's parts, so a page cached for
+    everyone never carries what one visitor added to its URL."""
+    query = page_query(request.scope, request.app.state.pages.parameters)
+    return page_origin(request.scope) + request.url.path + (f"?{query}" if query else "")
+
+
+templates.globals["canonical_url"] = canonical_url
+templates.globals["origin"] = lambda request: page_origin(request.scope)
+
+
+def query_parameters(app: FastAPI) -> frozenset[str]:
+    """Every query parameter that some route of the app reads, from its OpenAPI schema."""
+    operations = [op for path in app.openapi()["paths"].values() for op in path.values()]
+    return frozenset(p["name"] for op in operations for p in op.get("parameters", []) if p["in"] == "query")
+
+
 class PageStore:
-    """Rendered bytes of immutable pages, by exact path and query; least recently used out
-    first once they pass max_bytes."""
+    """Rendered bytes of immutable pages by `page_key`; least recently used out first once the
+    entries pass max_bytes. An entry counts its key as well as its body: keys come from
+    requests, and only what is counted is bounded."""
+
+    ENTRY_BYTES = 250  # an entry's own objects beside its key and body (the tuple, strings, the slot)
 
     def __init__(self, max_bytes: int = 64 * 2**20):
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, tuple[bytes, bytes, bytes]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[bytes, bytes, bytes, int]] = OrderedDict()
         self.size = 0
         self.lock = threading.Lock()
+        self.parameters: frozenset[str] = frozenset()  # set by create_app: query_parameters(app)
 
-    @staticmethod
-    def key(host: str, path: str, query: str) -> str:
-        # The Host header is part of the key: a page holds absolute URLs built from it (the
-        # permalink, og:url), and one request with a forged Host must not poison the page that
-        # everyone else is served.
-        return f"{host}\n{path}?{query}"
+    def key(self, scope) -> str:
+        return page_key(scope, self.parameters)
 
     def get(self, key: str) -> tuple[bytes, bytes, bytes] | None:
         with self.lock:
             hit = self.entries.get(key)
-            if hit is not None:
-                self.entries.move_to_end(key)
-            return hit
+            if hit is None:
+                return None
+            self.entries.move_to_end(key)
+            return hit[:3]
 
     def put(self, key: str, body: bytes, etag: str, media_type: str) -> None:
-        if len(body) > self.max_bytes // 8:
+        size = len(key.encode()) + len(body) + len(etag) + len(media_type) + self.ENTRY_BYTES
+        if size > self.max_bytes // 8:
             return
         with self.lock:
             if key in self.entries:
                 return
-            self.entries[key] = (body, etag.encode(), media_type.encode())
-            self.size += len(body)
+            self.entries[key] = (body, etag.encode(), media_type.encode(), size)
+            self.size += size
             while self.size > self.max_bytes:
-                _, (old, _, _) = self.entries.popitem(last=False)
-                self.size -= len(old)
+                _, (*_, old) = self.entries.popitem(last=False)
+                self.size -= old
 
 
 class CachedPages:
-    """ASGI middleware: a GET whose exact path and query are in the PageStore is answered from
-    it before routing, so a shared permalink costs no query and no render."""
+    """ASGI middleware: a GET whose page_key is in the PageStore is answered from it before
+    routing, so a shared permalink costs no query and no render."""
 
     def __init__(self, app, store: PageStore):
         self.app, self.store = app, store
@@ -139,8 +198,7 @@ class CachedPages:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "GET":
             return await self.app(scope, receive, send)
-        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-        hit = self.store.get(PageStore.key(host, scope["path"], scope["query_string"].decode("latin-1")))
+        hit = self.store.get(self.store.key(scope))
         if hit is None:
             return await self.app(scope, receive, send)
         body, etag, media_type = hit
@@ -152,6 +210,77 @@ class CachedPages:
         headers += [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _plain(send, status: int, text: str, headers: list | None = None) -> None:
+    body = text.encode()
+    start = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*start, *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class HeaderLimits:
+    """ASGI middleware: a request whose headers take more than MAX_BYTES is answered 431 before
+    anything reads them (the server's own limit, if any, depends on how it is run)."""
+
+    MAX_BYTES = 16 * 1024  # h11's limit on a whole request head; browsers send ~1 KiB here
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > self.MAX_BYTES:
+            return await _plain(send, 431, "Request headers too large.\n", SECURITY_HEADERS)
+        await self.app(scope, receive, send)
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered wherever GET is, as the GET's status and headers
+    without its body (RFC 9110, 9.3.2). Routes, the page cache and static files see a GET."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def without_body(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
+
+
+class Admission:
+    """ASGI middleware: at most `limit` requests at once past this point, where a request may
+    wait on the database in a worker thread; the next ones wait up to `wait_seconds` for a
+    place, then get a 503. The thread pool that static files are read in (anyio's default, 40
+    threads) stays larger than `limit`, so a stalled database never takes every thread:
+    /ping, static files and cached pages keep answering."""
+
+    UNGATED = ("/ping", "/static/")
+
+    def __init__(self, app, limit: int, wait_seconds: float):
+        self.app = app
+        self.limiter = anyio.CapacityLimiter(limit)
+        self.wait_seconds = wait_seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].startswith(self.UNGATED):
+            return await self.app(scope, receive, send)
+        admitted = False
+        with anyio.move_on_after(self.wait_seconds):
+            await self.limiter.acquire()
+            admitted = True
+        if admitted:
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                self.limiter.release()
+        retry = [(b"retry-after", b"5"), (b"cache-control", b"no-store")]
+        await _plain(send, 503, "Too many requests are waiting for the database; try again shortly.\n", retry)
 
 
 class SecurityHeaders:
@@ -194,20 +323,10 @@ def finish(
     if immutable and status == 200:
         store: PageStore | None = getattr(request.app.state, "pages", None)
         if store is not None:
-            key = PageStore.key(request.headers.get("host", ""), request.url.path, request.url.query)
-            store.put(key, body, etag, media_type)
+            store.put(store.key(request.scope), body, etag, media_type)
     if status == 200 and etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
     return Response(body, status_code=status, media_type=media_type, headers=headers)
-
-
-def _on_loop(endpoint: Callable[..., Response]) -> Callable[..., Any]:
-    """The same endpoint as a coroutine: FastAPI runs it on the event loop, not in a thread."""
-
-    async def run(request: Request, **params):
-        return endpoint(request=request, **params)
-
-    return run
 
 
 def problem_responses(html: bool) -> dict:
@@ -232,7 +351,6 @@ def page(
     template: str,
     model: type[BaseModel],
     summary: str,
-    on_loop: bool = False,
     redirect: str | None = None,
 ):
     """Registers a page builder twice: `path` renders `template` as HTML and `path.json`
@@ -240,14 +358,9 @@ def page(
     otherwise swallow `5.json` and fail its integer check. `redirect` documents a 303 the
     builder may answer with instead (what it leads to).
 
-    on_loop: build and render on the event loop instead of in a worker thread. For the pages
-    people open most (a neuron, a search), whose few queries are index lookups of well under a
-    millisecond: under load, dozens of threads taking turns at the GIL made each page wait for
-    the others' turns and the loop's, so p99 was 2.4-3.3 times p50 (bench/README.md, "Web").
-    The price: while such a page waits on the database, nothing else runs, so a stalled
-    database stalls every request (up to the 10 s statement timeout, app.main). A page that
-    computes for long (nearest channels, a model run) or aggregates a whole run stays in a
-    thread, where it cannot hold up the others."""
+    Both run in a worker thread, never on the event loop: a page that waits on the database
+    (or computes) holds up only itself, so /ping, static files and cached pages keep answering
+    while the database stalls. The price, measured with bench/web.py: bench/README.md, "Web"."""
 
     def register(build: Callable[..., Result]):
         signature = inspect.signature(build, eval_str=True)  # annotations are strings here
@@ -267,9 +380,6 @@ def page(
             return finish(
                 request, body, "text/html; charset=utf-8", result.immutable, result.status, result.headers
             )
-
-        if on_loop:
-            as_json, as_html = _on_loop(as_json), _on_loop(as_html)
 
         moved = {303: {"description": redirect}} if redirect else {}
         for endpoint, suffix in ((as_json, "_json"), (as_html, "")):

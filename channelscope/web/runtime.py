@@ -14,6 +14,7 @@ layers of the forward pass, so a stopped run frees the model within one layer.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from channelscope.method.intervention import LanguageModel, ModelTimeout, load_l
 from channelscope.method.weights import SMOLLM2_FILE, ModelError, load_model, smollm2_path
 
 Result = TypeVar("Result")
+log = logging.getLogger("channelscope.web")
 
 
 class ModelUnavailable(Exception):
@@ -76,19 +78,22 @@ class ModelRuntime:
         return resolved == self._wheel() or any(resolved.is_relative_to(d) for d in self.model_dirs)
 
     def locate(self, source: str, sha256: str) -> Path:
-        """The model file or folder a stored model came from, on this server."""
+        """The model file or folder a stored model came from, on this server. Messages name the
+        file, never its directory: server paths are for the log, not for visitors."""
         path = Path(source)
+        name = path.name
         if Path(source).name == SMOLLM2_FILE and not path.exists() and self._wheel() is not None:
             path = self._wheel()  # the same wheel, installed at another path on this machine
         if not self.allowed(path):
+            log.warning("ablation: %s is outside CHANNELSCOPE_MODEL_DIRS", source)
             raise ModelUnavailable(
-                f"The model at {source} is outside the directories this server may load models "
+                f"The model {name} is outside the directories this server may load models "
                 "from (CHANNELSCOPE_MODEL_DIRS), so only the weight-level preview is shown."
             )
         if not path.exists():
+            log.warning("ablation: the model file %s is missing", source)
             raise ModelUnavailable(
-                f"The model file {source} is missing on this server, so only the weight-level "
-                "preview is shown."
+                f"The model file {name} is missing on this server, so only the weight-level preview is shown."
             )
         return path
 
@@ -103,13 +108,19 @@ class ModelRuntime:
             if found is None:
                 try:
                     if load_model(path).sha256 != sha256:
+                        log.warning("ablation: %s is not the stored model (sha256 %s)", path, sha256)
                         raise ModelUnavailable(
-                            f"The file at {path} is not the model this run was computed from "
-                            "(its sha256 differs), so only the weight-level preview is shown."
+                            f"The file {path.name} on this server is not the model this run was "
+                            "computed from (its sha256 differs), so only the weight-level preview "
+                            "is shown."
                         )
                     found = load_language_model(path, _device(self.device))
                 except ModelError as error:
-                    raise ModelUnavailable(f"{error}; only the weight-level preview is shown.") from None
+                    log.warning("ablation: cannot load %s: %s", path, error)
+                    raise ModelUnavailable(
+                        f"The model {path.name} cannot be loaded on this server (its log says why), "
+                        "so only the weight-level preview is shown."
+                    ) from None
                 self._models[sha256] = found
         return found
 

@@ -260,22 +260,45 @@ def compute_pending(
     on_shard: Callable[[ShardResult], None] | None = None,
     on_channel_for: Callable[[T.Shard, int], Callable[[int], None]] | None = None,
 ) -> Iterator[ShardResult]:
-    """Every shard of the run not yet done, in this process, one after another (SQLite)."""
+    """Every shard of the run not yet done, in this process, one after another (SQLite).
+
+    Two `decompose` commands on one file share the shards: each claims a shard before computing
+    it (core/db.sqlite_claim) and passes over the ones another process holds. Once it has been
+    through them all, it waits for each shard it passed over in turn: done by its holder
+    meanwhile, or free again because its holder died, in which case it computes it itself."""
     with db.session(engine) as session:
-        todo = [(s.id, s) for s in pending_shards(session, run.id)]
+        todo = list(pending_shards(session, run.id))
         channels = run.channels
-    for shard_id, shard in todo:
-        size = shard.size * channels
-        on_channel = on_channel_for(shard, size) if on_channel_for else None
-        result = compute_shard(
-            engine,
-            shard_id,
-            worker=worker,
-            device=device,
-            cache_dir=cache_dir,
-            decomposers=decomposers,
-            on_channel=on_channel,
-        )
+
+    def attempt(shard: T.Shard, wait: bool) -> ShardResult | None:  # None: another process holds it
+        with db.sqlite_claim(engine, shard.id, wait) as held:
+            if not held:
+                return None
+            with db.session(engine) as session:
+                if session.get(T.Shard, shard.id).done_at is not None:  # by the process we waited for
+                    return ShardResult(shard.id, False, 0, 0.0, shard_label(shard))
+            size = shard.size * channels
+            return compute_shard(
+                engine,
+                shard.id,
+                worker=worker,
+                device=device,
+                cache_dir=cache_dir,
+                decomposers=decomposers,
+                on_channel=on_channel_for(shard, size) if on_channel_for else None,
+            )
+
+    passed_over = []
+    for shard in todo:
+        result = attempt(shard, wait=False)
+        if result is None:
+            passed_over.append(shard)
+            continue
+        if on_shard:
+            on_shard(result)
+        yield result
+    for shard in passed_over:
+        result = attempt(shard, wait=True)
         if on_shard:
             on_shard(result)
         yield result

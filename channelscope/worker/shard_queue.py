@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from procrastinate import App, PsycopgConnector
-from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.exceptions import AlreadyEnqueued, ConnectorException
 from procrastinate.jobs import Status
 from sqlalchemy import Engine, make_url, text
 from sqlalchemy.orm import Session
@@ -214,6 +214,19 @@ def _record_lost(engine: Engine, shard_id: int, message: str) -> None:
         )
 
 
+def _lost_job_quietly(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """A worker paused past the stall limit finds, once it resumes, that its shard went to
+    another worker: its commit is rejected (compute.commit_shard; `on_shard` says "already done
+    elsewhere" in one line), and procrastinate's own attempt to finish the job fails inside a
+    task that nobody awaits, which asyncio would report with a traceback. That failure says
+    nothing more, so only the debug log has it; anything else goes to asyncio's handler."""
+    error = context.get("exception")
+    if isinstance(error, ConnectorException) and 'not in "doing"' in str(error.__cause__):
+        logger.debug("the job of a shard done elsewhere was finished there: %s", error.__cause__)
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(
     app: App,
     engine: Engine,
@@ -225,6 +238,7 @@ async def serve(
 ):
     """Run a procrastinate worker with the stalled-job loop beside it, until it is stopped by
     a signal or, when given, until the coroutine `until` returns (its result is returned)."""
+    asyncio.get_running_loop().set_exception_handler(_lost_job_quietly)
     recovery = asyncio.create_task(recover_stalled(app, engine, options), name="stalled jobs")
     worker = asyncio.create_task(
         app.run_worker_async(

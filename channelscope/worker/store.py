@@ -42,15 +42,26 @@ def run_hash(model_sha256: str, settings: dict, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+class ModelConflict(Exception):
+    """Another file is stored under this model's name; the message is one line for a person."""
+
+
+def check_model(session: Session, model: Model) -> T.Model | None:
+    """The stored model of this name if it is this very file (None if there is none); a model
+    is named by its file, so a different file at the same path is a conflict."""
+    row = session.scalar(select(T.Model).where(T.Model.name == model.name))
+    if row is not None and row.sha256 != model.sha256:
+        raise ModelConflict(
+            f"a different model named {model.name!r} is already stored (from {row.source}, sha256 "
+            f"{row.sha256[:12]}; this file has {model.sha256[:12]}): rename the file or folder"
+        )
+    return row
+
+
 def ensure_model(session: Session, model: Model) -> T.Model:
     """The stored model of this name, added (with its vocabulary and U) if new."""
-    row = session.scalar(select(T.Model).where(T.Model.name == model.name))
+    row = check_model(session, model)
     if row is not None:
-        if row.sha256 != model.sha256:
-            raise ValueError(
-                f"a different model named {model.name!r} is already stored ({row.source}); "
-                "rename the file or folder"
-            )
         return row
     unembedding = model.projection("unembedding")
     embedding = model.projection("embedding")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.exc import SQLAlchemyError
@@ -13,6 +15,7 @@ from channelscope.web.database import DbSession
 from channelscope.web.responses import Result, page
 
 router = APIRouter()
+log = logging.getLogger("channelscope.web")
 
 
 @page(router, "/", "home.html", pages.HomePage, "Models and runs")
@@ -51,8 +54,14 @@ def healthz(request: Request):
     try:
         revision = db.current_revision(request.app.state.engine)
     except SQLAlchemyError as error:
-        reason = str(getattr(error, "orig", None) or error).splitlines()[0][:200]
-        body = pages.Health(status="unavailable", database=f"unreachable: {reason}", revision=None, head=head)
+        # The driver's message names the host and port: for the log, not for whoever asks.
+        log.warning("healthz: %s", str(getattr(error, "orig", None) or error).splitlines()[0])
+        body = pages.Health(
+            status="unavailable",
+            database="unreachable: no answer from the database (the server's log has the reason)",
+            revision=None,
+            head=head,
+        )
         return JSONResponse(body.model_dump(), status_code=503, headers={"Cache-Control": "no-store"})
     if revision != head:
         body = pages.Health(

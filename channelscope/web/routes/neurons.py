@@ -58,7 +58,6 @@ def _cosines(channel_rows) -> list[list[float]]:
     "neuron.html",
     pages.NeuronPage,
     "A neuron side and its channels",
-    on_loop=True,
 )
 def neuron_page(
     request: Request,

@@ -50,7 +50,7 @@ def _cursor(after: str | None) -> tuple[float, float, int, int] | None:
     return k1, k2, neuron_id, channel
 
 
-@page(router, "/search", "search.html", pages.SearchPage, "Search channels by token", on_loop=True)
+@page(router, "/search", "search.html", pages.SearchPage, "Search channels by token")
 def search_page(
     request: Request,
     session: DbSession,
@@ -306,7 +306,6 @@ def _here(query: pages.SearchQuery, **changes) -> str:
     "_suggest.html",
     pages.SuggestPage,
     "Autocomplete over the vocabulary",
-    on_loop=True,
 )
 def suggest_page(
     request: Request, session: DbSession, token: TokenText = None, model: OptionalName = None

@@ -12,6 +12,7 @@ on PostgreSQL they go through the queue of worker/shard_queue.py, which calls `c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -190,7 +191,15 @@ def compute_together(
 ) -> list[ShardResult]:
     """Several shards of one run in one solver batch (a neuron's three sides, asked for on a
     page: one batch of three rows instead of three of one), each committed on its own. A
-    neuron's channels do not depend on its batch-mates, so they are what a shard alone gives."""
+    neuron's channels do not depend on its batch-mates, so they are what a shard alone gives.
+    On SQLite each is claimed first, and one another process holds (a `decompose` that got to it)
+    is left to that process."""
+    with contextlib.ExitStack() as claims:
+        held = [i for i in shard_ids if claims.enter_context(db.sqlite_claim(engine, i, wait=False))]
+        return _compute_together(engine, held, decomposer, worker)
+
+
+def _compute_together(engine: Engine, shard_ids: list[int], decomposer: Decomposer, worker: str):
     with db.session(engine) as session, session.begin():
         shards = [
             s for s in (session.get(T.Shard, i) for i in shard_ids) if s is not None and s.done_at is None
@@ -200,6 +209,8 @@ def compute_together(
         coords = [(s.layer, s.side, n) for s in shards for n in T.shard_neurons(s)]
         labels = {s.id: shard_label(s) for s in shards}
         sizes = {s.id: s.size for s in shards}
+    if not coords:
+        return []
     started = time.perf_counter()
     try:
         records = decomposer.anywhere(coords)
@@ -288,15 +299,20 @@ def compute_pending(
                 on_channel=on_channel_for(shard, size) if on_channel_for else None,
             )
 
-    passed_over = []
-    for shard in todo:
+    passed_over, seen = [], set()
+    while todo:
+        shard = todo.pop(0)
+        seen.add(shard.id)
         result = attempt(shard, wait=False)
         if result is None:
             passed_over.append(shard)
-            continue
-        if on_shard:
-            on_shard(result)
-        yield result
+        else:
+            if on_shard:
+                on_shard(result)
+            yield result
+        # Shards planned meanwhile (a neuron asked for on a page) go before the rest, by priority.
+        with db.session(engine) as session:
+            todo = [s for s in pending_shards(session, run.id) if s.id not in seen]
     for shard in passed_over:
         result = attempt(shard, wait=True)
         if on_shard:

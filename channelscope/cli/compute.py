@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from channelscope.cli.common import (
     CliError,
@@ -446,6 +447,59 @@ def cmd_overview(args) -> None:
     )
 
 
+# --- the real corpus and what neurons do on it ------------------------------------------------------
+
+
+def cmd_corpus(args) -> None:
+    from channelscope.core.config import config
+    from channelscope.worker import corpus
+
+    if args.action == "add":
+        if not args.paths:
+            raise CliError("corpus add: name one or more text files")
+        for path in args.paths:
+            if not path.is_file():
+                raise CliError(f"corpus add: {path} is not a file")
+            log(f"added {corpus.add(config().data_dir, path)}; `channelscope corpus build` takes it in")
+        return
+    manifest = corpus.build(config().data_dir)
+    chars = ", ".join(f"{source} {count:,}" for source, count in manifest["characters"].items())
+    print(f"corpus {manifest['key']}: {manifest['documents']:,} documents (characters: {chars})")
+
+
+def cmd_activations(args) -> None:
+    from tqdm import tqdm
+
+    from channelscope.core.config import config
+    from channelscope.method.intervention import load_language_model
+    from channelscope.worker import activations, corpus
+
+    _, engine = database(migrate=True)
+    model = load(args.model)
+    check_stored_model(engine, model)
+    built = corpus.load_built(config().data_dir)
+    if built is None:
+        log("building the corpus first (`channelscope corpus build`)")
+        corpus.build(config().data_dir)
+        built = corpus.load_built(config().data_dir)
+    lm = load_language_model(model.source, args.device if args.device != "auto" else "cpu")
+    with tqdm(
+        desc=f"{model.name} on corpus {built.key}", unit="doc", file=sys.stderr, dynamic_ncols=True
+    ) as bar:
+
+        def on_block(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        found = activations.run(
+            engine, model, lm, built, config().data_dir, on_block=on_block, max_documents=args.max_documents
+        )
+    print(
+        f"{model.name}: activations of every neuron over corpus {found['corpus']} "
+        f"({found['documents']:,} documents, {found['tokens']:,} tokens) in {found['seconds']:.0f} s, stored"
+    )
+
+
 # --- doctor ------------------------------------------------------------------------------------
 
 
@@ -573,6 +627,23 @@ def add_commands(sub) -> None:
     p.add_argument("model", nargs="?", default="smollm2")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.set_defaults(uses_torch=True, run=cmd_overview)
+
+    p = sub.add_parser(
+        "corpus", help="the real corpus: build it from this Python's docs and stdlib, add files"
+    )
+    p.add_argument("action", choices=["build", "add"])
+    p.add_argument("paths", nargs="*", type=Path, help="add: text files")
+    p.set_defaults(run=cmd_corpus)
+
+    p = sub.add_parser(
+        "activations", help="what every neuron does on the real corpus: top contexts, densities"
+    )
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument(
+        "--max-documents", type=int, default=None, help="only the first N documents (a quick look)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
+    p.set_defaults(uses_torch=True, run=cmd_activations)
 
     p = sub.add_parser("doctor", help="this machine: device, threads, GEMM rates, the precision auto picks")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")

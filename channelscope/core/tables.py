@@ -329,6 +329,32 @@ class NeighbourBuild(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
+class ActivationLayer(Base):
+    """What a layer's neurons do on the real corpus (worker/activations.py), per model, corpus
+    (its manifest hash) and layer: top contexts with the activation at every token, the density
+    of the activation and of both pre-activations, and the activation threshold."""
+
+    __tablename__ = "activation_layers"
+    __table_args__ = (UniqueConstraint("model_id", "corpus", "layer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    corpus: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)  # worker/activations.py's ACTIVATIONS_VERSION
+    layer: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)  # corpus positions
+    documents: Mapped[int] = mapped_column(Integer)
+    ranges: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [3, d_mlp]: bins span [-h, h]
+    counts: Mapped[bytes] = mapped_column(LargeBinary)  # zlib int32 [3, d_mlp, BINS]
+    thresholds: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_mlp]: the activation's QUANTILE
+    top_value: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_mlp, K], descending
+    top_doc: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [d_mlp, K], -1 where empty
+    top_pos: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [d_mlp, K]
+    window_tokens: Mapped[bytes] = mapped_column(LargeBinary)  # zlib int32 [d_mlp, K, W], -1 off the text
+    window_values: Mapped[bytes] = mapped_column(LargeBinary)  # zlib float16 [d_mlp, K, W]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
 class OverviewLayer(Base):
     """The raw vocabulary projection z_w = w @ U of every vector of one layer and side, computed
     for the whole model at set-up (method/overview.py), before any channel: per vector its

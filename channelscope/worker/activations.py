@@ -1,0 +1,281 @@
+"""`channelscope activations MODEL`: what every neuron does on real text. One pass of the model
+over the real corpus (worker/corpus.py, `build`), recording for every neuron of every layer:
+
+- its top CONTEXTS contexts: the documents where its activation act(g) * u peaks, one per
+  document, each a WINDOW-token window around the peak with the activation at every token;
+- the density of its activation and of its two pre-activations (x . w_gate, x . w_in): a
+  histogram of BINS bins over [-h, h], h twice the largest |value| of the first block (values
+  beyond fall in the end bins);
+- its threshold: the QUANTILE quantile of its activation, read off that histogram (within a bin's
+  width). "Active" (the ablation page) means above it, as with the committed corpus's
+  thresholds it replaces where present (worker/corpus.py).
+
+Resumable: the running state is saved under data/activations/ after every block of documents, and
+a killed pass goes on from the last block. Stored per model, corpus and layer
+(tables.ActivationLayer), so the pages name the corpus they show.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.orm import Session
+
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.method.intervention import LanguageModel
+from channelscope.worker import corpus, store
+
+ACTIVATIONS_VERSION = 1
+CONTEXTS = 20  # top contexts per neuron
+WINDOW = 24  # tokens per context: BEFORE before the peak, the peak, the rest after
+BEFORE = 16
+BINS = 128
+QUANTILE = 0.9
+MAX_TOKENS = 256  # per document (a document is ~300 tokens; this only guards the cost)
+BATCH = 8  # documents per forward pass
+BLOCK = 64  # documents between saves of the running state
+SIGNALS = ("activation", "gate", "in")  # act(g) * u, and the read sides' pre-activations
+
+
+@dataclass
+class LayerState:
+    """The running record of one layer's d_mlp neurons."""
+
+    ranges: torch.Tensor  # [3, d_mlp] h per signal: bins over [-h, h]
+    counts: torch.Tensor  # [3, d_mlp, BINS] int64
+    top_value: torch.Tensor  # [d_mlp, CONTEXTS], descending; -inf where empty
+    top_doc: torch.Tensor  # [d_mlp, CONTEXTS] int64, -1 where empty
+    top_pos: torch.Tensor  # [d_mlp, CONTEXTS] int64, the peak's position in its document
+    windows: torch.Tensor  # [d_mlp, CONTEXTS, WINDOW] float16, the activation at each window token
+
+
+def _new_state(first: dict[str, torch.Tensor], d_mlp: int) -> LayerState:
+    ranges = torch.stack([2 * first[s].abs().amax(0).clamp_min(1e-6) for s in SIGNALS])
+    return LayerState(
+        ranges=ranges,
+        counts=torch.zeros(len(SIGNALS), d_mlp, BINS, dtype=torch.int64),
+        top_value=torch.full((d_mlp, CONTEXTS), float("-inf")),
+        top_doc=torch.full((d_mlp, CONTEXTS), -1, dtype=torch.int64),
+        top_pos=torch.zeros(d_mlp, CONTEXTS, dtype=torch.int64),
+        windows=torch.zeros(d_mlp, CONTEXTS, WINDOW, dtype=torch.float16),
+    )
+
+
+def _histogram(state: LayerState, signal: int, values: torch.Tensor) -> None:
+    """values [n, d_mlp] into the signal's per-neuron histogram (one bincount for all neurons)."""
+    d_mlp = values.shape[1]
+    h = state.ranges[signal]
+    bins = ((values + h) / (2 * h) * BINS).long().clamp_(0, BINS - 1)  # [n, d_mlp]
+    flat = bins + torch.arange(d_mlp) * BINS
+    state.counts[signal] += torch.bincount(flat.flatten(), minlength=d_mlp * BINS).view(d_mlp, BINS)
+
+
+def _contexts(state: LayerState, acts: torch.Tensor, mask: torch.Tensor, docs: torch.Tensor) -> None:
+    """Merge this batch's per-document peaks into the running top CONTEXTS. acts [B, T, d_mlp],
+    mask [B, T] real positions, docs [B] document ids."""
+    B, Tn, d_mlp = acts.shape
+    masked = acts.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    peak, where = masked.max(1)  # [B, d_mlp] one context per document
+    values = torch.cat([state.top_value, peak.T], 1)  # [d_mlp, CONTEXTS + B]
+    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :CONTEXTS]
+    new_doc = torch.cat([state.top_doc, docs.expand(d_mlp, B)], 1).gather(1, order)
+    new_pos = torch.cat([state.top_pos, where.T], 1).gather(1, order)
+    # Windows: kept ones from the old state, new ones cut from this batch's activations.
+    offsets = torch.arange(WINDOW) - BEFORE  # [W]
+    pos = (where.T.unsqueeze(-1) + offsets).clamp(0, Tn - 1)  # [d_mlp, B, W]
+    rows = torch.arange(B).view(1, B, 1).expand(d_mlp, B, WINDOW)
+    neuron = torch.arange(d_mlp).view(d_mlp, 1, 1).expand(d_mlp, B, WINDOW)
+    cut = acts[rows, pos, neuron].to(torch.float16)  # [d_mlp, B, W]
+    unclamped = where.T.unsqueeze(-1) + offsets
+    inside = (unclamped >= 0) & (unclamped < Tn) & mask[rows, pos]  # off the document: 0
+    cut = cut.masked_fill(~inside, 0)
+    windows = torch.cat([state.windows, cut], 1)
+    state.windows = windows.gather(1, order.unsqueeze(-1).expand(d_mlp, CONTEXTS, WINDOW))
+    state.top_value, state.top_doc, state.top_pos = values.gather(1, order), new_doc, new_pos
+
+
+@torch.inference_mode()
+def _pass(
+    lm: LanguageModel, sequences: list[list[int]], states: dict[int, LayerState], docs: list[int]
+) -> None:
+    """One forward pass over a batch of documents, every layer's signals recorded."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = True
+    doc_ids = torch.tensor(docs)
+    handles = []
+    for layer in range(lm.n_layers):
+        mlp, signals = lm.mlp(layer), {}
+
+        def pre(name, signals=signals):
+            def hook(_module, _args, output):
+                signals[name] = output.float().cpu()  # [B, T, d_mlp]
+
+            return hook
+
+        def record(_module, args, layer=layer, signals=signals):
+            # The layer's last signal: record it whole now, so one layer's tensors live at a time.
+            signals["activation"] = args[0].float().cpu()
+            real = {name: value[mask] for name, value in signals.items()}  # [n, d_mlp] real positions
+            if layer not in states:
+                states[layer] = _new_state(real, real["activation"].shape[1])
+            for i, name in enumerate(SIGNALS):
+                _histogram(states[layer], i, real[name])
+            _contexts(states[layer], signals["activation"], mask, doc_ids)
+            signals.clear()
+
+        handles.append(mlp.gate_proj.register_forward_hook(pre("gate")))
+        handles.append(mlp.up_proj.register_forward_hook(pre("in")))
+        handles.append(mlp.down_proj.register_forward_pre_hook(record))
+    try:
+        lm.model.base_model(
+            input_ids=ids.to(lm.device), attention_mask=mask.long().to(lm.device), use_cache=False
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def quantile(counts: np.ndarray, h: np.ndarray, q: float) -> np.ndarray:
+    """The q quantile of a value from its histogram over [-h, h] (BINS bins), interpolated
+    within the bin it falls in. counts [d_mlp, BINS], h [d_mlp] -> [d_mlp]"""
+    cumulative = np.cumsum(counts, 1)
+    target = q * cumulative[:, -1]
+    index = (cumulative < target[:, None]).sum(1).clip(0, BINS - 1)
+    before = np.where(index > 0, np.take_along_axis(cumulative, (index - 1).clip(0)[:, None], 1)[:, 0], 0)
+    inside = np.take_along_axis(counts, index[:, None], 1)[:, 0].clip(min=1)
+    fraction = ((target - before) / inside).clip(0, 1)
+    return (-h + (index + fraction) * 2 * h / BINS).astype(np.float32)
+
+
+def checkpoint_path(data_dir: Path, model, key: str) -> Path:
+    return data_dir / "activations" / f"{model.name}-{model.sha256[:12]}-{key}.pt"
+
+
+def run(
+    engine: Engine,
+    model,
+    lm: LanguageModel,
+    built: corpus.Built,
+    data_dir: Path,
+    *,
+    on_block: Callable[[int, int], None] | None = None,
+    max_documents: int | None = None,
+) -> dict:
+    """The whole pass, resumable; stores every layer when done and returns a summary."""
+    texts = built.texts[:max_documents] if max_documents else built.texts
+    path = checkpoint_path(data_dir, model, built.key)
+    saved = torch.load(path, weights_only=False) if path.exists() else None
+    states: dict[int, LayerState] = saved["states"] if saved else {}
+    done, tokens, seconds = (saved["done"], saved["tokens"], saved["seconds"]) if saved else (0, 0, 0.0)
+    sequences = [lm.encode(text)[:MAX_TOKENS] for text in texts]
+    while done < len(texts):
+        started = time.perf_counter()
+        stop = min(done + BLOCK, len(texts))
+        for start in range(done, stop, BATCH):
+            ids = [i for i in range(start, min(start + BATCH, stop)) if sequences[i]]
+            if ids:
+                _pass(lm, [sequences[i] for i in ids], states, ids)
+                tokens += sum(len(sequences[i]) for i in ids)
+        done, seconds = stop, seconds + time.perf_counter() - started
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"states": states, "done": done, "tokens": tokens, "seconds": seconds}, tmp)
+        tmp.replace(path)  # atomic: a killed pass resumes from the last whole block
+        if on_block:
+            on_block(done, len(texts))
+    _store(engine, model, built, states, sequences, tokens)
+    return {"documents": len(texts), "tokens": tokens, "seconds": round(seconds, 1), "corpus": built.key}
+
+
+def _store(
+    engine: Engine, model, built: corpus.Built, states: dict[int, LayerState], sequences, tokens: int
+) -> None:
+    padded = [seq + [-1] * (MAX_TOKENS + WINDOW) for seq in sequences]
+    with db.session(engine) as session, session.begin():
+        model_id = store.ensure_model(session, model).id
+        session.execute(
+            delete(T.ActivationLayer).where(
+                T.ActivationLayer.model_id == model_id, T.ActivationLayer.corpus == built.key
+            )
+        )
+        for layer, state in sorted(states.items()):
+            docs, pos = state.top_doc.numpy(), state.top_pos.numpy()
+            window_tokens = np.full((*docs.shape, WINDOW), -1, dtype=np.int32)
+            for n, k in zip(*np.nonzero(docs >= 0), strict=True):
+                start = pos[n, k] - BEFORE
+                seq = padded[docs[n, k]]
+                window_tokens[n, k] = [seq[i] if i >= 0 else -1 for i in range(start, start + WINDOW)]
+            counts = state.counts.numpy()
+            ranges = state.ranges.numpy()
+            session.add(
+                T.ActivationLayer(
+                    model_id=model_id,
+                    corpus=built.key,
+                    version=ACTIVATIONS_VERSION,
+                    layer=layer,
+                    tokens=tokens,
+                    documents=len(sequences),
+                    ranges=T.pack(ranges, "float32"),
+                    counts=T.pack_compressed(counts, "int32"),
+                    thresholds=T.pack(quantile(counts[0], ranges[0], QUANTILE), "float32"),
+                    top_value=T.pack(state.top_value.numpy(), "float32"),
+                    top_doc=T.pack(docs, "int32"),
+                    top_pos=T.pack(pos, "int32"),
+                    window_tokens=T.pack_compressed(window_tokens, "int32"),
+                    window_values=T.pack_compressed(state.windows.numpy(), "float16"),
+                )
+            )
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """One neuron's top contexts and density, as stored."""
+
+    corpus: str
+    tokens: int  # corpus positions the pass went over
+    threshold: float
+    values: np.ndarray  # [K] the peaks, descending
+    window_tokens: np.ndarray  # [K, WINDOW] token ids, -1 off the document
+    window_values: np.ndarray  # [K, WINDOW]
+    ranges: np.ndarray  # [3] h of each signal
+    counts: np.ndarray  # [3, BINS]
+
+
+def neuron(session: Session, model_id: int, layer: int, neuron_id: int) -> Contexts | None:
+    """The newest stored pass's record of one neuron, or None."""
+    row = session.scalars(
+        select(T.ActivationLayer)
+        .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
+        .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    values = T.unpack(row.top_value, "float32").reshape(-1, CONTEXTS)
+    d_mlp = values.shape[0]
+    keep = np.isfinite(values[neuron_id])
+    return Contexts(
+        corpus=row.corpus,
+        tokens=row.tokens,
+        threshold=float(T.unpack(row.thresholds, "float32")[neuron_id]),
+        values=values[neuron_id][keep],
+        window_tokens=T.unpack_compressed(row.window_tokens, "int32").reshape(d_mlp, CONTEXTS, WINDOW)[
+            neuron_id
+        ][keep],
+        window_values=T.unpack_compressed(row.window_values, "float16")
+        .reshape(d_mlp, CONTEXTS, WINDOW)[neuron_id][keep]
+        .astype(np.float32),
+        ranges=T.unpack(row.ranges, "float32").reshape(len(SIGNALS), d_mlp)[:, neuron_id],
+        counts=T.unpack_compressed(row.counts, "int32").reshape(len(SIGNALS), d_mlp, BINS)[:, neuron_id],
+    )

@@ -1,0 +1,150 @@
+"""What neurons do on real text: the corpus build, and the activation pass's stored top contexts
+recomputed with an independent forward pass written in plain numpy; the pass resumes where a
+killed one stopped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.method.intervention import load_language_model
+from channelscope.method.weights import load_model
+from channelscope.worker import activations as A
+from channelscope.worker import corpus
+from tests import tiny
+
+TEXTS = tuple(tiny._CORPUS) + (
+    "Lists hold items in order; a tuple cannot change once made.",
+    "The river rose overnight and the bridge was closed until noon.",
+    "for i in range(10):\n    total += i * i\nprint(total)",
+    "Whereas the first report was cautious, the second one was not.",
+)
+
+
+def numpy_activations(lm, ids: list[int], layer: int) -> np.ndarray:
+    """act(g) * u of every neuron of `layer` at every position: a Llama forward pass in float64
+    numpy, read off the weights alone (RMSNorm, rotary attention with grouped KV heads, SiLU MLP).
+    [T, d_mlp]"""
+    state = {k: v.double().numpy() for k, v in lm.model.state_dict().items()}
+    config = lm.model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head = config.hidden_size // heads
+    eps = config.rms_norm_eps
+
+    def rms(x, weight):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+    steps = len(ids)
+    inv = 1.0 / (config.rope_parameters["rope_theta"] ** (np.arange(0, head, 2) / head))
+    angles = np.arange(steps)[:, None] * inv[None]  # [T, head/2]
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+
+    def rope(x):  # [T, n, head]
+        half = head // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    h = state["model.embed_tokens.weight"][ids]
+    causal = np.triu(np.full((steps, steps), -np.inf), 1)
+    for index in range(layer + 1):
+        p = f"model.layers.{index}."
+        x = rms(h, state[p + "input_layernorm.weight"])
+        q = rope((x @ state[p + "self_attn.q_proj.weight"].T).reshape(steps, heads, head))
+        k = rope((x @ state[p + "self_attn.k_proj.weight"].T).reshape(steps, kv_heads, head))
+        v = (x @ state[p + "self_attn.v_proj.weight"].T).reshape(steps, kv_heads, head)
+        k, v = np.repeat(k, heads // kv_heads, 1), np.repeat(v, heads // kv_heads, 1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(head) + causal
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attended = np.einsum("hts,shd->thd", weights, v).reshape(steps, -1)
+        h = h + attended @ state[p + "self_attn.o_proj.weight"].T
+        x = rms(h, state[p + "post_attention_layernorm.weight"])
+        g, u = x @ state[p + "mlp.gate_proj.weight"].T, x @ state[p + "mlp.up_proj.weight"].T
+        act = g / (1 + np.exp(-g)) * u
+        if index == layer:
+            return act
+        h = h + act @ state[p + "mlp.down_proj.weight"].T
+    raise AssertionError("unreachable")
+
+
+def test_stored_contexts_agree_with_an_independent_numpy_forward_pass(sqlite_url, tiny_folder, tmp_path):
+    model, lm = load_model(tiny_folder), load_language_model(tiny_folder)
+    built = corpus.Built("test", TEXTS, ("test",) * len(TEXTS))
+    engine = db.make_engine(sqlite_url)
+    summary = A.run(engine, model, lm, built, tmp_path)
+    assert summary["documents"] == len(TEXTS) and summary["tokens"] > 100
+    sequences = [lm.encode(text)[: A.MAX_TOKENS] for text in TEXTS]
+    with db.session(engine) as session:
+        for layer, neuron in [(0, 3), (1, 77), (1, 120)]:
+            found = A.neuron(session, session.scalar(select(T.Model.id)), layer, neuron)
+            assert found.corpus == "test" and len(found.values) == len(TEXTS)  # one context per document
+            assert list(found.values) == sorted(found.values, reverse=True)
+            row = session.scalar(select(T.ActivationLayer).where(T.ActivationLayer.layer == layer))
+            docs = T.unpack(row.top_doc, "int32")
+            for k, doc in enumerate(docs.reshape(-1, A.CONTEXTS)[neuron][: len(found.values)]):
+                expected = numpy_activations(lm, sequences[doc], layer)[:, neuron]
+                peak = int(np.argmax(expected))
+                assert found.values[k] == pytest.approx(expected[peak], rel=1e-4, abs=1e-4)
+                window = found.window_values[k]
+                for offset, value in enumerate(window):
+                    position = peak - A.BEFORE + offset
+                    if 0 <= position < len(expected):
+                        assert found.window_tokens[k, offset] == sequences[doc][position]
+                        assert value == pytest.approx(expected[position], rel=1e-2, abs=1e-2)
+                    else:
+                        assert found.window_tokens[k, offset] == -1 and value == 0
+            # The density counts every position once per signal; the threshold is the 90th percentile.
+            assert found.counts.sum(1).tolist() == [summary["tokens"]] * 3
+            every = np.concatenate([numpy_activations(lm, s, layer)[:, neuron] for s in sequences])
+            width = 2 * found.ranges[0] / A.BINS
+            assert abs(found.threshold - np.quantile(every, A.QUANTILE)) <= width
+    engine.dispose()
+
+
+def test_a_killed_pass_resumes_to_the_same_result(sqlite_url, tiny_folder, tmp_path, monkeypatch):
+    model, lm = load_model(tiny_folder), load_language_model(tiny_folder)
+    built = corpus.Built("test", TEXTS, ("test",) * len(TEXTS))
+    monkeypatch.setattr(A, "BLOCK", 4)
+    monkeypatch.setattr(A, "BATCH", 2)
+    engine = db.make_engine(sqlite_url)
+
+    def die(done, total):
+        raise KeyboardInterrupt  # killed after the first block was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        A.run(engine, model, lm, built, tmp_path / "a", on_block=die)
+    blocks = []
+    A.run(engine, model, lm, built, tmp_path / "a", on_block=lambda done, total: blocks.append(done))
+    assert blocks == [8, len(TEXTS)]  # went on from the block after the saved one
+    resumed = {r.layer: (r.top_value, r.thresholds) for r in _rows(engine)}
+    A.run(engine, model, lm, built, tmp_path / "b")  # uninterrupted, same batches
+    assert {r.layer: (r.top_value, r.thresholds) for r in _rows(engine)} == resumed
+    with db.session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(T.ActivationLayer)) == model.n_layers
+    engine.dispose()
+
+
+def _rows(engine):
+    with db.session(engine) as session:
+        return session.scalars(select(T.ActivationLayer)).all()
+
+
+def test_the_corpus_is_built_from_this_python_deduplicated_and_named_by_its_manifest(tmp_path):
+    (tmp_path / "notes.txt").write_text(
+        "A note of mine about parsing.\\n\\n" * 3 + "Another paragraph, longer than forty characters."
+    )
+    corpus.add(tmp_path, tmp_path / "notes.txt")
+    manifest = corpus.build(tmp_path)
+    built = corpus.load_built(tmp_path)
+    assert manifest["key"] == built.key and manifest["documents"] == len(built.texts)
+    assert {"python-docs", "docstrings", "stdlib-source", "generated", "added"} <= set(manifest["characters"])
+    assert sum(manifest["characters"].values()) >= 1_200_000  # ~300,000 tokens at ~4 characters each
+    assert len(set(built.texts)) == len(built.texts)  # deduplicated
+    assert all(len(text) <= corpus.DOCUMENT_CHARS for text in built.texts)
+    assert corpus.build(tmp_path)["key"] == manifest["key"]  # deterministic
+    assert json.loads((tmp_path / "corpus" / "manifest.json").read_text())["python"]

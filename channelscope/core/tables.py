@@ -8,7 +8,10 @@ bytes (see `pack`/`unpack`): compact, and the same on SQLite and PostgreSQL.
       │        └─ neighbour_builds       when a run's nearest channels were computed (worker/neighbours.py)
       │           neurons ─< channel_neighbours   each channel's nearest channels elsewhere in its run
       ├─< references                     random-vector reference per model and settings
-      └─< activation_thresholds          per layer: each neuron's 90th percentile over the corpus
+      ├─< overview_layers                per layer and side: every vector's raw projection
+      ├─< activation_thresholds          per layer: each neuron's 90th percentile over the corpus
+      ├─< activation_layers              per corpus and layer: top contexts, densities (real text)
+      └─< activation_corpora             per corpus: its token counts (the behavioural chance level)
 """
 
 from __future__ import annotations
@@ -352,6 +355,24 @@ class ActivationLayer(Base):
     top_pos: Mapped[bytes] = mapped_column(LargeBinary)  # int32 [d_mlp, K]
     window_tokens: Mapped[bytes] = mapped_column(LargeBinary)  # zlib int32 [d_mlp, K, W], -1 off the text
     window_values: Mapped[bytes] = mapped_column(LargeBinary)  # zlib float16 [d_mlp, K, W]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class ActivationCorpus(Base):
+    """The corpus an activation pass went over (worker/activations.py), per model and corpus
+    manifest: how often each token occurs in it. The chance level of the pages' behavioural
+    figures: a token set that makes up share p of the corpus's positions is expected at share p
+    of any positions the neuron picks, if the neuron ignored it."""
+
+    __tablename__ = "activation_corpora"
+    __table_args__ = (UniqueConstraint("model_id", "corpus"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    corpus: Mapped[str] = mapped_column(String(16))
+    documents: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)  # positions the pass went over
+    token_counts: Mapped[bytes] = mapped_column(LargeBinary)  # zlib int32 [vocab_size]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 

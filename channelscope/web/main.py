@@ -34,7 +34,7 @@ from channelscope.web.responses import (
     query_parameters,
     render_html,
 )
-from channelscope.web.routes import ablation, home, models, neurons, search
+from channelscope.web.routes import ablation, home, models, neurons, search, text
 
 # A statement the server has not answered this long after its own statement_timeout has fired
 # never will: the server or the link is hung, and the app cuts the connection (core/db.py).
@@ -88,7 +88,7 @@ def create_app(
     )
 
     errors.install(app)
-    for module in (home, models, neurons, search, ablation):
+    for module in (home, models, neurons, search, ablation, text):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.state.pages.parameters = query_parameters(app)

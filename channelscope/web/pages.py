@@ -307,6 +307,7 @@ class NeuronPage(BaseModel):
     compare_url: str
     json_url: str
     ablation: Controls | None  # the ablation form of this neuron side (None without channels)
+    text_url: str  # what the neuron does on real text (TextPage): never part of this page's cache
 
 
 class HistogramBin(BaseModel):
@@ -349,6 +350,73 @@ class ChannelPage(BaseModel):
     next_url: str | None
     vector: list[float]  # the channel vector c, |c| = |w|
     json_url: str
+
+
+# --- on real text (worker/activations.py) ----------------------------------------------------------
+
+
+class ContextToken(BaseModel):
+    id: int
+    token: str
+    activation: float  # act(g) * u at this token
+
+
+class TopContext(BaseModel):
+    peak: float  # the activation at the peak, the context's rank key
+    peak_index: int  # the peak's index in tokens
+    tokens: list[ContextToken]  # the window around the peak, inside its document
+
+
+class Density(BaseModel):
+    """One signal's histogram over every position of the corpus: bins over [low, high], values
+    beyond in the end bins."""
+
+    signal: str  # activation, gate, in
+    meaning: str
+    low: float
+    high: float
+    counts: list[int]
+
+
+class ChannelAtPeaks(BaseModel):
+    """Do the channel's top tokens sit where the neuron fires? docs/method.md, "Behaviour on real
+    text": counted over the top contexts, against the corpus's own share of those tokens."""
+
+    side: str
+    index: int
+    url: str
+    label: str
+    position: str  # "peak" (read sides: the peak token) or "next" (out: the token after it)
+    contexts: int
+    hits: int
+    chance: float  # share of corpus positions holding one of the channel's tokens
+    expected: float  # contexts * chance
+    low: float  # 95 % interval of hits / contexts
+    high: float
+    p_value: float  # two-sided exact binomial test against chance
+    expected_direction: str  # "more" or "fewer", from the sign of the neuron on those tokens
+    verdict: str  # as expected, opposite, no evidence, untestable
+
+
+class TextPage(BaseModel):
+    """What the neuron does on real text: its top contexts and densities from the stored
+    activation pass, and each channel of its newest run checked against them. Never cached
+    forever: a pass stored later must show up on a page served before it."""
+
+    model: ModelOut
+    layer: int
+    neuron: int
+    neuron_url: str
+    json_url: str
+    stored: bool  # an activation pass is stored for this model
+    message: str  # what the page shows, or how to compute it
+    corpus: str | None  # the corpus's manifest hash
+    documents: int | None
+    tokens: int | None
+    threshold: float | None  # the activation's 90th percentile: "active" above it (ablation)
+    densities: list[Density]
+    contexts: list[TopContext]
+    channels: list[ChannelAtPeaks]
 
 
 class ChannelMatch(BaseModel):

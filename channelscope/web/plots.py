@@ -154,6 +154,30 @@ def histogram(hist: pages.Histogram, title: str, marks: list[tuple[float, str]] 
     return chart
 
 
+def density(d: pages.Density, threshold: float | None) -> Chart:
+    """One signal's values over every corpus position, counts on a log scale (the rare large
+    values are what the top contexts show); the activation's threshold marked."""
+    step = (d.high - d.low) / max(1, len(d.counts))
+    hist = pages.Histogram(
+        scored_tokens=sum(d.counts),
+        bins=[
+            pages.HistogramBin(low=d.low + i * step, high=d.low + (i + 1) * step, count=c)
+            for i, c in enumerate(d.counts)
+        ],
+    )
+    chart = histogram(hist, f"Density: {d.signal}", [] if threshold is None else [(threshold, "90th pct")])
+    chart.description = (
+        f"{d.meaning}, at every position of the corpus; counts on a log scale, values beyond the "
+        "axis in the end bins"
+    )
+    chart.x_label, chart.y_label = d.signal, "positions (log)"
+    for bar in chart.bars:
+        bar.title = bar.title.replace("z ", f"{d.signal} ", 1).replace(" tokens", " positions")
+    if threshold is not None:
+        chart.legend = [("#d62728", f"its 90th percentile, {threshold:.3g}: active above it")]
+    return chart
+
+
 def kurtosis_curves(channels: list[pages.ChannelOut], step_size: int, unit: str) -> Chart:
     """Each channel's unweighted kurtosis against optimisation step."""
     chart = Chart(

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from channelscope.core.config import config
 from channelscope.core.schemas import TokenScore
-from channelscope.core.tokens import visible
+from channelscope.core.tokens import in_text, visible
 from channelscope.web import pages, urls
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: templates/ and static/
@@ -83,6 +83,7 @@ templates = Environment(
     lstrip_blocks=True,
 )
 templates.filters["visible"] = visible
+templates.filters["in_text"] = in_text
 templates.filters["num"] = _number
 templates.filters["zclass"] = _z_class
 templates.filters["token_search"] = urls.token_search

@@ -6,6 +6,7 @@
     /m/{model}/{layer}/{neuron}              a neuron (?side=gate|in|out, ?min_kurtosis=)
     /m/{model}/{layer}/{neuron}/{side}/{c}   one channel
     /m/{model}/{layer}/{neuron}/compare      two runs of one neuron (?a=RUN&b=RUN)
+    /m/{model}/{layer}/{neuron}/text         what it does on real text (top contexts, density)
     /search                                  channels by token
 Each has a JSON twin at the same path + `.json`; `?run=<hash>` pins a run anywhere.
 """
@@ -54,6 +55,10 @@ def neuron(
     path = f"/m/{quote(name)}/{layer_}/{neuron_}{'.json' if json else ''}"
     cut = None if min_kurtosis in (None, DEFAULT_MIN_KURTOSIS) else f"{min_kurtosis:g}"
     return with_query(path, side=None if side == DEFAULT_SIDE else side, run=run, min_kurtosis=cut)
+
+
+def text(name: str, layer_: int, neuron_: int, json: bool = False) -> str:
+    return f"/m/{quote(name)}/{layer_}/{neuron_}/text{'.json' if json else ''}"
 
 
 def histogram(name: str, layer_: int, neuron_: int, side: str, run: str | None) -> str:

@@ -17,7 +17,9 @@ a killed pass goes on from the last block. Stored per model, corpus and layer
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,10 +205,21 @@ def _store(
 ) -> None:
     padded = [seq + [-1] * (MAX_TOKENS + WINDOW) for seq in sequences]
     with db.session(engine) as session, session.begin():
-        model_id = store.ensure_model(session, model).id
-        session.execute(
-            delete(T.ActivationLayer).where(
-                T.ActivationLayer.model_id == model_id, T.ActivationLayer.corpus == built.key
+        model_row = store.ensure_model(session, model)
+        model_id = model_row.id
+        for table in (T.ActivationLayer, T.ActivationCorpus):
+            session.execute(delete(table).where(table.model_id == model_id, table.corpus == built.key))
+        # Only the positions the pass went over (documents are cut at MAX_TOKENS).
+        every = np.fromiter((t for seq in sequences for t in seq), dtype=np.int64)
+        session.add(
+            T.ActivationCorpus(
+                model_id=model_id,
+                corpus=built.key,
+                documents=len(sequences),
+                tokens=tokens,
+                token_counts=T.pack_compressed(
+                    np.bincount(every, minlength=model_row.vocab_size).astype(np.int32), "int32"
+                ),
             )
         )
         for layer, state in sorted(states.items()):
@@ -243,6 +256,7 @@ class Contexts:
     """One neuron's top contexts and density, as stored."""
 
     corpus: str
+    documents: int
     tokens: int  # corpus positions the pass went over
     threshold: float
     values: np.ndarray  # [K] the peaks, descending
@@ -252,30 +266,94 @@ class Contexts:
     counts: np.ndarray  # [3, BINS]
 
 
+@dataclass(frozen=True)
+class _Layer:
+    corpus: str
+    documents: int
+    tokens: int
+    thresholds: np.ndarray  # [d_mlp]
+    values: np.ndarray  # [d_mlp, K]
+    window_tokens: np.ndarray  # [d_mlp, K, WINDOW]
+    window_values: np.ndarray  # [d_mlp, K, WINDOW] float16
+    ranges: np.ndarray  # [3, d_mlp]
+    counts: np.ndarray  # [3, d_mlp, BINS]
+
+
+# A layer's record is ~6 MB compressed and is decompressed whole: pages keep the last few
+# (rows are replaced, never changed in place, so a row id names its contents).
+_CACHED_LAYERS = 4
+_layers: OrderedDict[int, _Layer] = OrderedDict()
+_token_counts: OrderedDict[int, np.ndarray] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _remember(cache: OrderedDict, key: int, make: Callable[[], object]) -> object:
+    with _lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = make()
+    with _lock:
+        cache[key] = value
+        while len(cache) > _CACHED_LAYERS:
+            cache.popitem(last=False)
+    return value
+
+
+def _unpack_layer(session: Session, row_id: int) -> _Layer:
+    row = session.get(T.ActivationLayer, row_id)
+    values = T.unpack(row.top_value, "float32").reshape(-1, CONTEXTS)
+    d_mlp = values.shape[0]
+    return _Layer(
+        corpus=row.corpus,
+        documents=row.documents,
+        tokens=row.tokens,
+        thresholds=T.unpack(row.thresholds, "float32"),
+        values=values,
+        window_tokens=T.unpack_compressed(row.window_tokens, "int32").reshape(d_mlp, CONTEXTS, WINDOW),
+        window_values=T.unpack_compressed(row.window_values, "float16").reshape(d_mlp, CONTEXTS, WINDOW),
+        ranges=T.unpack(row.ranges, "float32").reshape(len(SIGNALS), d_mlp),
+        counts=T.unpack_compressed(row.counts, "int32").reshape(len(SIGNALS), d_mlp, BINS),
+    )
+
+
 def neuron(session: Session, model_id: int, layer: int, neuron_id: int) -> Contexts | None:
     """The newest stored pass's record of one neuron, or None."""
-    row = session.scalars(
-        select(T.ActivationLayer)
+    row_id = session.scalars(
+        select(T.ActivationLayer.id)
         .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
         .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
         .limit(1)
     ).first()
-    if row is None:
+    if row_id is None:
         return None
-    values = T.unpack(row.top_value, "float32").reshape(-1, CONTEXTS)
-    d_mlp = values.shape[0]
-    keep = np.isfinite(values[neuron_id])
+    found: _Layer = _remember(_layers, row_id, lambda: _unpack_layer(session, row_id))
+    keep = np.isfinite(found.values[neuron_id])
     return Contexts(
-        corpus=row.corpus,
-        tokens=row.tokens,
-        threshold=float(T.unpack(row.thresholds, "float32")[neuron_id]),
-        values=values[neuron_id][keep],
-        window_tokens=T.unpack_compressed(row.window_tokens, "int32").reshape(d_mlp, CONTEXTS, WINDOW)[
-            neuron_id
-        ][keep],
-        window_values=T.unpack_compressed(row.window_values, "float16")
-        .reshape(d_mlp, CONTEXTS, WINDOW)[neuron_id][keep]
-        .astype(np.float32),
-        ranges=T.unpack(row.ranges, "float32").reshape(len(SIGNALS), d_mlp)[:, neuron_id],
-        counts=T.unpack_compressed(row.counts, "int32").reshape(len(SIGNALS), d_mlp, BINS)[:, neuron_id],
+        corpus=found.corpus,
+        documents=found.documents,
+        tokens=found.tokens,
+        threshold=float(found.thresholds[neuron_id]),
+        values=found.values[neuron_id][keep],
+        window_tokens=found.window_tokens[neuron_id][keep],
+        window_values=found.window_values[neuron_id][keep].astype(np.float32),
+        ranges=found.ranges[:, neuron_id],
+        counts=found.counts[:, neuron_id],
+    )
+
+
+def token_counts(session: Session, model_id: int, corpus_key: str) -> np.ndarray | None:
+    """How often each token occurs in the positions the pass over this corpus went over, or None
+    (a pass stored before the counts were)."""
+    row_id = session.scalars(
+        select(T.ActivationCorpus.id).where(
+            T.ActivationCorpus.model_id == model_id, T.ActivationCorpus.corpus == corpus_key
+        )
+    ).first()
+    if row_id is None:
+        return None
+    return _remember(
+        _token_counts,
+        row_id,
+        lambda: T.unpack_compressed(session.get(T.ActivationCorpus, row_id).token_counts, "int32"),
     )

@@ -109,6 +109,7 @@ def neuron_page(
         random_url=urls.random_neuron(name, run=pin),
         histogram_url=urls.histogram(name, layer, neuron, side, row.hash if row is not None else None),
         compare_url=urls.compare(name, layer, neuron, side),
+        text_url=urls.text(name, layer, neuron),
         json_url=urls.neuron(name, layer, neuron, side, pin, min_kurtosis, json=True),
     )
     if row is None:

@@ -1,0 +1,155 @@
+"""What a neuron does on real text: its top contexts and densities from the stored activation
+pass (worker/activations.py), and its channels checked against them (method/behaviour.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from channelscope.core.tokens import label
+from channelscope.method import behaviour
+from channelscope.method.measures import TOP_K, tail_sign
+from channelscope.web import lookup, pages, plots, queries, urls
+from channelscope.web.database import DbSession
+from channelscope.web.responses import Result, page
+from channelscope.web.routes.params import Layer, ModelName, Neuron
+from channelscope.worker import activations
+
+router = APIRouter()
+
+MEANINGS = {
+    "activation": "act(x . w_gate) * (x . w_in): what the neuron writes, times w_out",
+    "gate": "x . w_gate, the gate's pre-activation",
+    "in": "x . w_in, the up projection's pre-activation",
+}
+
+
+@page(
+    router,
+    "/m/{model}/{layer}/{neuron}/text",
+    "text.html",
+    pages.TextPage,
+    "What a neuron does on real text: top contexts, densities, its channels at the peaks",
+)
+def text_page(request: Request, session: DbSession, model: ModelName, layer: Layer, neuron: Neuron) -> Result:
+    """The neuron's top contexts over the stored corpus with the activation at every token, the
+    density of its activation and both pre-activations, and for each channel of the newest run
+    whether its tokens sit at the peaks more (or less) often than the corpus's own share of them.
+    Revalidated, never immutable: it changes when a pass is stored."""
+    model_row = lookup.model(session, model)
+    lookup.check(model_row, layer=layer, neuron=neuron)
+    name = model_row.name
+    found = activations.neuron(session, model_row.id, layer, neuron)
+    common = dict(
+        model=lookup.model_out(model_row),
+        layer=layer,
+        neuron=neuron,
+        neuron_url=urls.neuron(name, layer, neuron),
+        json_url=urls.text(name, layer, neuron, json=True),
+    )
+    if found is None:
+        message = (
+            f"No activation pass is stored for {name}: `channelscope activations {name}` computes one "
+            "(bin/up runs it after the default slice)."
+        )
+        empty = dict(corpus=None, documents=None, tokens=None, threshold=None)
+        return Result(
+            pages.TextPage(
+                **common, **empty, stored=False, message=message, densities=[], contexts=[], channels=[]
+            )
+        )
+    vocab = lookup.vocab(session, model_row)
+    contexts = [
+        _context(vocab.tokens, ids, values)
+        for ids, values in zip(found.window_tokens, found.window_values, strict=True)
+    ]
+    densities = [
+        pages.Density(
+            signal=signal,
+            meaning=MEANINGS[signal],
+            low=-float(found.ranges[i]),
+            high=float(found.ranges[i]),
+            counts=found.counts[i].tolist(),
+        )
+        for i, signal in enumerate(activations.SIGNALS)
+    ]
+    counts = activations.token_counts(session, model_row.id, found.corpus)
+    channels = (
+        []
+        if counts is None
+        else _channels_at_peaks(session, model_row, layer, neuron, found, counts, vocab.tokens)
+    )
+    message = (
+        f"{len(contexts)} top contexts over {found.documents:,} documents ({found.tokens:,} tokens) "
+        f"of corpus {found.corpus}, one per document."
+    )
+    if counts is None:
+        message += (
+            " The corpus's token counts are not stored (a pass older than them): channels are not checked."
+        )
+    charts = {
+        "densities": [
+            plots.density(d, found.threshold if d.signal == "activation" else None) for d in densities
+        ]
+    }
+    return Result(
+        pages.TextPage(
+            **common,
+            stored=True,
+            message=message,
+            corpus=found.corpus,
+            documents=found.documents,
+            tokens=found.tokens,
+            threshold=round(found.threshold, 4),
+            densities=densities,
+            contexts=contexts,
+            channels=channels,
+        ),
+        plots=charts,
+    )
+
+
+def _context(tokens: list[str], ids: np.ndarray, values: np.ndarray) -> pages.TopContext:
+    inside = ids >= 0  # the window runs off the document at either end
+    shown = [
+        pages.ContextToken(id=int(t), token=tokens[int(t)], activation=round(float(v), 4))
+        for t, v in zip(ids[inside], values[inside], strict=True)
+    ]
+    peak_index = activations.BEFORE - int((~inside[: activations.BEFORE]).sum())
+    return pages.TopContext(peak=shown[peak_index].activation, peak_index=peak_index, tokens=shown)
+
+
+def _channels_at_peaks(
+    session, model_row, layer, neuron, found, counts, tokens
+) -> list[pages.ChannelAtPeaks]:
+    out = []
+    for side in model_row.sides.split(","):
+        _, row = lookup.neuron_side(session, model_row.name, layer, neuron, side, None, missing_ok=True)
+        if row is None:
+            continue
+        top = queries.channel_tokens(session, [row.id])
+        for ch in queries.channels(session, [row.id]):
+            ids = np.array([t for t, _ in top.get((row.id, ch.channel), [])[:TOP_K]], dtype=np.int64)
+            # faithfulness is the neuron's mean z on the channel's tokens, oriented by the
+            # channel's tail: its sign times the tail's is the neuron's own sign on them.
+            raises = ch.faithfulness * tail_sign(ch.skew) > 0
+            found_at = behaviour.at_peaks(found.window_tokens, activations.BEFORE, side, ids, counts, raises)
+            out.append(
+                pages.ChannelAtPeaks(
+                    side=side,
+                    index=ch.channel,
+                    url=urls.channel(model_row.name, layer, neuron, side, ch.channel, run=row.hash),
+                    label=label([tokens[int(i)] for i in ids]),
+                    position=found_at.position,
+                    contexts=found_at.contexts,
+                    hits=found_at.hits,
+                    chance=round(found_at.chance, 6),
+                    expected=round(found_at.expected, 3),
+                    low=round(found_at.low, 3),
+                    high=round(found_at.high, 3),
+                    p_value=round(found_at.p_value, 4),
+                    expected_direction=found_at.expected_direction,
+                    verdict=found_at.verdict,
+                )
+            )
+    return out

@@ -1,0 +1,135 @@
+"""What a neuron does on real text, on its page: top contexts shaded by activation, densities,
+and each channel checked at the peaks against the corpus's own share of its tokens
+(method/behaviour.py); a JSON twin; revalidated, never cached forever."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from channelscope.core import db
+from channelscope.method import behaviour
+from channelscope.method.intervention import load_language_model
+from channelscope.method.weights import load_model
+from channelscope.worker import activations, corpus
+from tests.fixtures.ablation_store import LAYER, fill_store, make_app
+from tests.test_activations import TEXTS
+
+PEAK = 2  # the peak's index in the windows below
+
+
+def _windows(peak_tokens: list[int], after: list[int] | None = None) -> np.ndarray:
+    windows = np.full((len(peak_tokens), 5), 9, dtype=np.int64)
+    windows[:, PEAK] = peak_tokens
+    if after is not None:
+        windows[:, PEAK + 1] = after
+    return windows
+
+
+def test_a_planted_token_at_the_peaks_is_found_and_its_sign_decides_the_verdict():
+    counts = np.full(100, 10)  # every token 1 % of the corpus
+    planted = _windows([7] * 12 + [3] * 8)  # token 7 at 12 of 20 peaks: 60 % against 1 %
+    up = behaviour.at_peaks(planted, PEAK, "gate", np.array([7, 8]), counts, raises=True)
+    assert (up.hits, up.contexts, up.chance) == (12, 20, pytest.approx(0.02))
+    assert up.verdict == "as expected" and up.p_value < 1e-10 and up.low > up.chance
+    down = behaviour.at_peaks(planted, PEAK, "gate", np.array([7, 8]), counts, raises=False)
+    assert down.verdict == "opposite"  # the neuron should have avoided those tokens
+
+
+def test_tokens_at_their_corpus_share_give_no_evidence_and_absent_ones_are_untestable():
+    counts = np.full(100, 10)
+    counts[5] = 100 * 10  # token 5: 10 * 100 / (99 * 10 + 1000) ~ 50 % of the corpus
+    at_chance = _windows([5] * 10 + [1] * 10)
+    found = behaviour.at_peaks(at_chance, PEAK, "in", np.array([5]), counts, raises=True)
+    assert found.verdict == "no evidence" and found.p_value > 0.5
+    counts[6] = 0
+    assert (
+        behaviour.at_peaks(at_chance, PEAK, "in", np.array([6]), counts, raises=True).verdict == "untestable"
+    )
+
+
+def test_out_is_judged_on_the_token_after_the_peak():
+    counts = np.full(100, 10)
+    windows = _windows([1] * 20, after=[7] * 15 + [2] * 5)
+    assert behaviour.at_peaks(windows, PEAK, "out", np.array([7]), counts, raises=True).hits == 15
+    assert behaviour.at_peaks(windows, PEAK, "gate", np.array([7]), counts, raises=True).hits == 0
+    windows[:, PEAK + 1] = -1  # the peak ends its document: no next token to count
+    assert behaviour.at_peaks(windows, PEAK, "out", np.array([7]), counts, raises=True).contexts == 0
+
+
+@pytest.fixture(scope="module")
+def text_client(tmp_path_factory, tiny_gguf):
+    folder = tmp_path_factory.mktemp("text-store")
+    url = f"sqlite:///{folder / 'store.db'}"
+    db.upgrade(url)
+    run_hash = fill_store(url, tiny_gguf, folder)
+    app = make_app(url, [tiny_gguf.parent])
+    with TestClient(app) as client:
+        client.run_hash = run_hash
+        client.url = url
+        client.folder = folder
+        yield client
+
+
+def test_the_page_says_how_to_compute_a_pass_until_one_is_stored_then_shows_it(text_client, tiny_gguf):
+    page = f"/m/tiny-llama/{LAYER}/1/text"
+    before = text_client.get(page + ".json").json()
+    assert before["stored"] is False and "channelscope activations tiny-llama" in before["message"]
+    assert text_client.get(page).status_code == 200
+    neuron_page = text_client.get(f"/m/tiny-llama/{LAYER}/1.json?run={text_client.run_hash}").json()
+    assert neuron_page["text_url"] == page  # linked, not embedded: a pinned page is cached forever
+
+    model, lm = load_model(tiny_gguf), load_language_model(tiny_gguf)
+    engine = db.make_engine(text_client.url)
+    activations.run(
+        engine, model, lm, corpus.Built("c0ffee", TEXTS, ("test",) * len(TEXTS)), text_client.folder
+    )
+    engine.dispose()
+
+    response = text_client.get(page + ".json")
+    assert response.headers["cache-control"] == "no-cache"  # a later pass must show up
+    found = response.json()
+    assert found["stored"] and found["corpus"] == "c0ffee" and found["documents"] == len(TEXTS)
+    assert len(found["contexts"]) == len(TEXTS)  # one per document
+    peaks = [c["peak"] for c in found["contexts"]]
+    assert peaks == sorted(peaks, reverse=True)
+    for context in found["contexts"]:
+        top = context["tokens"][context["peak_index"]]["activation"]
+        assert top == context["peak"] == max(t["activation"] for t in context["tokens"])
+    assert [d["signal"] for d in found["densities"]] == list(activations.SIGNALS)
+    assert all(sum(d["counts"]) == found["tokens"] for d in found["densities"])
+    # Three sides x three channels of the stored run, each checked against its tokens' share.
+    assert {(c["side"], c["index"]) for c in found["channels"]} == {
+        (s, i) for s in ("gate", "in", "out") for i in range(3)
+    }
+    for channel in found["channels"]:
+        assert 0 < channel["chance"] < 1 and channel["expected"] == pytest.approx(
+            channel["contexts"] * channel["chance"], abs=1e-3
+        )
+        assert channel["position"] == ("next" if channel["side"] == "out" else "peak")
+        assert channel["verdict"] in ("as expected", "opposite", "no evidence", "untestable")
+
+    html = text_client.get(page).text
+    assert html.count('class="act ') >= sum(len(c["tokens"]) for c in found["contexts"])
+    assert html.count(' peak"') == len(TEXTS) and "Density: activation" in html
+    assert "90th percentile" in html and found["channels"][0]["url"] in html
+    assert_twin_explains(text_client, page)
+
+
+def assert_twin_explains(client, url: str) -> None:
+    """The text page's numbers and links are in its JSON twin (as tests/test_twins.py checks for
+    the pages of its store)."""
+    import html as html_module
+
+    from tests.test_twins import HREF, NUMBER, contents, explained, shown_text, template_text
+
+    page, twin = client.get(url), client.get(url + ".json")
+    numbers: set[float] = set()
+    strings: set[str] = set()
+    contents(twin.json(), numbers, strings)
+    literal = template_text()
+    shown = NUMBER.findall(shown_text(page.text))
+    assert shown and not [n for n in shown if not explained(n, numbers) and n not in literal]
+    for href in {html_module.unescape(h) for h in HREF.findall(page.text)}:
+        assert href in strings or f'href="{href}"' in literal, href

@@ -63,7 +63,7 @@ def text_client(tmp_path_factory, tiny_gguf):
     folder = tmp_path_factory.mktemp("text-store")
     url = f"sqlite:///{folder / 'store.db'}"
     db.upgrade(url)
-    run_hash = fill_store(url, tiny_gguf, folder)
+    run_hash = fill_store(url, tiny_gguf, folder, activation_pass=False)
     app = make_app(url, [tiny_gguf.parent])
     with TestClient(app) as client:
         client.run_hash = run_hash

@@ -1,5 +1,5 @@
 """Commands that compute: rotate (one neuron, printed), decompose and worker (runs into the
-store), status, neighbours and thresholds."""
+store), status, neighbours, the corpus and activations."""
 
 from __future__ import annotations
 
@@ -387,7 +387,7 @@ def cmd_status(args) -> None:
         print(f"live workers: {workers}")
 
 
-# --- neighbours and thresholds -------------------------------------------------------------------
+# --- neighbours ---------------------------------------------------------------------------------
 
 
 def cmd_neighbours(args) -> None:
@@ -409,18 +409,6 @@ def cmd_neighbours(args) -> None:
         f"run {found.run_hash}: the {args.count} nearest channels of each of its "
         f"{found.channels:,} channels, exact, on {found.device} in {found.seconds:.1f} s"
     )
-
-
-def cmd_thresholds(args) -> None:
-    from channelscope.method.intervention import load_language_model
-    from channelscope.worker import corpus
-
-    model = load(args.model)
-    _, engine = database(migrate=True)
-    check_stored_model(engine, model)
-    lm = load_language_model(model.source, args.device if args.device != "auto" else "cpu")
-    found = corpus.ensure_thresholds(engine, model, lm, recompute=args.recompute, log=log)
-    print(f"{model.name}: activation thresholds (90th percentile) of {len(found)} layers are stored")
 
 
 # --- overview ----------------------------------------------------------------------------------
@@ -649,9 +637,3 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_doctor, uses_torch=True)
-
-    p = sub.add_parser("thresholds", help="each neuron's activation 90th percentile over the corpus, stored")
-    p.add_argument("model", nargs="?", default="smollm2")
-    p.add_argument("--recompute", action="store_true", help="even if stored for this corpus")
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
-    p.set_defaults(uses_torch=True, run=cmd_thresholds)

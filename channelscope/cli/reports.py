@@ -16,13 +16,28 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.out / 'eval.md'}")
 
 
+def _thresholds(engine, model, lm) -> dict:
+    """Each layer's activation thresholds: the stored pass over the real corpus (`channelscope
+    activations`), or, without one, the same quantile over the committed corpus, computed here
+    and not stored (a few minutes on a CPU)."""
+    from channelscope.core import db
+    from channelscope.worker import corpus, store
+
+    with db.session(engine) as session, session.begin():
+        stored = corpus.layer_thresholds(session, store.ensure_model(session, model).id)
+    if len(stored) == model.n_layers:
+        return stored
+    log("no activation pass is stored: thresholds over the committed corpus, computed now, not stored")
+    values = corpus.activation_thresholds(lm, corpus.encode(lm, corpus.load().texts))
+    return {layer: values[layer].numpy() for layer in range(model.n_layers)}
+
+
 def cmd_eval_ablation(args) -> None:
     from channelscope.core import db
     from channelscope.experiments import ablation_report
     from channelscope.method import rotate
     from channelscope.method.decomposer import Decomposer
     from channelscope.method.intervention import load_language_model
-    from channelscope.worker import corpus
 
     model = load(args.model)
     layers = int_range(args.layers, "--layers")
@@ -30,7 +45,7 @@ def cmd_eval_ablation(args) -> None:
         raise CliError(f"--layers: {model.name} has layers 0-{model.n_layers - 1}")
     _, engine = database(migrate=True)
     lm = load_language_model(model.source)
-    thresholds = corpus.ensure_thresholds(engine, model, lm, log=log)
+    thresholds = _thresholds(engine, model, lm)
     settings = rotate.with_overrides(rotate.Settings(), channels=args.channels)
     decomposer = Decomposer(model, settings, device=args.device, seed=args.seed, cache_dir=references_dir())
     with db.session(engine) as session:

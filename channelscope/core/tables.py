@@ -9,7 +9,6 @@ bytes (see `pack`/`unpack`): compact, and the same on SQLite and PostgreSQL.
       │           neurons ─< channel_neighbours   each channel's nearest channels elsewhere in its run
       ├─< references                     random-vector reference per model and settings
       ├─< overview_layers                per layer and side: every vector's raw projection
-      ├─< activation_thresholds          per layer: each neuron's 90th percentile over the corpus
       ├─< activation_layers              per corpus and layer: top contexts, densities (real text)
       └─< activation_corpora             per corpus: its token counts (the behavioural chance level)
 """
@@ -71,7 +70,6 @@ NEURON_VECTOR = "float32"  # Neuron.vector [d]
 CHANNEL_VECTOR = "float16"  # Channel.vector [d]: half the bytes; every measure was taken in fp32 before
 MASKED = "int32"  # Channel.masked: token ids
 HISTORY = "float32"  # Channel.history: unweighted kurtosis against step
-THRESHOLDS = "float32"  # ActivationThreshold.thresholds [d_mlp]
 
 
 def neuron_vector(blob: bytes) -> np.ndarray:
@@ -296,25 +294,6 @@ class ChannelToken(Base):
     kurtosis: Mapped[float] = mapped_column(Float)
     faithfulness_percentile: Mapped[float] = mapped_column(Float)
     generic: Mapped[bool] = mapped_column(Boolean)
-
-
-class ActivationThreshold(Base):
-    """Each neuron's activation quantile over the committed corpus (corpus/texts.jsonl), one row
-    per model, corpus, quantile and layer. A neuron is *active* at a position when its activation
-    act(g) * u is above its own 90th percentile (docs/method.md, "Selectivity"); the ablation page and
-    `channelscope eval-ablation` read it here rather than running the corpus per request."""
-
-    __tablename__ = "activation_thresholds"
-    __table_args__ = (UniqueConstraint("model_id", "corpus", "quantile", "layer"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
-    corpus: Mapped[str] = mapped_column(String(16))  # sha256 prefix of the corpus file
-    quantile: Mapped[float] = mapped_column(Float)  # 0.9
-    layer: Mapped[int] = mapped_column(Integer)
-    tokens: Mapped[int] = mapped_column(Integer)  # corpus positions the quantile is over
-    thresholds: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [d_mlp]
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class NeighbourBuild(Base):

@@ -316,7 +316,7 @@ def model_effect(
         where = "positions whose token or next token is in T"
     elif threshold is None:
         note = (
-            "No activation thresholds are stored for this model (channelscope thresholds): S is "
+            "No activation pass is stored for this model (channelscope activations): S is "
             "measured over every position of the prompt instead of the active ones."
         )
         where = "every position"

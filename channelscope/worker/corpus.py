@@ -1,8 +1,7 @@
-"""The corpora, and what is computed over them once per model: each neuron's activation
-threshold.
+"""The corpora, and each neuron's activation threshold over them.
 
 Two corpora. The committed one (corpus/texts.jsonl, written by corpus/make_corpus.py): 320
-passages SmolLM2 generated itself, for the ablation page's example prompts and its thresholds.
+passages SmolLM2 generated itself, for the ablation page's example prompts.
 And the real one, built on each machine by `channelscope corpus build` (`build` below) from text
 people wrote that ships with every Python: the prose of the Python documentation
 (pydoc_data.topics), the standard library's docstrings and some of its source code, plus the
@@ -13,16 +12,15 @@ Python documentation and standard library are under the PSF License; the generat
 SmolLM2's output (Apache-2.0 model).
 
 A neuron is active at a position when its activation act(g) * u is above its own 90th
-percentile over this corpus (docs/method.md, "Selectivity"). The thresholds of every layer come from
-one pass over the corpus and are stored per layer (tables.ActivationThreshold), so the ablation
-page and the evaluation never run the corpus themselves.
+percentile over the real corpus (docs/method.md, "Selectivity"), stored by the activation pass
+(worker/activations.py) and read here; `activation_thresholds` computes the same over any texts
+in process, for an evaluation run before any pass is stored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -273,34 +271,6 @@ def activation_thresholds(lm: LanguageModel, sequences: list[list[int]], quantil
     return torch.stack(out)
 
 
-def store_thresholds(
-    session: Session, model_id: int, corpus_key: str, quantile: float, tokens: int, thresholds: torch.Tensor
-) -> None:
-    """Replace the model's thresholds for this corpus and quantile (one row per layer)."""
-    old = session.scalars(
-        select(T.ActivationThreshold).where(
-            T.ActivationThreshold.model_id == model_id,
-            T.ActivationThreshold.corpus == corpus_key,
-            T.ActivationThreshold.quantile == quantile,
-        )
-    ).all()
-    for row in old:
-        session.delete(row)
-    session.flush()
-    for layer, values in enumerate(thresholds):
-        session.add(
-            T.ActivationThreshold(
-                model_id=model_id,
-                corpus=corpus_key,
-                quantile=quantile,
-                layer=layer,
-                tokens=tokens,
-                thresholds=T.pack(values.numpy(), T.THRESHOLDS),
-            )
-        )
-    session.flush()
-
-
 @dataclass
 class Threshold:
     value: float
@@ -308,75 +278,26 @@ class Threshold:
     tokens: int
 
 
-def threshold(session: Session, model_id: int, layer: int, neuron: int, quantile: float = QUANTILE):
-    """The neuron's activation threshold: from the real corpus's pass (`channelscope
-    activations`) where it has run, else the committed corpus's (`channelscope thresholds`), else
-    None."""
+def threshold(session: Session, model_id: int, layer: int, neuron: int) -> Threshold | None:
+    """The neuron's activation threshold from the newest stored pass over the real corpus
+    (`channelscope activations`), or None."""
     found = session.execute(
         select(T.ActivationLayer.thresholds, T.ActivationLayer.corpus, T.ActivationLayer.tokens)
         .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
         .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
         .limit(1)
     ).first()
-    if found is not None and quantile == QUANTILE:
-        values = T.unpack(found.thresholds, "float32")
-        return Threshold(float(values[neuron]), found.corpus, found.tokens) if neuron < len(values) else None
-    row = session.scalars(
-        select(T.ActivationThreshold)
-        .where(
-            T.ActivationThreshold.model_id == model_id,
-            T.ActivationThreshold.quantile == quantile,
-            T.ActivationThreshold.layer == layer,
-        )
-        .order_by(T.ActivationThreshold.created_at.desc(), T.ActivationThreshold.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
+    if found is None:
         return None
-    values = T.unpack(row.thresholds, T.THRESHOLDS)
-    return Threshold(float(values[neuron]), row.corpus, row.tokens) if neuron < len(values) else None
+    values = T.unpack(found.thresholds, "float32")
+    return Threshold(float(values[neuron]), found.corpus, found.tokens) if neuron < len(values) else None
 
 
-def layer_thresholds(
-    session: Session, model_id: int, corpus_key: str | None = None, quantile: float = QUANTILE
-) -> dict[int, np.ndarray]:
-    """Every stored layer's thresholds for the model (of one corpus, or the newest), by layer."""
-    query = select(T.ActivationThreshold).where(
-        T.ActivationThreshold.model_id == model_id, T.ActivationThreshold.quantile == quantile
-    )
-    if corpus_key is not None:
-        query = query.where(T.ActivationThreshold.corpus == corpus_key)
-    rows = session.scalars(query.order_by(T.ActivationThreshold.created_at, T.ActivationThreshold.id)).all()
-    return {row.layer: T.unpack(row.thresholds, T.THRESHOLDS) for row in rows}
-
-
-def ensure_thresholds(
-    engine, model, lm: LanguageModel, recompute: bool = False, log=print
-) -> dict[int, np.ndarray]:
-    """The model's thresholds over the committed corpus, computed and stored if missing. `model`
-    is method.weights.Model (its row is added to the store if new, as a run would)."""
-    from channelscope.core import db
-    from channelscope.worker import store
-
-    text = load()
-    with db.session(engine) as session:
-        model_row = store.ensure_model(session, model)
-        have = session.scalars(
-            select(T.ActivationThreshold.layer).where(
-                T.ActivationThreshold.model_id == model_row.id,
-                T.ActivationThreshold.corpus == text.key,
-                T.ActivationThreshold.quantile == QUANTILE,
-            )
-        ).all()
-        if recompute or len(have) < model.n_layers:
-            started = time.monotonic()
-            sequences = encode(lm, text.texts)
-            values = activation_thresholds(lm, sequences)
-            positions, elapsed = sum(map(len, sequences)), time.monotonic() - started
-            log(
-                f"activation thresholds of {model.n_layers} layers over {len(sequences)} texts "
-                f"({positions:,} positions, corpus {text.key}): {elapsed:.0f} s"
-            )
-            store_thresholds(session, model_row.id, text.key, QUANTILE, positions, values)
-        session.commit()
-        return layer_thresholds(session, model_row.id, text.key)
+def layer_thresholds(session: Session, model_id: int) -> dict[int, np.ndarray]:
+    """Every layer's thresholds from the newest stored pass, by layer ({} without one)."""
+    rows = session.execute(
+        select(T.ActivationLayer.layer, T.ActivationLayer.thresholds)
+        .where(T.ActivationLayer.model_id == model_id)
+        .order_by(T.ActivationLayer.created_at, T.ActivationLayer.id)
+    ).all()
+    return {row.layer: T.unpack(row.thresholds, "float32") for row in rows}  # the newest wins

@@ -5,6 +5,7 @@ a channel with no tokens), so every summary here skips None, nan and inf instead
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Iterable
 
@@ -28,3 +29,16 @@ def share(flags: Iterable[bool]) -> float:
     """The share of true flags; nan for none."""
     flags = list(flags)
     return sum(flags) / len(flags) if flags else math.nan
+
+
+def interval(
+    values: Iterable[float | bool], statistic=statistics.median, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A 95 % percentile-bootstrap interval of `statistic` (median by default; `share` for flags)
+    over the finite values; (nan, nan) for fewer than 2. Seeded: a report regenerates the same."""
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if len(values) < 2:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    found = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(draws))
+    return found[int(0.025 * draws)], found[int(0.975 * draws) - 1]

@@ -3,7 +3,7 @@
 vectors and on random ones, in separate rows.
 
     .venv/bin/python bench/local_baseline.py [--layers 25,28] [--side out] [--aligned 16]
-        [--random 16] [--channels 5] [--out bench/results/local-baseline.json]
+        [--random 16] [--channels 5] [--pool reference|gaussian] [--out bench/results/local-baseline.json]
 
 The aligned vectors are the highest raw kurtosis of those layers (method/sampling.most_aligned),
 the random ones drawn uniformly with seed 1 (not the evaluation's seed 0 sample). Each channel
@@ -85,6 +85,10 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=16)
     parser.add_argument("--channels", type=int, default=5)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument(
+        "--pool", choices=["reference", "gaussian"], default="reference",
+        help="random directions' residual parts: the reference's channels (sparse), or Gaussian",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "local-baseline.json")
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
@@ -92,9 +96,13 @@ def main() -> None:
     settings = rotate.with_overrides(rotate.Settings(), channels=args.channels, precision=args.precision)
     started = time.perf_counter()
     decomposer = Decomposer(model, settings, cache_dir=config().data_dir / "references")
-    pool = measures.direction_pool(
-        lambda g: decomposer.proj.forward(g.to(decomposer.device), exact=True).cpu(), model.d_model
-    )
+    if args.pool == "reference":
+        pool = decomposer.directions  # what the worker uses: the reference's channels
+    else:
+        gaussian = torch.randn(256, model.d_model, generator=torch.Generator().manual_seed(0))
+        pool = measures.direction_pool(
+            gaussian, lambda x: (x.to(decomposer.device) @ decomposer.proj.exact).cpu()
+        )
     aligned = sampling.most_aligned(model, layers, args.side, args.aligned)
     generator = torch.Generator().manual_seed(1)
     chosen = {(r.layer, r.neuron) for r in aligned}
@@ -112,7 +120,8 @@ def main() -> None:
         "side": args.side,
         "channels_per_vector": args.channels,
         "precision": decomposer.settings.precision,
-        "directions": measures.DIRECTIONS,
+        "pool": args.pool,
+        "directions": int(pool.directions.shape[0]),
         "seconds": round(time.perf_counter() - started, 1),
         "summary": summary(channels),
         "channels": channels,

@@ -6,6 +6,7 @@ tokens of its own (what a generic channel is)."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -41,12 +42,12 @@ def test_the_pool_shortcut_equals_measuring_each_direction_explicitly():
     w = torch.randn(D, generator=gen, dtype=torch.float64)
     z_w = project(w)
     zs_w = rotate.z_scores(z_w.unsqueeze(0), scored)[0]
-    pool = measures.direction_pool(project, D, seed=3, count=16)
+    pool = measures.direction_pool(torch.randn(16, D, generator=gen, dtype=torch.float64), project)
     cosines = torch.tensor([0.2, 0.65, 0.95])
     fast = measures.faithfulness_at_cosines(w, z_w, zs_w, cosines, pool, scored)
     w_hat = w / w.norm()
     for k, c in enumerate(cosines.tolist()):
-        for i, g in enumerate(pool.g):
+        for i, g in enumerate(pool.directions):
             r = g - (g @ w_hat) * w_hat
             d = c * w_hat + math.sqrt(1 - c * c) * r / r.norm()
             z = project(d)
@@ -57,27 +58,34 @@ def test_the_pool_shortcut_equals_measuring_each_direction_explicitly():
             assert abs(float(d @ w_hat) - c) < 1e-9
 
 
-def test_a_planted_channel_scores_high_and_a_direction_with_tokens_of_its_own_low():
+def test_a_planted_channel_scores_high_and_directions_with_tokens_of_their_own_score_as_the_pool():
     gen, U, scored, project = _setup(1)
-    own, elsewhere = list(range(100, 120)), list(range(2000, 2020))  # as many as a top list
+    own = list(range(100, 120))  # as many as a top list
     noise = torch.randn(D, generator=gen, dtype=torch.float64)
     planted = _sparse_direction(U, own)
     w = 0.6 * planted + 0.8 * noise / noise.norm()  # a neuron with a sparse part: its own tokens
     z_w = project(w)
     zs_w = rotate.z_scores(z_w.unsqueeze(0), scored)[0]
     w_hat = w / w.norm()
-    cos_planted = float(planted @ w_hat)
-    # As close to w as the planted channel, but its tail is tokens the neuron does not carry.
-    generic = cos_planted * w_hat + math.sqrt(1 - cos_planted**2) * _sparse_direction(U, elsewhere, avoid=w)
-    pool = measures.direction_pool(project, D, seed=5)
-    draws = measures.faithfulness_at_cosines(w, z_w, zs_w, torch.tensor([cos_planted] * 2), pool, scored)
+    cos = float(planted @ w_hat)
+    # The pool: sparse directions like a reference's channels, each a few random tokens' columns.
+    pool = measures.direction_pool(
+        torch.stack([U[:, p].sum(-1) for p in torch.randint(V, (256, 20), generator=gen)]), project
+    )
+    draws = measures.faithfulness_at_cosines(w, z_w, zs_w, torch.tensor([cos]), pool, scored)[0].numpy()
 
-    def percentile(direction, row):
+    def percentile(direction):
         z = project(direction)
         zs = rotate.z_scores(z.unsqueeze(0), scored)[0]
         sign = measures.tail_sign(float(rotate.tail_skew(z.unsqueeze(0), scored)[0]))
         top, _ = measures.top_tokens(zs, scored, sign)
-        return measures.percentile(measures.faithfulness(zs_w, top, sign), draws[row].numpy())
+        return measures.percentile(measures.faithfulness(zs_w, top, sign), draws)
 
-    assert percentile(planted, 0) >= 95
-    assert percentile(generic, 1) <= 5  # seeds 1-5: 100 and 0 each
+    assert percentile(planted) >= 95  # seeds 1-7: 100
+    # As close to w as the planted channel, but their tails are tokens the neuron does not carry
+    # (what a generic channel is): they score like the pool, 50 meaning "as good as random".
+    generic = [
+        percentile(cos * w_hat + math.sqrt(1 - cos**2) * _sparse_direction(U, tokens.tolist(), avoid=w))
+        for tokens in torch.randint(200, V, (40, 20), generator=gen)
+    ]
+    assert 30 <= statistics.median(generic) <= 70  # 59.6 here

@@ -38,6 +38,7 @@ def channel(index: int, top: list[int], z: list[float], percentile: float, kurto
         alpha=0.5,
         faithfulness=2.0,
         faithfulness_percentile=percentile,
+        percentile_local=percentile,
         generic=False,
         top_ids=np.array(top, dtype=np.int32),
         top_z=np.array(z, dtype=np.float32),

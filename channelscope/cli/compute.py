@@ -81,6 +81,7 @@ def _rotate_json(model_name: str, record, tokens: list[str]) -> dict:
                 "alpha": _number(ch.alpha),
                 "faithfulness": _number(ch.faithfulness),
                 "faithfulness_percentile": _number(ch.faithfulness_percentile),
+                "percentile_local": _number(ch.percentile_local),
                 "generic": ch.generic,
                 "top_tokens": [
                     {"id": int(i), "token": tokens[i], "z": _number(z)}
@@ -99,14 +100,14 @@ def _rotate_table(model_name: str, record, tokens: list[str]) -> None:
         f"{model_name}  layer {record.layer}  neuron {record.neuron}  side {record.side}  "
         f"|w| {record.norm:.3f}  kurtosis {record.kurtosis:.2f}"
     )
-    print("  #   kurt   skew    cos    loss  masked  step  alpha  faith  pct  top tokens")
+    print("  #   kurt   skew    cos    loss  masked  step  alpha  faith  pct  local  top tokens")
     for ch in record.channels:
         flag = " generic" if ch.generic else ""
         top = "  ".join(visible(tokens[i]) for i in ch.top_ids[:8])
         numbers = (
             f"{ch.index:3d} {ch.kurtosis:6.1f} {ch.skew:6.2f} {ch.cos:6.3f} {ch.loss:7.3f} "
             f"{len(ch.masked):7d} {ch.step:5d} {ch.alpha:6.3f} {ch.faithfulness:6.2f} "
-            f"{ch.faithfulness_percentile:4.0f}"
+            f"{ch.faithfulness_percentile:4.0f} {ch.percentile_local:6.0f}"
         )
         print(f"{numbers}  {top}{flag}")
     recon = " ".join(f"{x:.2f}" for x in record.reconstruction)
@@ -411,6 +412,38 @@ def cmd_neighbours(args) -> None:
     )
 
 
+# --- measures -----------------------------------------------------------------------------------
+
+
+def cmd_measures(args) -> None:
+    from tqdm import tqdm
+
+    from channelscope.core import db
+    from channelscope.core import tables as T
+    from channelscope.method.decomposer import pick_device
+    from channelscope.method.measures import MEASURES_VERSION
+    from channelscope.worker import remeasure
+
+    engine, run = stored_run(args.run_hash)
+    left = remeasure.pending(engine, run)
+    if not left:
+        print(f"run {run.hash}: every neuron side is at measures version {MEASURES_VERSION}")
+        return
+    with db.session(engine) as session:
+        model_row = session.get(T.Model, run.model_id)
+        model = load(args.model or model_row.source)
+    if model.sha256 != model_row.sha256:
+        raise CliError(f"{args.model} is not the file run {run.hash} was computed from")
+    device = str(pick_device(args.device))
+    decomposer = remeasure.decomposer_for(engine, run, model, device, references_dir())
+    with tqdm(
+        desc=f"run {run.hash} measures v{MEASURES_VERSION}", total=left, unit="neuron",
+        file=sys.stderr, dynamic_ncols=True,
+    ) as bar:  # fmt: skip
+        done = remeasure.backfill(engine, run, decomposer, lambda n: bar.update(n - bar.n))
+    print(f"run {run.hash}: {done:,} neuron sides brought to measures version {MEASURES_VERSION}")
+
+
 # --- overview ----------------------------------------------------------------------------------
 
 
@@ -610,6 +643,14 @@ def add_commands(sub) -> None:
     p.add_argument("--count", type=int, default=12, help="neighbours kept per channel (default 12)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.set_defaults(uses_torch=True, run=cmd_neighbours)
+
+    p = sub.add_parser(
+        "measures", help="bring a run's stored measures up to this code's version (channels unchanged)"
+    )
+    p.add_argument("run_hash", metavar="RUN")
+    p.add_argument("--model", default=None, help="the model file, if not where the run found it")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
+    p.set_defaults(uses_torch=True, run=cmd_measures)
 
     p = sub.add_parser("overview", help="the raw projection of every vector of a model, stored (minutes)")
     p.add_argument("model", nargs="?", default="smollm2")

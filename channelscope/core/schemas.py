@@ -28,7 +28,10 @@ class ChannelOut(BaseModel):
     step: int
     alpha: float
     faithfulness: float
-    faithfulness_percentile: float
+    faithfulness_percentile: float  # against random vectors' channels (isotropic)
+    percentile_local: (
+        float | None
+    )  # against random directions at the same cosine to w; None before measures v2
     generic: bool
     top_tokens: list[TokenScore]  # on the channel's dominant tail, furthest out first
     history: list[float]  # unweighted kurtosis against optimisation step
@@ -48,6 +51,7 @@ class NeuronSideOut(BaseModel):
     reconstruction: list[float]
     reconstruction_baseline: list[float]
     coverage: list[float]
+    measures_version: int  # method/measures.MEASURES_VERSION its measures were computed under
     channels: list[ChannelOut]
 
 
@@ -80,6 +84,7 @@ def neuron_side(
                 alpha=ch.alpha,
                 faithfulness=ch.faithfulness,
                 faithfulness_percentile=ch.faithfulness_percentile,
+                percentile_local=ch.percentile_local,
                 generic=ch.generic,
                 top_tokens=scores((i, z * sign) for i, z in channel_tokens.get(ch.channel, [])),
                 history=[finite_or(x, 0.0) for x in T.kurtosis_history(ch.history)],
@@ -99,5 +104,6 @@ def neuron_side(
         reconstruction=neuron.reconstruction,
         reconstruction_baseline=neuron.reconstruction_baseline,
         coverage=neuron.coverage,
+        measures_version=neuron.measures_version,
         channels=out,
     )

@@ -147,6 +147,8 @@ class Reference(Base):
     kurtosis: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [count, channels]
     generic: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [G, d_model]
     tail_tokens: Mapped[list] = mapped_column(JSON)
+    # float32 [count * channels, d_model], unit: the random vectors' channels (REFERENCE_VERSION 5)
+    channel_vectors: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -238,6 +240,9 @@ class Neuron(Base):
     # Summaries for the layer table, over the neuron's channels.
     best_percentile: Mapped[float] = mapped_column(Float)  # max faithfulness percentile, non-generic
     best_kurtosis: Mapped[float] = mapped_column(Float)
+    # method/measures.MEASURES_VERSION its measures were computed under (a backfill raises it
+    # without touching its channels or the run's hash).
+    measures_version: Mapped[int] = mapped_column(SmallInteger, server_default="1")
     channel_count: Mapped[int] = mapped_column(SmallInteger)  # channels with kurtosis >= 5 (the junk cut)
     generic_count: Mapped[int] = mapped_column(SmallInteger)
 
@@ -257,7 +262,10 @@ class Channel(Base):
     history: Mapped[bytes] = mapped_column(LargeBinary)  # float32 kurtosis against step
     alpha: Mapped[float] = mapped_column(Float)
     faithfulness: Mapped[float] = mapped_column(Float)
-    faithfulness_percentile: Mapped[float] = mapped_column(Float)
+    faithfulness_percentile: Mapped[float] = mapped_column(Float)  # against random vectors' channels
+    # Against random directions at the same cosine to this w (measures version 2); None where the
+    # run was measured before it and not backfilled (`channelscope measures RUN`).
+    percentile_local: Mapped[float | None] = mapped_column(Float, nullable=True)
     generic: Mapped[bool] = mapped_column(Boolean)
 
 

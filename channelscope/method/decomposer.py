@@ -33,7 +33,8 @@ class ChannelRecord:
     history: list[float]
     alpha: float  # the paper's subtraction rule, fitted on the original w
     faithfulness: float
-    faithfulness_percentile: float
+    faithfulness_percentile: float  # against random vectors' channels (the reference)
+    percentile_local: float  # against random directions at the same cosine to w
     generic: bool
     top_ids: np.ndarray  # [TOP_K] on the dominant tail
     top_z: np.ndarray
@@ -115,6 +116,11 @@ class Decomposer:
         )
         self.reference, self.m0 = self._reference(projection, reference_count, cache_dir, progress)
         self.scored = self.m0 == 1
+        # Shared by every neuron: its random directions at each channel's cosine are made from it.
+        # (U itself, not self.proj: this product is no pass of the solver's.)
+        self.directions = measures.direction_pool(
+            self.reference.channels, lambda x: (x.to(self.device) @ self.proj.exact).cpu()
+        )
 
     def _reference(self, projection, count, cache_dir, progress):
         settings, m0 = self.settings, self.m0
@@ -167,6 +173,10 @@ class Decomposer:
         generic = measures.generic_flags(
             measures.residual_directions(w, vectors).cpu(), self.reference.generic
         )
+        cosines = torch.tensor([ch.cos for ch in channels], dtype=torch.float64)
+        at_cosines = measures.faithfulness_at_cosines(
+            w.cpu(), z_w.cpu(), zs_w.cpu(), cosines, self.directions, scored.cpu()
+        )  # [C, R]
         records = []
         for k, ch in enumerate(channels):
             sign = measures.tail_sign(ch.skew)
@@ -186,6 +196,7 @@ class Decomposer:
                     alpha=measures.alpha_star(z_w, z_c[k], zs_c[k], scored),
                     faithfulness=faith,
                     faithfulness_percentile=self.reference.percentile(k, faith),
+                    percentile_local=measures.percentile(faith, at_cosines[k].numpy()),
                     generic=bool(generic[k]),
                     top_ids=_ints(top),
                     top_z=_floats(top_z),
@@ -193,7 +204,6 @@ class Decomposer:
             )
         top, top_z = measures.top_tokens(zs_w, scored, 1.0)
         bottom, bottom_z = measures.top_tokens(zs_w, scored, -1.0)
-        cosines = torch.tensor([ch.cos for ch in channels], dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
         w_cpu = w.cpu().double()
         baseline = measures.random_at_cosines(w_cpu, cosines, generator)

@@ -16,6 +16,10 @@ from scipy.optimize import linear_sum_assignment
 from channelscope.method import rotate
 
 TOP_K = 20  # tokens per channel in top lists, faithfulness and the token index
+# Stored with each neuron side: 1 = the isotropic percentile only; 2 = with the percentile
+# against random directions at the same cosine to w. Not part of the run's hash: a backfill
+# (worker/remeasure.py) brings old runs up to date without recomputing channels.
+MEASURES_VERSION = 2
 
 
 def top_tokens(zs: torch.Tensor, scored: torch.Tensor, sign: float, k: int = TOP_K):
@@ -71,23 +75,22 @@ def random_at_cosines(w: torch.Tensor, cosines: torch.Tensor, generator: torch.G
 
 # --- faithfulness against random directions at the same cosine to this w ----------------------------
 
-DIRECTIONS = 256  # random directions per channel: the local percentile's resolution is 100/256
-
 
 @dataclass(frozen=True)
 class DirectionPool:
-    """DIRECTIONS Gaussian vectors g_i and their projections, drawn once per model: every
-    neuron's random directions are made from these and w (docs/method.md, "Faithfulness against
-    directions at the same cosine"), so a neuron costs no products of its own."""
+    """Directions r_i and their projections, made once per decomposer: every neuron's random
+    directions at a channel's cosine are built from these and w (docs/method.md, "Faithfulness
+    against directions at the same cosine"), so a neuron costs no products of its own. The pool
+    is the reference's channels: sparse directions of U, as channels are, that no neuron put there."""
 
-    g: torch.Tensor  # [R, d] float64
-    gu: torch.Tensor  # [R, V] g_i @ U, float32
+    directions: torch.Tensor  # [R, d] float64, any norms
+    projected: torch.Tensor  # [R, V] directions @ U, float32
 
 
-def direction_pool(project, d: int, seed: int = 0, count: int = DIRECTIONS) -> DirectionPool:
-    """project: [n, d] -> [n, V], the run's exact projection."""
-    g = torch.randn(count, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return DirectionPool(g, project(g.float()).float())
+def direction_pool(directions: torch.Tensor, project) -> DirectionPool:
+    """project: [n, d] -> [n, V], the exact projection of the run."""
+    directions = directions.double().cpu()
+    return DirectionPool(directions, project(directions.float()).float().cpu())
 
 
 def faithfulness_at_cosines(
@@ -98,23 +101,25 @@ def faithfulness_at_cosines(
     pool: DirectionPool,
     scored: torch.Tensor,  # [V] bool
 ) -> torch.Tensor:
-    """[C, R] the faithfulness of random directions d = c w^ + sqrt(1 - c^2) r, r a unit vector
-    orthogonal to w, one row per channel's cosine c: measured exactly as a channel's (top 20
-    tokens on d's own dominant tail, their mean oriented z in w's projection). A channel's
-    percentile among its row asks whether its tokens lie further out on w than its closeness
-    to w alone would put them."""
+    """[C, R] the faithfulness of directions d_i = c w^ + sqrt(1 - c^2) r_i, r_i the pool's i-th
+    direction made orthogonal to w and unit, one row per channel's cosine c: measured exactly as a
+    channel's (top 20 tokens on d's own dominant tail, their mean oriented z in w's projection).
+    A channel's percentile among its row asks whether its tokens lie further out on w than a
+    sparse direction of U that happened to sit as close to w would put its own."""
     w = w.double().cpu()
     norm = w.norm()
     w_hat_u = (z_w.double().cpu() / norm).float()  # [V] w^ @ U (the projection is linear)
-    dots = pool.g @ (w / norm)  # [R] g_i . w^
-    lengths = (pool.g.pow(2).sum(-1) - dots.pow(2)).clamp_min(1e-24).sqrt()  # [R] |g_i - (g_i.w^) w^|
-    out = torch.empty(len(cosines), pool.g.shape[0], dtype=torch.float64)
+    dots = pool.directions @ (w / norm)  # [R] r_i . w^
+    lengths = (
+        (pool.directions.pow(2).sum(-1) - dots.pow(2)).clamp_min(1e-24).sqrt()
+    )  # [R] |r_i - (r_i.w^) w^|
+    out = torch.empty(len(cosines), pool.directions.shape[0], dtype=torch.float64)
     for k, c in enumerate(cosines.double().cpu().clamp(-1.0, 1.0).tolist()):
         s = math.sqrt(max(0.0, 1.0 - c * c))
-        # d_i @ U = c w^U + s (g_i U - (g_i.w^) w^U) / |...|: a combination of the two projections.
+        # d_i @ U = c w^U + s (r_i U - (r_i.w^) w^U) / |...|: a combination of the two projections.
         a = (c - s * dots / lengths).float().unsqueeze(-1)  # [R, 1]
         b = (s / lengths).float().unsqueeze(-1)  # [R, 1]
-        z = a * w_hat_u + b * pool.gu  # [R, V]
+        z = a * w_hat_u + b * pool.projected  # [R, V]
         zs = rotate.z_scores(z, scored)
         sign = torch.where(rotate.tail_skew(z, scored) >= 0, 1.0, -1.0).unsqueeze(-1)  # [R, 1]
         oriented = torch.where(scored, zs * sign, torch.tensor(float("-inf")))

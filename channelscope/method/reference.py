@@ -30,7 +30,7 @@ GENERIC_SHARE = 0.06
 # punctuation and byte tokens by C = 10.
 TAIL_SHARE = 0.25
 # Part of the cache key: bump when the reference's computation changes.
-REFERENCE_VERSION = 4  # 4: the centred loss (rotate.py)
+REFERENCE_VERSION = 5  # 4: the centred loss (rotate.py); 5: keeps the channel vectors
 
 
 @dataclass
@@ -39,6 +39,9 @@ class Reference:
     kurtosis: np.ndarray  # [R, C]
     generic: torch.Tensor  # [G, d] generic directions (unit)
     tail_tokens: list[int]  # tokens claimed by > TAIL_SHARE of the random vectors' first channels
+    # [R * C, d] every channel of the random vectors, unit, vector by vector: sparse directions of
+    # U that nothing in particular put there, the pool of measures.faithfulness_at_cosines.
+    channels: torch.Tensor
 
     def percentile(self, index: int, value: float) -> float:
         return measures.percentile(value, self.faithfulness[:, min(index, self.faithfulness.shape[1] - 1)])
@@ -75,7 +78,7 @@ def compute_reference(
     own_zs = rotate.z_scores(proj.forward(vectors, exact=True), scored)
     faith = np.zeros((count, settings.channels))
     kurt = np.zeros((count, settings.channels))
-    residuals, owners = [], []
+    residuals, owners, units = [], [], []
     claimed_by = torch.zeros(len(m0), dtype=torch.long)
     for r, found in enumerate(channels):
         vecs = torch.stack([ch.vector for ch in found]).to(vectors.device)
@@ -86,13 +89,14 @@ def compute_reference(
             faith[r, k] = measures.faithfulness(own_zs[r], top, sign)
             kurt[r, k] = ch.kurtosis
         residuals.append(measures.residual_directions(vectors[r], vecs).cpu())
+        units.append((vecs / vecs.norm(dim=-1, keepdim=True)).cpu())
         owners += [r] * len(found)
         claimed_by[found[0].masked] += 1
     generic = measures.generic_directions(
         torch.cat(residuals), torch.tensor(owners), min_owners=max(3, math.ceil(GENERIC_SHARE * count))
     )
     tail_tokens = torch.nonzero(claimed_by > TAIL_SHARE * count).flatten().tolist()
-    return Reference(faith, kurt, generic, tail_tokens)
+    return Reference(faith, kurt, generic, tail_tokens, torch.cat(units))
 
 
 def downweighted(m0: torch.Tensor, reference: Reference, settings: rotate.Settings) -> torch.Tensor:
@@ -112,6 +116,7 @@ def save(reference: Reference, path: Path) -> None:
             "kurtosis": reference.kurtosis,
             "generic": reference.generic,
             "tail_tokens": reference.tail_tokens,
+            "channels": reference.channels,
         },
         tmp,
     )
@@ -122,4 +127,6 @@ def load(path: Path) -> Reference | None:
     if not path.exists():
         return None
     blob = torch.load(path, weights_only=False)
-    return Reference(blob["faithfulness"], blob["kurtosis"], blob["generic"], blob["tail_tokens"])
+    return Reference(
+        blob["faithfulness"], blob["kurtosis"], blob["generic"], blob["tail_tokens"], blob["channels"]
+    )

@@ -65,6 +65,7 @@ NEURON_COLUMNS = (
     T.Neuron.reconstruction,
     T.Neuron.reconstruction_baseline,
     T.Neuron.coverage,
+    T.Neuron.measures_version,
 )
 CHANNEL_COLUMNS = (
     T.Channel.channel,
@@ -79,6 +80,7 @@ CHANNEL_COLUMNS = (
     T.Channel.alpha,
     T.Channel.faithfulness,
     T.Channel.faithfulness_percentile,
+    T.Channel.percentile_local,
     T.Channel.generic,
 )
 

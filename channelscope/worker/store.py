@@ -22,6 +22,7 @@ from channelscope.core import tables as T
 from channelscope.core.stats import finite_or
 from channelscope.method import rotate
 from channelscope.method.decomposer import NeuronRecord
+from channelscope.method.measures import MEASURES_VERSION
 from channelscope.method.reference import Reference
 from channelscope.method.weights import Model
 
@@ -99,6 +100,7 @@ def ensure_reference(session: Session, model_row: T.Model, key: str, reference: 
             kurtosis=T.pack(reference.kurtosis, "float32"),
             generic=T.pack(reference.generic.cpu().numpy(), "float32"),
             tail_tokens=list(reference.tail_tokens),
+            channel_vectors=T.pack(reference.channels.cpu().numpy(), "float32"),
         )
         session.add(row)
         session.flush()
@@ -112,6 +114,11 @@ def read_reference(row: T.Reference, d_model: int) -> Reference:
         kurtosis=T.unpack(row.kurtosis, "float32", (row.count, row.channels)).astype(np.float64),
         generic=torch.from_numpy(T.unpack(row.generic, "float32").reshape(-1, d_model).copy()),
         tail_tokens=list(row.tail_tokens),
+        # A version-4 reference has none: its key is no newer Decomposer's, so only its
+        # percentiles are read, never its pool.
+        channels=torch.from_numpy(
+            T.unpack(row.channel_vectors or b"", "float32").reshape(-1, d_model).copy()
+        ),
     )
 
 
@@ -185,6 +192,7 @@ def write_neurons(session: Session, run: T.Run, shard: T.Shard, records: list[Ne
                 best_percentile=max((finite_or(ch.faithfulness_percentile, 0.0) for ch in real), default=0.0),
                 best_kurtosis=max((finite_or(ch.kurtosis, 0.0) for ch in r.channels), default=0.0),
                 channel_count=sum(ch.kurtosis >= T.JUNK_KURTOSIS for ch in r.channels),
+                measures_version=MEASURES_VERSION,
                 generic_count=len(r.channels) - len(real),
             )
         )
@@ -210,6 +218,7 @@ def write_neurons(session: Session, run: T.Run, shard: T.Shard, records: list[Ne
                     finite_or(ch.alpha, 0.0),
                     finite_or(ch.faithfulness, 0.0),
                     percentile,
+                    finite_or(ch.percentile_local, None),  # nan (no finite faithfulness) is NULL
                     bool(ch.generic),
                 )
             )
@@ -237,7 +246,7 @@ def write_neurons(session: Session, run: T.Run, shard: T.Shard, records: list[Ne
 
 CHANNEL_COLUMNS = (
     "neuron_id", "channel", "vector", "kurtosis", "skew", "cos", "loss", "masked", "step",
-    "history", "alpha", "faithfulness", "faithfulness_percentile", "generic",
+    "history", "alpha", "faithfulness", "faithfulness_percentile", "percentile_local", "generic",
 )  # fmt: skip
 TOKEN_COLUMNS = (
     "neuron_id", "channel", "rank", "token_id", "z", "run_id", "layer", "side", "neuron",

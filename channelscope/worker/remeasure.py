@@ -1,0 +1,111 @@
+"""`channelscope measures RUN`: bring a run's stored measures up to measures.MEASURES_VERSION
+without recomputing a channel. The run's hash, its channels and its token index stay as they
+are; each neuron side gets what the newer measures add (version 2: every channel's percentile
+against random directions at the same cosine to w, docs/method.md) and its version raised, in
+batches that commit on their own, so a killed backfill goes on where it stopped.
+
+The numbers equal what the worker computes for a new neuron: the same stored w, the same stored
+cos and faithfulness, the same direction pool (seeded), the same scored tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from sqlalchemy import Engine, func, select, update
+
+from channelscope.core import db
+from channelscope.core import tables as T
+from channelscope.core.stats import finite_or
+from channelscope.method import measures, rotate
+from channelscope.method.decomposer import Decomposer
+from channelscope.worker import compute, plan
+
+BATCH = 256  # neuron sides per transaction
+
+
+def pending(engine: Engine, run: T.Run) -> int:
+    with db.session(engine) as session:
+        return session.scalar(
+            select(func.count())
+            .select_from(T.Neuron)
+            .where(T.Neuron.run_id == run.id, T.Neuron.measures_version < measures.MEASURES_VERSION)
+        )
+
+
+def backfill(
+    engine: Engine,
+    run: T.Run,
+    decomposer: Decomposer,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Every neuron side of the run below the current measures version, brought up to it.
+    Returns how many were."""
+    scored = decomposer.scored.cpu()
+    done = 0
+    while True:
+        with db.session(engine) as session, session.begin():
+            rows = session.execute(
+                select(T.Neuron.id, T.Neuron.vector)
+                .where(T.Neuron.run_id == run.id, T.Neuron.measures_version < measures.MEASURES_VERSION)
+                .order_by(T.Neuron.id)
+                .limit(BATCH)
+            ).all()
+            if not rows:
+                return done
+            ids = [row.id for row in rows]
+            channels: dict[int, list] = {}
+            for ch in session.execute(
+                select(T.Channel.neuron_id, T.Channel.channel, T.Channel.cos, T.Channel.faithfulness)
+                .where(T.Channel.neuron_id.in_(ids))
+                .order_by(T.Channel.neuron_id, T.Channel.channel)
+            ).all():
+                channels.setdefault(ch.neuron_id, []).append(ch)
+            w = torch.from_numpy(np.stack([T.neuron_vector(row.vector) for row in rows]))  # [B, d]
+            z_w = decomposer.proj.forward(w.to(decomposer.device), exact=True).cpu()  # [B, V]
+            zs_w = rotate.z_scores(z_w, scored)
+            for n, neuron_id in enumerate(ids):
+                found = channels.get(neuron_id, [])
+                if found:
+                    cosines = torch.tensor([ch.cos for ch in found], dtype=torch.float64)
+                    draws = measures.faithfulness_at_cosines(
+                        w[n], z_w[n], zs_w[n], cosines, decomposer.directions, scored
+                    )
+                    for ch, row_draws in zip(found, draws, strict=True):
+                        session.execute(
+                            update(T.Channel)
+                            .where(T.Channel.neuron_id == neuron_id, T.Channel.channel == ch.channel)
+                            .values(
+                                percentile_local=finite_or(
+                                    measures.percentile(ch.faithfulness, row_draws.numpy()), None
+                                )
+                            )
+                        )
+            session.execute(
+                update(T.Neuron)
+                .where(T.Neuron.id.in_(ids))
+                .values(measures_version=measures.MEASURES_VERSION)
+            )
+        done += len(ids)
+        if on_batch:
+            on_batch(done)
+
+
+def decomposer_for(engine: Engine, run: T.Run, model, device: str, cache_dir) -> Decomposer:
+    """U, the scored tokens and the direction pool of the run's settings. Any algorithm version
+    will do: measures read stored vectors, they do not rerun the solver."""
+    settings, projection, count = plan.settings_from_run(run.settings)
+    with db.session(engine) as session:
+        if run.reference_id is not None:
+            compute.seed_reference(session.get(T.Reference, run.reference_id), model, cache_dir)
+    return Decomposer(
+        model,
+        settings,
+        projection=projection,
+        device=device,
+        cache_dir=cache_dir,
+        reference_count=count,
+        seed=run.seed,
+    )

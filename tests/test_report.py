@@ -47,3 +47,8 @@ def test_the_report_puts_every_measure_beside_its_baseline(tiny_folder, tmp_path
         assert (tmp_path / "out" / image).stat().st_size > 1000
     assert re.findall(r"\]\(([^)]+\.png)\)", summary)
     assert torch.isfinite(torch.tensor(result["random_vectors"]["faithfulness_median_by_channel"])).all()
+    # Random and aligned neurons are never pooled, and the report comes from its JSON alone.
+    assert "random neurons" in summary and "aligned (" in summary
+    assert all("consistency_other" in n and len(n["percentile_local"]) == 2 for n in result["neurons"])
+    (tmp_path / "out" / "eval.md").unlink()
+    assert eval_report.render(tmp_path / "out").read_text() == summary

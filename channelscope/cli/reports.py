@@ -8,8 +8,11 @@ from channelscope.cli.common import CliError, database, int_range, load, log, pr
 
 
 def cmd_eval(args) -> None:
-    from channelscope.experiments.eval_report import evaluate
+    from channelscope.experiments.eval_report import evaluate, render
 
+    if args.render:
+        print(f"wrote {render(args.out)} from {args.out / 'eval.json'}")
+        return
     model = load(args.model)
     evaluate(model, args.out, per_cell=args.per_cell, channels=args.channels, aligned=args.aligned,
              seed=args.seed, cache_dir=references_dir(), progress=progress_bar)  # fmt: skip
@@ -71,6 +74,7 @@ def add_commands(sub) -> None:
     p.add_argument("--channels", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--render", action="store_true", help="only rewrite eval.md and its plots from eval.json")
     p.set_defaults(uses_torch=True, run=cmd_eval, default_channels=10)
 
     p = sub.add_parser(

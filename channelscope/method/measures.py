@@ -219,6 +219,16 @@ def seed_consistency(w, channels_a, channels_b, top_a: list[set], top_b: list[se
     return float(np.mean(cos)), float(np.mean(jaccard))
 
 
+def consistency_between(w_a, channels_a, w_b, channels_b) -> float:
+    """The seed-consistency matching between the channels of two different neurons (each
+    channel's part orthogonal to its own w): what "consistent" reaches with no shared cause."""
+    return float(
+        np.mean(
+            matched_cosines(residual_directions(w_a, channels_a), residual_directions(w_b, channels_b))[2]
+        )
+    )
+
+
 def seed_consistency_baseline(w, cos_a: torch.Tensor, cos_b: torch.Tensor, generator) -> float:
     """The same matching for random vectors at the real channels' cosines to w."""
     a = random_at_cosines(w, cos_a, generator)

@@ -133,3 +133,69 @@ def assert_twin_explains(client, url: str) -> None:
     assert shown and not [n for n in shown if not explained(n, numbers) and n not in literal]
     for href in {html_module.unescape(h) for h in HREF.findall(page.text)}:
         assert href in strings or f'href="{href}"' in literal, href
+
+
+# --- the behavioural test over every position (reports/behaviour.md) --------------------------------
+
+
+def test_a_pre_activation_planted_on_a_token_set_passes_and_noise_does_not():
+    rng = np.random.default_rng(0)
+    vocab = 400
+    tokens = rng.integers(0, vocab, 20_000)
+    counts = np.bincount(tokens, minlength=vocab)
+    bins = behaviour.frequency_bins(counts)
+    planted = np.array([3, 17, 42])
+    values = rng.normal(size=tokens.size) + 1.5 * np.isin(tokens, planted)  # high where the set is
+    side = behaviour.ReadSide(values, tokens, vocab)
+    sets = behaviour.matched_sets(planted, bins, behaviour.RANDOM_SETS, rng)
+    found = side.test(planted, raises=True, random_sets=sets)
+    assert found.passed and found.percentile == 100 and found.value > 0.8
+    assert not side.test(planted, raises=False, random_sets=sets).passed  # the sign must agree
+    # Sets of other tokens: about 5 % pass by chance, no more.
+    others = [
+        side.test(np.array(s), True, behaviour.matched_sets(np.array(s), bins, 100, rng))
+        for s in rng.integers(50, vocab, (60, 3))
+    ]
+    assert sum(t.passed for t in others) <= 9
+    # Frequency-matched: every replacement is another token of its token's bin.
+    assert (bins[sets] == bins[planted]).all() and not np.isin(sets, planted).any()
+
+
+def test_the_write_side_counts_next_tokens_at_active_positions():
+    rng = np.random.default_rng(1)
+    vocab = 300
+    following = rng.integers(0, vocab, 10_000)
+    active = rng.random(10_000) < 0.1
+    following[active & (rng.random(10_000) < 0.5)] = 7  # active positions are often followed by 7
+    for token in range(8, 40):  # as common as 7, but wherever
+        following[rng.choice(np.flatnonzero(following != 7), 500, replace=False)] = token
+    counts = np.bincount(following, minlength=vocab)
+    sets = behaviour.matched_sets(np.array([7]), behaviour.frequency_bins(counts), 200, rng)
+    assert behaviour.WriteSide(active, following, vocab).test(np.array([7]), True, sets).passed
+    never = np.array([vocab - 1])
+    following[following == never[0]] = 0
+    tested = behaviour.WriteSide(active, following, vocab).test(never, True, sets[:, :1] * 0 + never[0])
+    assert tested.passed is None  # nothing to rest on: untestable, not failed
+
+
+def test_the_behaviour_report_runs_end_to_end_and_renders_from_its_json(tiny_gguf, tmp_path):
+    from channelscope.experiments import behaviour_report
+    from channelscope.method import rotate
+    from channelscope.method.decomposer import Decomposer
+
+    model, lm = load_model(tiny_gguf), load_language_model(tiny_gguf)
+    decomposer = Decomposer(
+        model, rotate.with_overrides(rotate.Settings(), channels=2), reference_count=8, cache_dir=tmp_path
+    )
+    result = behaviour_report.evaluate(
+        model, lm, decomposer, list(TEXTS) * 3, "test", [1], aligned=1, random=1, log=lambda _: None
+    )
+    assert len(result["channels"]) == 2 * 2 * len(model.sides)  # (aligned + random) x channels x sides
+    assert {c["kind"] for c in result["channels"]} == {"aligned", "random"}
+    for c in result["channels"]:
+        assert c["passed"] is None or (0 <= c["percentile"] <= 100 and c["passed"] == (c["percentile"] >= 95))
+    path = behaviour_report.write(result, tmp_path)
+    text = path.read_text()
+    assert "5 % of channels pass by chance" in text and "aligned (highest raw kurtosis)" in text
+    path.unlink()
+    assert behaviour_report.render(tmp_path).read_text() == text

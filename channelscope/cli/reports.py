@@ -64,6 +64,40 @@ def cmd_eval_ablation(args) -> None:
     print(f"wrote {ablation_report.write_report(result, args.out, command)}")
 
 
+def cmd_behaviour(args) -> None:
+    from channelscope.core.config import config
+    from channelscope.experiments import behaviour_report
+    from channelscope.method import rotate
+    from channelscope.method.decomposer import Decomposer
+    from channelscope.method.intervention import load_language_model
+    from channelscope.worker import corpus
+
+    if args.render:
+        print(f"wrote {behaviour_report.render(args.out)} from {args.out / 'behaviour.json'}")
+        return
+    model = load(args.model)
+    layers = int_range(args.layers, "--layers")
+    if max(layers) >= model.n_layers:
+        raise CliError(f"--layers: {model.name} has layers 0-{model.n_layers - 1}")
+    built = corpus.load_built(config().data_dir)
+    if built is None:
+        log("building the corpus first (`channelscope corpus build`)")
+        corpus.build(config().data_dir)
+        built = corpus.load_built(config().data_dir)
+    lm = load_language_model(model.source)
+    settings = rotate.with_overrides(rotate.Settings(), channels=args.channels)
+    decomposer = Decomposer(model, settings, device=args.device, seed=args.seed, cache_dir=references_dir())
+    result = behaviour_report.evaluate(
+        model, lm, decomposer, list(built.texts[: args.documents]), built.key, layers,
+        aligned=args.aligned, random=args.random, seed=args.seed, log=log,
+    )  # fmt: skip
+    result["command"] = (
+        f"channelscope behaviour {args.model} --layers {args.layers} --aligned {args.aligned} "
+        f"--random {args.random} --channels {args.channels} --documents {args.documents} --seed {args.seed}"
+    )
+    print(f"wrote {behaviour_report.write(result, args.out)}")
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "eval", help="the scientific report: channels against random vectors (reports/eval.md)"
@@ -76,6 +110,21 @@ def add_commands(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--render", action="store_true", help="only rewrite eval.md and its plots from eval.json")
     p.set_defaults(uses_torch=True, run=cmd_eval, default_channels=10)
+
+    p = sub.add_parser(
+        "behaviour", help="do channels say what their neuron does on real text? (reports/behaviour.md)"
+    )
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--layers", default="5,15,25", help="layers to sample (default 5,15,25)")
+    p.add_argument("--aligned", type=int, default=8, help="most aligned vectors per layer and side")
+    p.add_argument("--random", type=int, default=8, help="random vectors per layer and side")
+    p.add_argument("--channels", type=int, default=5)
+    p.add_argument("--documents", type=int, default=400, help="corpus documents to run the model over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--render", action="store_true", help="only rewrite behaviour.md from behaviour.json")
+    p.set_defaults(uses_torch=True, run=cmd_behaviour)
 
     p = sub.add_parser(
         "eval-ablation", help="selectivity of channel ablations, weights and real model (reports/ablation.md)"

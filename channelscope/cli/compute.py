@@ -498,11 +498,7 @@ def cmd_activations(args) -> None:
     _, engine = database(migrate=True)
     model = load(args.model)
     check_stored_model(engine, model)
-    built = corpus.load_built(config().data_dir)
-    if built is None:
-        log("building the corpus first (`channelscope corpus build`)")
-        corpus.build(config().data_dir)
-        built = corpus.load_built(config().data_dir)
+    built = corpus.ensure_built(config().data_dir, log)
     lm = load_language_model(model.source, args.device if args.device != "auto" else "cpu")
     with tqdm(
         desc=f"{model.name} on corpus {built.key}", unit="doc", file=sys.stderr, dynamic_ncols=True

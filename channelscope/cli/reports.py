@@ -79,11 +79,7 @@ def cmd_behaviour(args) -> None:
     layers = int_range(args.layers, "--layers")
     if max(layers) >= model.n_layers:
         raise CliError(f"--layers: {model.name} has layers 0-{model.n_layers - 1}")
-    built = corpus.load_built(config().data_dir)
-    if built is None:
-        log("building the corpus first (`channelscope corpus build`)")
-        corpus.build(config().data_dir)
-        built = corpus.load_built(config().data_dir)
+    built = corpus.ensure_built(config().data_dir, log)
     lm = load_language_model(model.source)
     settings = rotate.with_overrides(rotate.Settings(), channels=args.channels)
     decomposer = Decomposer(model, settings, device=args.device, seed=args.seed, cache_dir=references_dir())

@@ -72,17 +72,7 @@ class Decomposers:
                     f"({run.algorithm_version}) that this code (version {store.ALGORITHM_VERSION}) does "
                     "not reproduce: compute it with the code that created it"
                 )
-            if run.reference_id is not None:
-                seed_reference(session.get(T.Reference, run.reference_id), model, cache_dir)
-            decomposer = Decomposer(
-                model,
-                settings,
-                projection=projection,
-                device=device,
-                cache_dir=cache_dir,
-                reference_count=count,
-                seed=run.seed,
-            )
+            decomposer = run_decomposer(session, run, model, device, cache_dir)
             self.current = (run.hash, model, decomposer)
             return model, decomposer
 
@@ -102,6 +92,22 @@ class Decomposers:
             f"model {model_row.name} (sha256 {model_row.sha256[:12]}) not found on this machine: "
             f"{'; '.join(tried)}; pass --model PATH"
         )
+
+
+def run_decomposer(session: Session, run: T.Run, model: Model, device: str, cache_dir: Path) -> Decomposer:
+    """A Decomposer with the run's settings, scoring against the run's own stored reference."""
+    settings, projection, count = settings_from_run(run.settings)
+    if run.reference_id is not None:
+        seed_reference(session.get(T.Reference, run.reference_id), model, cache_dir)
+    return Decomposer(
+        model,
+        settings,
+        projection=projection,
+        device=device,
+        cache_dir=cache_dir,
+        reference_count=count,
+        seed=run.seed,
+    )
 
 
 def seed_reference(row: T.Reference, model: Model, cache_dir: Path) -> None:

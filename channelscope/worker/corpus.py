@@ -191,6 +191,16 @@ def load_built(data_dir: Path) -> Built | None:
     return Built(manifest["key"], tuple(r["text"] for r in rows), tuple(r["source"] for r in rows))
 
 
+def ensure_built(data_dir: Path, log=print) -> Built:
+    """The built corpus, building it first where there is none yet."""
+    built = load_built(data_dir)
+    if built is None:
+        log("building the corpus first (`channelscope corpus build`)")
+        build(data_dir)
+        built = load_built(data_dir)
+    return built
+
+
 def encode(
     lm: LanguageModel, texts: tuple[str, ...] | list[str], max_tokens: int = MAX_TOKENS
 ) -> list[list[int]]:

@@ -21,7 +21,7 @@ from channelscope.core import tables as T
 from channelscope.core.stats import finite_or
 from channelscope.method import measures, rotate
 from channelscope.method.decomposer import Decomposer
-from channelscope.worker import compute, plan
+from channelscope.worker import compute
 
 BATCH = 256  # neuron sides per transaction
 
@@ -96,16 +96,5 @@ def backfill(
 def decomposer_for(engine: Engine, run: T.Run, model, device: str, cache_dir) -> Decomposer:
     """U, the scored tokens and the direction pool of the run's settings. Any algorithm version
     will do: measures read stored vectors, they do not rerun the solver."""
-    settings, projection, count = plan.settings_from_run(run.settings)
     with db.session(engine) as session:
-        if run.reference_id is not None:
-            compute.seed_reference(session.get(T.Reference, run.reference_id), model, cache_dir)
-    return Decomposer(
-        model,
-        settings,
-        projection=projection,
-        device=device,
-        cache_dir=cache_dir,
-        reference_count=count,
-        seed=run.seed,
-    )
+        return compute.run_decomposer(session, run, model, device, cache_dir)

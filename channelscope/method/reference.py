@@ -83,7 +83,7 @@ def compute_reference(
         for k, ch in enumerate(found):
             sign = measures.tail_sign(ch.skew)
             top, _ = measures.top_tokens(zs[k], scored, sign)
-            faith[r, k] = measures.faithfulness(own_zs[r], top, sign)
+            faith[r, k] = float(measures.faithfulness(own_zs[r], top, sign))
             kurt[r, k] = ch.kurtosis
         residuals.append(measures.residual_directions(vectors[r], vecs).cpu())
         owners += [r] * len(found)

@@ -75,6 +75,20 @@ def test_compiled_and_eager_kernels_agree():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
 
 
+def test_a_kernel_that_fails_on_its_first_call_falls_back_to_eager(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no working C++ compiler")
+
+    R._kernels()
+    monkeypatch.setitem(R.KERNELS, "chosen", broken)
+    g = torch.Generator().manual_seed(14)
+    z, m = torch.randn(9, 300, generator=g), torch.rand(9, 300, generator=g)
+    got = R.loss_gradient_z(z, m, R.Settings())
+    assert R.KERNELS["chosen"] is R.KERNELS["eager"]
+    for a, b in zip(got, R.KERNELS["eager"](z, m, 0.3), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_checking_convergence_every_k_iterations_changes_nothing(monkeypatch):
     """Fixed-shape batches (CUDA) ask the device whether a row still runs every SYNC_EVERY
     iterations only; converged rows are frozen, so the channels are those of a check per step."""

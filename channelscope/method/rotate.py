@@ -154,7 +154,14 @@ def loss_gradient_z(z: torch.Tensor, m: torch.Tensor, s: Settings):
     if 0 < n < Projection.MIN_ROWS:
         fill = Projection.MIN_ROWS - n
         z, m = torch.cat([z, z[:1].expand(fill, -1)]), torch.cat([m, m[:1].expand(fill, -1)])
-    term, grad, kurt = _kernels()(z, m, s.lambda_k)
+    kernel = _kernels()
+    try:
+        term, grad, kurt = kernel(z, m, s.lambda_k)
+    except Exception:  # compiling failed on its first call (no working compiler): eager from now on
+        if kernel is KERNELS["eager"]:
+            raise
+        KERNELS["chosen"] = KERNELS["eager"]
+        term, grad, kurt = KERNELS["eager"](z, m, s.lambda_k)
     return term[:n], grad[:n], kurt[:n]
 
 
@@ -188,11 +195,8 @@ def _kernels() -> Callable:
     if "chosen" not in KERNELS:
         KERNELS["chosen"] = KERNELS["eager"]
         if os.environ.get("CHANNELSCOPE_COMPILE", "1") != "0":
-            try:
-                KERNELS["compiled"] = torch.compile(_kurtosis_term_and_gradient, dynamic=True)
-                KERNELS["chosen"] = KERNELS["compiled"]
-            except Exception:  # no compiler on this machine: eager
-                pass
+            KERNELS["compiled"] = torch.compile(_kurtosis_term_and_gradient, dynamic=True)
+            KERNELS["chosen"] = KERNELS["compiled"]
     return KERNELS["chosen"]
 
 

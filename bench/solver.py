@@ -11,6 +11,12 @@
    runs it) at bf16 and fp32, with the GEMM FLOP/s of the same shapes and precision measured in
    the same run, so the roofline fraction is a ratio of two numbers from one machine state.
 3. Projection to all of SmolLM2-135M: 30 layers x 1,536 neurons x 3 sides x 50 channels.
+4. Parity on every channel (`--part channels`): the preset decomposes a held-out sample into
+   `--channels` channels (fp32, cached in bench/results/solver-channels-<seed>.pt, since it does
+   not depend on the fast solver); then for each channel index k the fast solver gets the same
+   u0 and the preset's token weights after channels 0..k-1, so both solve the same problem.
+   Per k: same channel (cos >= 0.99), loss within 1e-3 or lower, a different basin (cos < 0.99
+   and a loss more than 1e-3 higher), and collapses (unweighted excess kurtosis below 3).
 """
 
 from __future__ import annotations
@@ -99,8 +105,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", type=Path, default=Path("bench/results/solver.json"))
     parser.add_argument(
-        "--part", choices=["parity", "throughput", "all"], default="all", help="parts to (re)measure"
+        "--part",
+        choices=["parity", "throughput", "all", "channels"],
+        default="all",
+        help="parts to (re)measure",
     )
+    parser.add_argument("--channels", type=int, default=5, help="channels per neuron (--part channels)")
     parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda when present)")
     parser.add_argument("--batch", type=int, default=256, help="neurons in the throughput batch")
     args = parser.parse_args()
@@ -117,6 +127,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+    if args.part == "channels":
+        result["channels"] = every_channel(model, U, m0, args)
     if args.part in ("parity", "all"):
         result.update(parity(model, U, m0, fast, paper, args))
     if args.part in ("throughput", "all"):
@@ -184,6 +196,73 @@ def parity(model, U, m0, fast, paper, args) -> dict:
         "seconds": {"fast": fast_seconds, "paper": paper_seconds},
         "paper_steps": {"mean": float(paper_found.steps.float().mean()), "max": int(paper_found.steps.max())},
         "rows": rows,
+    }
+
+
+def token_weights(m0, masked: list[torch.Tensor], s: rotate.Settings):
+    """The token weights after the given channels claimed their tokens, as decompose sets them."""
+    m = m0.clone()
+    for ids in masked:
+        m[ids] = torch.clamp(m[ids], max=s.mask_weight)
+    return m
+
+
+def every_channel(model, U, m0, args) -> dict:
+    rows, w = sample(model, args.per_cell, args.seed)
+    w, n, C = w.to(U.device), len(rows), args.channels
+    seeds = [rotate.neuron_seed(0, r["layer"], r["side"], r["neuron"]) for r in rows]
+    paper = rotate.with_overrides(rotate.PAPER, channels=C)
+    fast = rotate.Settings(channels=C, precision="fp32")
+    cache = args.out.parent / f"solver-channels-{args.seed}.pt"
+    if cache.exists():
+        preset = torch.load(cache)
+    else:
+        print(f"{n} neurons x {C} channels, paper preset ...", flush=True)
+        start = time.perf_counter()
+        found = rotate.decompose(w, rotate.Projection(U, "fp32"), m0, seeds, paper, batch_size=n)
+        preset = {
+            "seconds": time.perf_counter() - start,
+            "vectors": torch.stack([torch.stack([ch.vector for ch in chs]) for chs in found]),  # [n, C, d]
+            "masked": [[ch.masked for ch in chs] for chs in found],
+        }
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(preset, cache)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    per_channel, seconds, passes = [], 0.0, 0
+    for k in range(C):
+        u0 = torch.stack([torch.randn(w.shape[1], generator=g) for g in generators]).to(U.device)
+        m = torch.stack([token_weights(m0, preset["masked"][i][:k], fast) for i in range(n)])  # [n, V]
+        proj = rotate.Projection(U, fast.precision)
+        start = time.perf_counter()
+        found = rotate.fast_channel(w, proj, m, u0, fast)
+        seconds, passes = seconds + time.perf_counter() - start, passes + proj.passes
+        theirs = preset["vectors"][:, k].to(U.device)  # [n, d]
+        mine_loss = rotate.loss(found.vector @ U, m, found.vector, w, fast)
+        their_loss = rotate.loss(theirs @ U, m, theirs, w, fast)
+        cos = rotate.cosine(found.vector, theirs)
+        same, close = cos >= 0.99, mine_loss <= their_loss + 1e-3
+        kurt = rotate.excess_kurtosis(found.vector @ U)
+        per_channel.append(
+            {
+                "channel": k,
+                "same_channel": float(same.float().mean()),
+                "loss_within_1e-3_or_lower": float(close.float().mean()),
+                "different_basin": float((~same & ~close).float().mean()),
+                "collapses_fast": int((kurt < 3).sum()),
+                "collapses_preset": int((rotate.excess_kurtosis(theirs @ U) < 3).sum()),
+                "mean_loss_fast": float(mine_loss.mean()),
+                "mean_loss_preset": float(their_loss.mean()),
+            }
+        )
+        print(json.dumps(per_channel[-1]), flush=True)
+    return {
+        "seed": args.seed,
+        "neurons": n,
+        "channels": C,
+        "rule": "channel k: both solvers from the same u0, under the preset's masks of channels 0..k-1",
+        "per_channel": per_channel,
+        "seconds": {"fast": seconds, "paper": preset["seconds"]},
+        "fast_passes_per_channel": passes / (n * C),
     }
 
 

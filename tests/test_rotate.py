@@ -46,6 +46,66 @@ def test_loss_gradient_matches_autograd():
     assert torch.allclose(grad_c, auto_c, atol=1e-6, rtol=1e-4)
 
 
+def test_fused_step_gradient_matches_autograd():
+    """The explore step's dL/du in closed form (no autograd in the loop) against autograd
+    through the reflection, the projection and the literal loss."""
+    g = torch.Generator().manual_seed(12)
+    n, d, V = 4, 16, 700
+    U = torch.randn(d, V, generator=g).pow(3) + 0.5
+    u, w = torch.randn(n, d, generator=g, requires_grad=True), torch.randn(n, d, generator=g)
+    m = torch.rand(n, V, generator=g)
+    s = R.Settings()
+    c = R.reflect(u, w)
+    auto_loss = R.loss(c @ U, m, c, w, s)
+    (auto_u,) = torch.autograd.grad(auto_loss.sum(), u)
+    c2, z, loss, grad_u, kurt = R._loss_and_u_gradient(u.detach(), w, R.Projection(U), m, s)
+    assert torch.allclose(loss, auto_loss.detach(), atol=1e-5)
+    assert torch.allclose(grad_u, auto_u, atol=1e-5, rtol=1e-3)
+    assert torch.allclose(kurt, R.excess_kurtosis(z), atol=1e-4, rtol=1e-5)  # unweighted, for history
+
+
+def test_compiled_and_eager_kernels_agree():
+    g = torch.Generator().manual_seed(13)
+    z, m = torch.randn(9, 5000, generator=g).pow(3), torch.rand(9, 5000, generator=g)
+    R._kernels()
+    if "compiled" not in R.KERNELS:
+        pytest.skip("torch.compile is off here (CHANNELSCOPE_COMPILE=0 or no compiler)")
+    eager, compiled = R.KERNELS["eager"](z, m, 0.3), R.KERNELS["compiled"](z, m, 0.3)
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
+
+
+def test_a_kernel_that_fails_on_its_first_call_falls_back_to_eager(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no working C++ compiler")
+
+    R._kernels()
+    monkeypatch.setitem(R.KERNELS, "chosen", broken)
+    g = torch.Generator().manual_seed(14)
+    z, m = torch.randn(9, 300, generator=g), torch.rand(9, 300, generator=g)
+    got = R.loss_gradient_z(z, m, R.Settings())
+    assert R.KERNELS["chosen"] is R.KERNELS["eager"]
+    for a, b in zip(got, R.KERNELS["eager"](z, m, 0.3), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checking_convergence_every_k_iterations_changes_nothing(monkeypatch):
+    """Fixed-shape batches (CUDA) ask the device whether a row still runs every SYNC_EVERY
+    iterations only; converged rows are frozen, so the channels are those of a check per step."""
+    U, w, _, _ = _planted(seed=2)
+    g = torch.Generator().manual_seed(4)
+    batch = torch.cat([w[None], torch.randn(5, w.shape[0], generator=g)])
+    s = R.with_overrides(R.Settings(), channels=2)
+    m0, seeds = torch.ones(U.shape[1]), [R.neuron_seed(0, 1, "in", i) for i in range(6)]
+    runs = []
+    for every in (1, 8):
+        monkeypatch.setattr(R, "SYNC_EVERY", every)
+        runs.append(R.decompose(batch, R.Projection(U), m0, seeds, s, batch_size=8, fixed_shape=True))
+    for a, b in zip(*runs, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.vector, y.vector) and x.step == y.step and x.history == y.history
+
+
 def test_subspace_derivatives_match_autograd():
     g = torch.Generator().manual_seed(3)
     n, k = 3, 4

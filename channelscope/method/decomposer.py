@@ -157,31 +157,32 @@ class Decomposer:
         matrices = {part: self.model.vectors(*part) for part in parts}
         w = torch.stack([matrices[layer, side][i] for layer, side, i in coords]).to(self.device)
         seeds = [rotate.neuron_seed(self.seed, layer, side, i) for layer, side, i in coords]
-        found = rotate.decompose(w, self.proj, self.m0, seeds, self.settings, self.batch_size, on_channel)
+        measured = _Measured(self, w)
+        found = rotate.decompose(
+            w, self.proj, self.m0, seeds, self.settings, self.batch_size, on_channel, on_projection=measured
+        )
         return [
-            self._record(layer, side, i, w[n], found[n], seeds[n])
+            self._record(layer, side, i, w[n], found[n], seeds[n], measured.of(n))
             for n, (layer, side, i) in enumerate(coords)
         ]
 
-    def _record(self, layer, side, neuron, w, channels, seed) -> NeuronRecord:
-        scored = self.scored
-        z_w = self.proj.forward(w.unsqueeze(0), exact=True)[0]
-        zs_w = rotate.z_scores(z_w.unsqueeze(0), scored)[0]
+    def _record(self, layer, side, neuron, w, channels, seed, measured: dict) -> NeuronRecord:
         vectors = torch.stack([ch.vector for ch in channels]).to(self.device)
-        z_c = self.proj.forward(vectors, exact=True)
-        zs_c = rotate.z_scores(z_c, scored)
         generic = measures.generic_flags(
             measures.residual_directions(w, vectors).cpu(), self.reference.generic
         )
         cosines = torch.tensor([ch.cos for ch in channels], dtype=torch.float64)
         at_cosines = measures.faithfulness_at_cosines(
-            w.cpu(), z_w.cpu(), zs_w.cpu(), cosines, self.directions, scored.cpu()
+            w.cpu(),
+            measured["z_w"].cpu(),
+            measured["zs_w"].cpu(),
+            cosines,
+            self.directions,
+            self.scored.cpu(),
         )  # [C, R]
         records = []
         for k, ch in enumerate(channels):
-            sign = measures.tail_sign(ch.skew)
-            top, top_z = measures.top_tokens(zs_c[k], scored, sign)
-            faith = measures.faithfulness(zs_w, top, sign)
+            faith = float(measured["faithfulness"][k])
             records.append(
                 ChannelRecord(
                     index=k,
@@ -193,17 +194,15 @@ class Decomposer:
                     masked=ch.masked.numpy().astype(np.int32),
                     step=ch.step,
                     history=ch.history,
-                    alpha=measures.alpha_star(z_w, z_c[k], zs_c[k], scored),
+                    alpha=float(measured["alpha"][k]),
                     faithfulness=faith,
                     faithfulness_percentile=self.reference.percentile(k, faith),
                     percentile_local=measures.percentile(faith, at_cosines[k].numpy()),
                     generic=bool(generic[k]),
-                    top_ids=_ints(top),
-                    top_z=_floats(top_z),
+                    top_ids=_ints(measured["top_ids"][k]),
+                    top_z=_floats(measured["top_z"][k]),
                 )
             )
-        top, top_z = measures.top_tokens(zs_w, scored, 1.0)
-        bottom, bottom_z = measures.top_tokens(zs_w, scored, -1.0)
         generator = torch.Generator().manual_seed(seed)
         w_cpu = w.cpu().double()
         baseline = measures.random_at_cosines(w_cpu, cosines, generator)
@@ -213,19 +212,64 @@ class Decomposer:
             neuron=neuron,
             vector=w.cpu().numpy().astype(np.float32),
             norm=float(w.norm()),
-            kurtosis=float(rotate.excess_kurtosis(z_w)),
-            skew=float(rotate.skewness(z_w)),
-            top_ids=_ints(top),
-            top_z=_floats(top_z),
-            bottom_ids=_ints(bottom),
-            bottom_z=_floats(bottom_z),
+            kurtosis=float(measured["kurtosis"]),
+            skew=float(measured["skew"]),
+            top_ids=_ints(measured["top"][0]),
+            top_z=_floats(measured["top"][1]),
+            bottom_ids=_ints(measured["bottom"][0]),
+            bottom_z=_floats(measured["bottom"][1]),
             reconstruction=measures.reconstruction(w_cpu, vectors.cpu().double()),
             reconstruction_baseline=measures.reconstruction(w_cpu, baseline),
-            coverage=measures.vocabulary_coverage(
-                zs_w, scored, [ch.masked.to(self.device) for ch in channels]
-            ),
+            coverage=[float(x) for x in measured["coverage"]],
             channels=records,
         )
+
+
+class _Measured:
+    """The measures of every channel from the projection z the solver's batch made of it
+    (rotate.decompose's on_projection), batched over neurons: no pass over U but the neurons'
+    own w @ U, one per batch ("Measures from the solver's projections")."""
+
+    def __init__(self, decomposer: Decomposer, w: torch.Tensor):
+        self.proj, self.scored, self.w = decomposer.proj, decomposer.scored, w
+        self.rows: dict[int, dict] = {}
+        self.batch: dict = {}
+
+    def __call__(self, start: int, k: int, z: torch.Tensor, claimed: torch.Tensor) -> None:
+        n, scored = z.shape[0], self.scored
+        if k == 0:  # a new batch: the neurons' own projections, [n, V]
+            z_w = self.proj.forward(self.w[start : start + n], exact=True)
+            zs_w = rotate.z_scores(z_w, scored)
+            mass = torch.where(scored, zs_w.pow(2), torch.zeros_like(zs_w))
+            self.batch = {"z_w": z_w, "zs_w": zs_w, "mass": mass, "covered": torch.zeros_like(claimed)}
+            top, bottom = measures.top_tokens(zs_w, scored, 1.0), measures.top_tokens(zs_w, scored, -1.0)
+            kurt, skew = rotate.excess_kurtosis(z_w), rotate.skewness(z_w)
+            for i in range(n):
+                self.rows[start + i] = {
+                    "z_w": z_w[i],  # [V] for the baseline at each channel's cosine (_record)
+                    "zs_w": zs_w[i],
+                    "kurtosis": kurt[i],
+                    "skew": skew[i],
+                    "top": (top[0][i], top[1][i]),
+                    "bottom": (bottom[0][i], bottom[1][i]),
+                    **{key: [] for key in ("top_ids", "top_z", "faithfulness", "alpha", "coverage")},
+                }
+        b = self.batch
+        zs = rotate.z_scores(z, scored)  # [n, V]
+        sign = torch.where(rotate.tail_skew(z, scored) >= 0, 1.0, -1.0).unsqueeze(-1)  # [n, 1]
+        top, top_z = measures.top_tokens(zs, scored, sign)  # [n, TOP_K] each
+        faith = measures.faithfulness(b["zs_w"], top, sign)  # [n]
+        alpha = measures.alpha_stars(b["z_w"], z, zs, scored)  # [n]
+        b["covered"] |= claimed
+        coverage = (b["mass"] * b["covered"]).sum(-1) / b["mass"].sum(-1)  # [n]
+        for i in range(n):
+            row = self.rows[start + i]
+            for key, value in (("top_ids", top), ("top_z", top_z), ("faithfulness", faith),
+                               ("alpha", alpha), ("coverage", coverage)):  # fmt: skip
+                row[key].append(value[i])
+
+    def of(self, n: int) -> dict:
+        return self.rows.pop(n)
 
 
 def _ints(t: torch.Tensor) -> np.ndarray:

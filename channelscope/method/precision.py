@@ -10,6 +10,7 @@ run uses the stored one (worker/plan.py), so a run never mixes precisions.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -123,19 +124,25 @@ def choose(device: torch.device, cache_dir: Path | None, fresh: bool = False) ->
     """`auto` for this device: measured once per machine, torch version and thread count (or
     again when `fresh`), then read from cache_dir/precision.json."""
     key = f"{device.type}-{torch.__version__}-{torch.get_num_threads()}-{cpu_model()}"
-    path = cache_dir / "precision.json" if cache_dir else None
-    cached = {}
-    if path and path.exists():
-        try:
-            cached = json.loads(path.read_text())
-        except ValueError:
-            cached = {}
-    if key in cached and not fresh:
-        return Choice(**cached[key])
-    found = measure(device)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if cache_dir is None:
+        return measure(device)
+    path = cache_dir / "precision.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One process measures, the others wait and read its answer: two commands started together
+    # (two `decompose` on one database) timing the machine at once, under each other's load,
+    # could choose differently and so create two runs.
+    with open(cache_dir / "precision.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = {}
+        if path.exists():
+            try:
+                cached = json.loads(path.read_text())
+            except ValueError:
+                cached = {}
+        if key in cached and not fresh:
+            return Choice(**cached[key])
+        found = measure(device)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({**cached, key: asdict(found)}, indent=1))
-        tmp.replace(path)  # atomic: two processes measuring at once each write a whole file
+        tmp.replace(path)  # atomic: a reader never sees half a file
     return found

@@ -30,7 +30,7 @@ GENERIC_SHARE = 0.06
 # punctuation and byte tokens by C = 10.
 TAIL_SHARE = 0.25
 # Part of the cache key: bump when the reference's computation changes.
-REFERENCE_VERSION = 5  # 4: the centred loss (rotate.py); 5: keeps the channel vectors
+REFERENCE_VERSION = 6  # 4: the centred loss (rotate.py); 5: keeps the channel vectors; 6: the fused step
 
 
 @dataclass
@@ -86,7 +86,7 @@ def compute_reference(
         for k, ch in enumerate(found):
             sign = measures.tail_sign(ch.skew)
             top, _ = measures.top_tokens(zs[k], scored, sign)
-            faith[r, k] = measures.faithfulness(own_zs[r], top, sign)
+            faith[r, k] = float(measures.faithfulness(own_zs[r], top, sign))
             kurt[r, k] = ch.kurtosis
         residuals.append(measures.residual_directions(vectors[r], vecs).cpu())
         units.append((vecs / vecs.norm(dim=-1, keepdim=True)).cpu())

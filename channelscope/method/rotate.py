@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -89,6 +90,11 @@ class Settings:
 
 PAPER = Settings(solver="paper", precision="fp32")
 
+# With fixed-shape batches (CUDA), the descent asks the device whether any row still runs only
+# every SYNC_EVERY iterations: a converged row is frozen in place, so checking later changes
+# nothing but the few iterations computed after the last row stopped.
+SYNC_EVERY = 8
+
 
 # --- the formulas ------------------------------------------------------------------------------
 
@@ -132,19 +138,66 @@ def loss(z: torch.Tensor, m: torch.Tensor, c: torch.Tensor, w: torch.Tensor, s: 
 
 
 def loss_gradient_z(z: torch.Tensor, m: torch.Tensor, s: Settings):
-    """The kurtosis term and its gradient with respect to z, by hand: autograd would keep a
-    dozen [N, V] intermediates alive. With x = (z - mu) m (mean 0), moments m2..m4 over V tokens,
-        dK/dx_j = 4/V * ((x_j^3 - m3) / m2^2 - m4 x_j / m2^3),   slog'(K) = 1 / (1 + |K|),
-        dK/dz_i = m_i (dK/dx_i - sum_j m_j dK/dx_j / sum_j m_j)   (mu moves with z).
-    Returns (kurtosis term [N], d term / dz [N, V], K [N])."""
-    x = centred_weighted(z, m)
+    """The kurtosis term and its gradient with respect to z, in closed form ("The fused step").
+    With x = (z - mu) m (mean 0), moments m2..m4 over V tokens,
+        dK/dx_j = A x_j^3 + B x_j + const,  A = 4 / (V m2^2),  B = -4 m4 / (V m2^3),
+        dK/dz_i = m_i (dK/dx_i - sum_j m_j dK/dx_j / sum_j m_j)   (mu moves with z),
+    so the constant cancels and dK/dz = m (A x^3 + B x - (A sum m x^3 + B sum m x) / sum m).
+    Two sweeps over [N, V]: reductions, then the gradient, the one [N, V] result; compiled,
+    neither keeps a temporary (KERNELS). The same sweep gives the unweighted excess kurtosis of
+    z, which the solvers record. Returns (kurtosis term [N], d term / dz [N, V], K(z) [N]).
+
+    Fewer than 8 rows are padded with copies of the first: the compiled kernel specialises a
+    single row and reduces it in another order, and a neuron's numbers must not depend on its
+    batch-mates (as in Projection)."""
+    n = z.shape[0]
+    if 0 < n < Projection.MIN_ROWS:
+        fill = Projection.MIN_ROWS - n
+        z, m = torch.cat([z, z[:1].expand(fill, -1)]), torch.cat([m, m[:1].expand(fill, -1)])
+    kernel = _kernels()
+    try:
+        term, grad, kurt = kernel(z, m, s.lambda_k)
+    except Exception:  # compiling failed on its first call (no working compiler): eager from now on
+        if kernel is KERNELS["eager"]:
+            raise
+        KERNELS["chosen"] = KERNELS["eager"]
+        term, grad, kurt = KERNELS["eager"](z, m, s.lambda_k)
+    return term[:n], grad[:n], kurt[:n]
+
+
+def _kurtosis_term_and_gradient(z: torch.Tensor, m: torch.Tensor, lambda_k: float):
+    V = z.shape[-1]
+    m_sum = m.sum(-1, keepdim=True)  # [N, 1]
+    mu = (z * m).sum(-1, keepdim=True) / m_sum  # [N, 1]
+    x = (z - mu) * m  # [N, V], the one temporary in eager mode
     x2 = x * x
-    m2, m3, m4 = x2.mean(-1, keepdim=True), (x2 * x).mean(-1, keepdim=True), (x2 * x2).mean(-1, keepdim=True)
-    kurt = m4 / m2.pow(2) - 3
-    dk_dx = (4 / x.shape[-1]) * ((x2 * x - m3) / m2.pow(2) - m4 * x / m2.pow(3))
-    dk_dx = dk_dx - (dk_dx * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
-    grad = (-s.lambda_k / (1 + kurt.abs())) * dk_dx * m
-    return -s.lambda_k * slog(kurt).squeeze(-1), grad, kurt.squeeze(-1)
+    m2, m4 = x2.mean(-1, keepdim=True), (x2 * x2).mean(-1, keepdim=True)
+    mx3, mx1 = (x2 * x * m).sum(-1, keepdim=True), (x * m).sum(-1, keepdim=True)
+    del x2
+    kurt = m4 / (m2 * m2) - 3  # [N, 1]
+    A = 4 / (V * m2 * m2)
+    B = -4 * m4 / (V * m2 * m2 * m2)
+    scale = -lambda_k / (1 + kurt.abs())
+    shift = (A * mx3 + B * mx1) / m_sum
+    grad = scale * m * (A * x * x * x + B * x - shift)  # [N, V]
+    y2 = (z - z.mean(-1, keepdim=True)).pow(2)  # unweighted, for the history
+    plain = (y2 * y2).mean(-1) / y2.mean(-1).pow(2) - 3
+    return -lambda_k * slog(kurt).squeeze(-1), grad, plain
+
+
+KERNELS: dict[str, Callable] = {"eager": _kurtosis_term_and_gradient}
+
+
+def _kernels() -> Callable:
+    """The [N, V] part of the step: torch.compile'd on the CPU, where it measured faster
+    (bench/README.md, "The fused step"), unless CHANNELSCOPE_COMPILE=0; eager elsewhere and as
+    the fallback. The two agree to rounding (tests/test_rotate.py)."""
+    if "chosen" not in KERNELS:
+        KERNELS["chosen"] = KERNELS["eager"]
+        if os.environ.get("CHANNELSCOPE_COMPILE", "1") != "0":
+            KERNELS["compiled"] = torch.compile(_kurtosis_term_and_gradient, dynamic=True)
+            KERNELS["chosen"] = KERNELS["compiled"]
+    return KERNELS["chosen"]
 
 
 def cosine_gradient(c: torch.Tensor, w: torch.Tensor, s: Settings):
@@ -224,7 +277,7 @@ def paper_channel(
     running = torch.ones(n, dtype=torch.bool, device=w.device)  # [N] not stopped yet
     for step in range(s.max_steps + 1):  # `step` updates of u have been made so far
         # c [n, d], z [n, V], loss_now [n], grad_u [n, d]: two passes over U
-        c, z, loss_now, grad_u = _loss_and_u_gradient(u[active], w[active], proj, m[active], s)
+        c, z, loss_now, grad_u, _ = _loss_and_u_gradient(u[active], w[active], proj, m[active], s)
         live = running[active]
         recent[active, step % s.plateau_window] = loss_now
         plateau = torch.zeros_like(loss_now, dtype=torch.bool)
@@ -253,15 +306,23 @@ def paper_channel(
 
 
 def _loss_and_u_gradient(u, w, proj: Projection, m, s: Settings):
-    """c = H(u) w, z = c @ U, the loss, and its gradient with respect to u (two passes). Autograd
-    only through the reflection, [n, d]; the [n, V] part is by hand ("The loss")."""
-    u = u.detach().requires_grad_(True)
+    """c = H(u) w, z = c @ U, the loss, and its gradient with respect to u (two passes), all
+    in closed form ("The loss"). No autograd: see reflect_gradient for the reflection. Also
+    returns K(z) [n], unweighted."""
     c = reflect(u, w)  # [n, d]
-    z = proj.forward(c.detach())  # [n, V], pass 1
-    k_term, gz, _ = loss_gradient_z(z, m, s)  # [n], [n, V]
-    cos_term, gc = cosine_gradient(c.detach(), w, s)  # [n], [n, d]
-    (grad_u,) = torch.autograd.grad(c, u, grad_outputs=proj.backward(gz) + gc)  # pass 2, [n, d]
-    return c.detach(), z, k_term + cos_term, grad_u
+    z = proj.forward(c)  # [n, V], pass 1
+    k_term, gz, kurt = loss_gradient_z(z, m, s)  # [n], [n, V], [n]
+    cos_term, gc = cosine_gradient(c, w, s)  # [n], [n, d]
+    grad_u = reflect_gradient(u, w, proj.backward(gz) + gc)  # pass 2, [n, d]
+    return c, z, k_term + cos_term, grad_u, kurt
+
+
+def reflect_gradient(u: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dL/du from g = dL/dc through c = w - 2 u a / b, a = u.w, b = u.u:
+    dL/du = -2 / b (a g + (g.u) w - 2 a (g.u) u / b).   [N, d] each"""
+    a, b = (u * w).sum(-1, keepdim=True), (u * u).sum(-1, keepdim=True)
+    gu = (g * u).sum(-1, keepdim=True)
+    return (-2 / b) * (a * g + gu * w - 2 * a * gu * u / b)
 
 
 def _adamw(u, grad, moments, active, step: int, lr: float, warmup: int, betas, s: Settings):
@@ -309,8 +370,7 @@ def fast_channel(
     scale = s.fast_explore_lr / s.lr
     betas = (s.betas[0] ** scale, s.betas[1] ** scale)
     for step in range(s.fast_explore_steps):  # explore: every row runs every step, 2 passes each
-        _, z, _, grad_u = _loss_and_u_gradient(u, w, proj, m, s)  # z [N, V], grad_u [N, d]
-        history[:, step] = excess_kurtosis(z)
+        _, _, _, grad_u, history[:, step] = _loss_and_u_gradient(u, w, proj, m, s)  # grad_u [N, d]
         u = _adamw(u, grad_u, moments, everyone, step, s.fast_explore_lr, s.fast_explore_warmup, betas, s)
     found = _descend(w, proj, m, reflect(u, w), s, history, s.fast_explore_steps, fixed_shape)
     found.history = _rows_without_nan(history)
@@ -325,30 +385,38 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
     radius = w.norm(dim=-1, keepdim=True)  # [N, 1]
     z = proj.forward(c)  # [N, V], the descent's only pass that is not part of an iteration
     past: list[tuple[torch.Tensor, torch.Tensor]] = []  # previous steps [n, d] and projections [n, V]
-    found = Found(c.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long), [])
+    found = Found(c.clone(), w.new_zeros(n), torch.zeros(n, dtype=torch.long, device=w.device), [])
     active = torch.arange(n, device=w.device)
     running = torch.ones(n, dtype=torch.bool, device=w.device)
     previous_loss = w.new_full((n,), float("inf"))
     for iteration in range(s.fast_max_iters + 1):
-        k_term, gz, _ = loss_gradient_z(z, m[active], s)  # [n], [n, V]
+        k_term, gz, kurt = loss_gradient_z(z, m[active], s)  # [n], [n, V], [n]
         cos_term, gc = cosine_gradient(c, w[active], s)  # [n], [n, d]
         loss_now = k_term + cos_term  # [n]
         live = running[active]
-        history[active[live], first_step + iteration] = excess_kurtosis(z)[live]
+        column = first_step + iteration
+        history[active, column] = torch.where(live, kurt, history[active, column])
         done = ((previous_loss - loss_now < s.fast_tol) | (iteration == s.fast_max_iters)) & live
         previous_loss = loss_now
-        if done.any():
+        if fixed_shape:  # rows stay in place; nothing here waits for the device
+            found.vector = torch.where(done.unsqueeze(-1), c, found.vector)
+            found.loss = torch.where(done, loss_now, found.loss)
+            found.step = torch.where(done, column, found.step)
+            running = running & ~done
+            check = (iteration + 1) % SYNC_EVERY == 0 or iteration == s.fast_max_iters
+            if check and not running.any():  # the loop's one host-device synchronisation
+                break
+        elif done.any():
             idx = active[done]
             found.vector[idx], found.loss[idx] = c[done], loss_now[done]
-            found.step[idx.cpu()] = first_step + iteration
+            found.step[idx] = column
             running[idx] = False
             if not running.any():
                 break
-            if not fixed_shape:
-                keep = ~done
-                active, c, z, previous_loss = active[keep], c[keep], z[keep], previous_loss[keep]
-                gz, gc = gz[keep], gc[keep]
-                past = [(p[keep], zp[keep]) for p, zp in past]
+            keep = ~done
+            active, c, z, previous_loss = active[keep], c[keep], z[keep], previous_loss[keep]
+            gz, gc = gz[keep], gc[keep]
+            past = [(p[keep], zp[keep]) for p, zp in past]
         r = radius[active]  # [n, 1]
         grad = proj.backward(gz) + gc  # [n, d], pass 1 of 2
         c_hat = c / r
@@ -363,6 +431,7 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
         z_new = r * torch.einsum("nk,nkv->nv", coef, ZQ)  # [n, V], no pass: z is linear in c
         past = [(c_new - c, z_new - z), *past][: s.fast_history]
         c, z = c_new, z_new
+    found.step = found.step.cpu()
     return found
 
 
@@ -545,6 +614,7 @@ def decompose(
     batch_size: int = 256,
     on_channel: Callable[[int], None] | None = None,
     fixed_shape: bool | None = None,
+    on_projection: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ):
     """C channels for each neuron vector in w [N, d]: a list (per neuron) of lists of Channel
     ("Many channels: masking", "Determinism").
@@ -553,7 +623,9 @@ def decompose(
     channels. `seeds` gives each neuron its own generator (see neuron_seed), so a neuron's
     channels are the same in any batch. `on_channel(n)` reports n neuron-channels done.
     fixed_shape (default: on CUDA) pads every batch to batch_size rows (see the module's
-    "Determinism")."""
+    "Determinism"). on_projection(start, k, z, claimed), if given, sees the fp32 projection
+    z [n, V] of channel k of rows start..start + n - 1 and the tokens it claimed [n, V], so the
+    measures need no pass of their own ("Measures from the solver's projections")."""
     if fixed_shape is None:
         fixed_shape = w.is_cuda
     results = []
@@ -563,11 +635,12 @@ def decompose(
         if fixed_shape and n < batch_size:  # copies of the first neuron, dropped afterwards
             part = torch.cat([part, part[:1].expand(batch_size - n, -1)])
             part_seeds = part_seeds + part_seeds[:1] * (batch_size - n)
-        results += _decompose_batch(part, proj, m0, part_seeds, s, fixed_shape, n, on_channel)
+        report = (lambda k, z, claimed, at=start: on_projection(at, k, z, claimed)) if on_projection else None
+        results += _decompose_batch(part, proj, m0, part_seeds, s, fixed_shape, n, on_channel, report)
     return results
 
 
-def _decompose_batch(w, proj, m0, seeds, s, fixed_shape, real, on_channel):
+def _decompose_batch(w, proj, m0, seeds, s, fixed_shape, real, on_channel, on_projection=None):
     """The channels of the first `real` rows of w [N, d] (the rest is padding); "Many channels:
     masking". w is never deflated: only the token weights m change between channels."""
     n, d = w.shape
@@ -576,7 +649,7 @@ def _decompose_batch(w, proj, m0, seeds, s, fixed_shape, real, on_channel):
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     solve = SOLVERS[s.solver]
     channels: list[list[Channel]] = [[] for _ in range(real)]
-    for _ in range(s.channels):
+    for k in range(s.channels):
         u0 = torch.stack([torch.randn(d, generator=g) for g in generators]).to(w.device)  # [N, d]
         found = solve(w, proj, m, u0, s, fixed_shape)  # found.vector [N, d]
         z = proj.forward(found.vector, exact=True)  # [N, V] in fp32, whatever the solver's precision
@@ -584,6 +657,8 @@ def _decompose_batch(w, proj, m0, seeds, s, fixed_shape, real, on_channel):
         kurt, skew = excess_kurtosis(z), tail_skew(z, scored)  # [N] each
         claimed = tail_mask(z_scores(z, scored), skew, scored, s)  # [N, V] bool: T_k per row
         m = torch.where(claimed, torch.clamp(m, max=s.mask_weight), m)
+        if on_projection:
+            on_projection(k, z[:real], claimed[:real])
         cos = cosine(w, found.vector)  # [N]
         for i in range(real):
             channels[i].append(

@@ -30,7 +30,8 @@ from channelscope.method.weights import Model
 # the model file and this number, never by the git commit.
 # 2: the fast solver's rescaled AdamW moments, first-channel tail tokens, fixed-shape CUDA batches.
 # 3: the loss centres z on its weighted mean before weighting; the mask's side from scored tokens.
-ALGORITHM_VERSION = 3
+# 4: the fused step's closed-form gradients and compiled kernel (docs/method.md, "The fused step").
+ALGORITHM_VERSION = 4
 
 
 def run_settings(settings: rotate.Settings, projection: str, reference_count: int) -> dict:

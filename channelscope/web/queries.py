@@ -294,19 +294,22 @@ def layer_neurons(
     return _execute(session, query.limit(limit)).all()
 
 
-def random_neuron(session: Session, run_id: int, layer: int, side: str, start: int) -> int | None:
-    """The first computed neuron at or after `start` (wrapping round): a uniform pick over the
-    neuron ids, read from the index instead of ORDER BY random() over the whole layer."""
-    here = (T.Neuron.run_id == run_id, T.Neuron.layer == layer, T.Neuron.side == side)
-    at_or_after = select(func.min(T.Neuron.neuron)).where(*here, T.Neuron.neuron >= start).scalar_subquery()
-    first = select(func.min(T.Neuron.neuron)).where(*here).scalar_subquery()
-    return _scalar(session, select(func.coalesce(at_or_after, first)))
-
-
-def layer_sides_of_run(session: Session, run_id: int) -> Sequence[Row]:
+def neuron_counts_of_run(session: Session, run_id: int) -> Sequence[Row]:
+    """How many neurons the run has computed on each layer side (the weights of a uniform draw)."""
     return _execute(
-        session, select(T.Neuron.layer, T.Neuron.side).where(T.Neuron.run_id == run_id).distinct()
+        session,
+        select(T.Neuron.layer, T.Neuron.side, func.count().label("neurons"))
+        .where(T.Neuron.run_id == run_id)
+        .group_by(T.Neuron.layer, T.Neuron.side),
     ).all()
+
+
+def neuron_ids(session: Session, run_id: int, layer: int, side: str) -> list[int]:
+    """The neuron ids a run has computed on one layer side (at most d_mlp of them, from the index)."""
+    query = select(T.Neuron.neuron).where(
+        T.Neuron.run_id == run_id, T.Neuron.layer == layer, T.Neuron.side == side
+    )
+    return list(_execute(session, query).scalars())
 
 
 # --- a neuron and its channels ---------------------------------------------------------------------

@@ -27,11 +27,30 @@ SORT_LABELS = {
 }
 
 
+def _random_target(session, model: str, run: str | None, side: str | None, json: bool) -> str:
+    """A neuron drawn uniformly: with the overview (every neuron has a page) and no run pinned,
+    over every vector of the model; otherwise over the neurons the run has computed (a layer side
+    weighted by its count, then one of its neurons), never "the next computed one after a random
+    id", which piles the draws onto the neuron after the largest gap."""
+    model_row = lookup.model(session, model)
+    everywhere = [key for key in overview.layer_summary(session, model_row) if side in (None, key[1])]
+    if run is None and everywhere:
+        layer, chosen_side = random.choice(everywhere)
+        return urls.neuron(model_row.name, layer, random.randrange(model_row.d_mlp), chosen_side, json=json)
+    run_row = lookup.run(session, model_row, run)
+    counts = [r for r in queries.neuron_counts_of_run(session, run_row.run_id) if side in (None, r.side)]
+    if not counts:
+        raise NotFound(f"This run has no computed neurons on side {side!r}.")
+    (chosen,) = random.choices(counts, weights=[r.neurons for r in counts])
+    neuron = random.choice(queries.neuron_ids(session, run_row.run_id, chosen.layer, chosen.side))
+    return urls.neuron(model_row.name, chosen.layer, neuron, chosen.side, run=run, json=json)
+
+
 # Before the layer page: `/m/{model}/{layer}` would take `random` for a layer and fail its int check.
 @router.get(
     "/m/{model}/random",
     tags=["pages"],
-    summary="A random computed neuron (redirect)",
+    summary="A random neuron (redirect)",
     status_code=303,
     response_class=RedirectResponse,
     responses={303: {"description": "to a neuron page"}} | problem_responses(html=True),
@@ -39,24 +58,25 @@ SORT_LABELS = {
 def random_neuron(
     request: Request, session: DbSession, model: ModelName, run: RunParam = None, side: Side | None = None
 ):
-    """ "I'm feeling lucky": with the overview (every neuron has a page) and no run pinned, a
-    uniformly drawn vector of the model; otherwise a uniformly drawn layer side that has
-    neurons, then a uniformly drawn neuron id, moved to the next computed one."""
-    model_row = lookup.model(session, model)
-    everywhere = [key for key in overview.layer_summary(session, model_row) if side in (None, key[1])]
-    if run is None and everywhere:
-        layer, chosen_side = random.choice(everywhere)
-        target = urls.neuron(model_row.name, layer, random.randrange(model_row.d_mlp), chosen_side)
-        return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
-    run_row = lookup.run(session, model_row, run)
-    choices = [r for r in queries.layer_sides_of_run(session, run_row.run_id) if side in (None, r.side)]
-    if not choices:
-        raise NotFound(f"This run has no computed neurons on side {side!r}.")
-    layer, chosen_side = random.choice(choices)
-    neuron = queries.random_neuron(
-        session, run_row.run_id, layer, chosen_side, random.randrange(model_row.d_mlp)
-    )
-    target = urls.neuron(model_row.name, layer, neuron, chosen_side, run=run)
+    """ "I'm feeling lucky": a uniformly drawn neuron of the model, or of the pinned run."""
+    target = _random_target(session, model, run, side, json=False)
+    return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/m/{model}/random.json",
+    tags=["json"],
+    summary="A random neuron (redirect to its JSON twin)",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses={303: {"description": "to a neuron page's JSON twin"}} | problem_responses(html=False),
+)
+def random_neuron_json(
+    request: Request, session: DbSession, model: ModelName, run: RunParam = None, side: Side | None = None
+):
+    """The JSON twin of the jump: a redirect to the drawn neuron's `.json`, as the page goes to
+    its HTML."""
+    target = _random_target(session, model, run, side, json=True)
     return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
 
 

@@ -144,6 +144,56 @@ def test_neuron_page_shows_the_issue_s_sections(client, store):
     assert 'aria-current="page" class="active">gate' in page
 
 
+def test_a_neuron_whose_channels_are_all_generic_reads_none_on_its_page_and_the_layer_table(client, store):
+    """The store keeps 0 as such a neuron's best percentile (the layer table showed a red 0 while
+    its page showed 100 on every channel)."""
+    engine = client.app.state.engine
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(T.Neuron.id, T.Neuron.generic_count, T.Neuron.best_percentile).where(
+                T.Neuron.layer == 0, T.Neuron.side == "in", T.Neuron.neuron == 4
+            )
+        ).one()
+        was = conn.execute(
+            select(T.Channel.channel, T.Channel.generic).where(T.Channel.neuron_id == row.id)
+        ).all()
+        conn.execute(
+            T.Neuron.__table__.update()
+            .where(T.Neuron.id == row.id)
+            .values(generic_count=len(was), best_percentile=0.0)
+        )
+        conn.execute(T.Channel.__table__.update().where(T.Channel.neuron_id == row.id).values(generic=True))
+    try:
+        twin = get(client, f"/m/{store.model}/0/4.json?side=in").json()
+        assert twin["best_percentile"] is None
+        html_page = get(client, f"/m/{store.model}/0/4?side=in").text
+        assert re.search(r"best percentile</dt><dd><span class=\"pct pct-none\"[^>]*>none</span>", html_page)
+        table = get(client, f"/m/{store.model}/0.json?side=in&limit=500").json()
+        (mine,) = [r for r in table["rows"] if r["neuron"] == 4]
+        assert mine["best_percentile"] is None and mine["has_channels"]
+        layer_html = get(client, f"/m/{store.model}/0?side=in&limit=500").text
+        cells = re.search(
+            r'<a href="[^"]*/0/4\?side=in">4</a></td>\s*(?:<td class="label">.*?</td>\s*)?<td>(.*?)</td>',
+            layer_html,
+            re.S,
+        )
+        assert ">none<" in cells.group(1)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(
+                T.Neuron.__table__.update()
+                .where(T.Neuron.id == row.id)
+                .values(generic_count=row.generic_count, best_percentile=row.best_percentile)
+            )
+            for channel, generic in was:
+                conn.execute(
+                    T.Channel.__table__.update()
+                    .where(T.Channel.neuron_id == row.id, T.Channel.channel == channel)
+                    .values(generic=generic)
+                )
+    assert get(client, f"/m/{store.model}/0/4.json?side=in").json()["best_percentile"] is not None
+
+
 def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):
     url = f"/m/{store.model}/0/3.json?run={store.run_a}"
     low = get(client, url + "&min_kurtosis=-1000").json()

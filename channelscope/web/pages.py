@@ -104,7 +104,9 @@ class NeuronRow(BaseModel):
     kurtosis: float  # raw kurtosis of w @ U
     raw_tokens: str | None  # its own top tokens (the overview's); None without an overview
     has_channels: bool  # the channel columns below are None until a run has computed them
-    best_percentile: float | None  # max faithfulness percentile over the non-generic channels
+    # max faithfulness percentile over the non-generic channels; None without channels, or
+    # when every channel is generic (there is nothing to rank: the page reads "none")
+    best_percentile: float | None
     best_kurtosis: float | None
     channel_count: int | None  # channels with kurtosis >= 5
     generic_count: int | None
@@ -293,6 +295,9 @@ class NeuronPage(BaseModel):
     neuron: int
     side: str
     min_kurtosis: float
+    # max faithfulness percentile over the non-generic channels, as the layer table shows it;
+    # None when every channel is generic (or there are none yet)
+    best_percentile: float | None
     raw: RawProjection | None  # None only without an overview and without channels: never shown
     data: NeuronSideOut | None  # the channels; None until a run has computed them
     channels_state: ChannelsState | None  # while data is None

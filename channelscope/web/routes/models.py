@@ -173,16 +173,20 @@ SORT_FIELDS = {
 }
 
 
-def _row(name, layer, side, pin, neuron: int, kurtosis: float, raw_tokens: str | None, r) -> pages.NeuronRow:
+def _row(
+    name, layer, side, pin, neuron: int, kurtosis: float, raw_tokens: str | None, r, channels: int = 0
+) -> pages.NeuronRow:
     """A layer table row: the raw kurtosis always, the channel columns where r (a stored neuron
-    row of the run) exists."""
+    row of the run, of a run with `channels` per vector) exists. The store keeps 0 as the best
+    percentile of a neuron whose channels are all generic; the page says "none"."""
+    eligible = r is not None and r.generic_count < channels
     return pages.NeuronRow(
         neuron=neuron,
         url=urls.neuron(name, layer, neuron, side, run=pin),
         kurtosis=kurtosis,
         raw_tokens=raw_tokens,
         has_channels=r is not None,
-        best_percentile=r.best_percentile if r is not None else None,
+        best_percentile=r.best_percentile if eligible else None,
         best_kurtosis=r.best_kurtosis if r is not None else None,
         channel_count=r.channel_count if r is not None else None,
         generic_count=r.generic_count if r is not None else None,
@@ -217,6 +221,7 @@ def _every_neuron(session, model_row, layer, side, pin, run_row, arrays, sort, o
             float(kurtosis[n]),
             label([vocab.tokens[i] for i in arrays.top_ids[n]]),
             computed.get(n),
+            run_row.run_channels if run_row is not None else 0,
         )
         for n in range(len(kurtosis))
     ]
@@ -285,8 +290,9 @@ def layer_page(
             session, run_row.run_id, layer, side, sort, order == "desc", cursor, limit + 1
         )
         more = len(rows) > limit
-        rows = [_row(name, layer, side, pin, r.neuron, r.kurtosis, None, r) for r in rows[:limit]]
-        last_value = getattr(rows[-1], SORT_FIELDS[sort]) if rows else None
+        last_value = rows[min(limit, len(rows)) - 1].sort_value if rows else None  # the stored value
+        channels = run_row.run_channels
+        rows = [_row(name, layer, side, pin, r.neuron, r.kurtosis, None, r, channels) for r in rows[:limit]]
     else:
         rows, more, last_value = _every_neuron(
             session, model_row, layer, side, pin, run_row, arrays, sort, order, cursor, limit

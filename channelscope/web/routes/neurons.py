@@ -147,6 +147,9 @@ def neuron_page(
             top_tokens=data.top_tokens,
             bottom_tokens=data.bottom_tokens,
         ),
+        best_percentile=max(
+            (ch.faithfulness_percentile for ch in data.channels if not ch.generic), default=None
+        ),
         data=data,
         channels_state=None,
         channels=[
@@ -211,6 +214,7 @@ def _without_channels(request: Request, model_row: Row, vocab, arrays, common: d
             top_tokens=scores(arrays.top_ids[neuron], arrays.top_z[neuron]),
             bottom_tokens=scores(arrays.bottom_ids[neuron], arrays.bottom_z[neuron]),
         ),
+        best_percentile=None,
         data=None,
         channels_state=pages.ChannelsState(
             state=asked.state,

@@ -342,6 +342,29 @@ def test_search_ranks_by_faithfulness_percentile_then_z_and_sort_z(client, store
     assert {h["url"] for h in by_z} == {h["url"] for h in hits}
 
 
+def test_search_lists_each_channel_once_with_the_channel_page_s_signed_z_and_its_effect(client, store):
+    """Search showed the index's oriented z (+16.85 where the channel page showed -16.85), and a
+    channel once per matching spelling."""
+    seen_negative = False
+    for text in ("the", "a", "e", "s", "t", "in"):
+        hits = _all_hits(client, {"token": text, "min_kurtosis": -100, "generic": 1})
+        keys = [(h["run"], h["layer"], h["side"], h["neuron"], h["channel"]) for h in hits]
+        assert len(keys) == len(set(keys)), text
+        for h in hits[:6]:
+            channel = get(client, h["url"].replace("?", ".json?")).json()
+            z_on_page = {t["id"]: t["z"] for t in channel["tokens"]}
+            for t in [h["token"], *h["also"]]:
+                assert t["z"] * h["tail"] > 0
+                if t["id"] in z_on_page:
+                    assert abs(z_on_page[t["id"]] - t["z"]) < 0.05, (h, z_on_page[t["id"]])
+            assert h["tail"] == channel["channel"]["tail"] and h["effect"] == channel["channel"]["effect"]
+            assert h["effect"] in (
+                ("promotes", "suppresses") if h["side"] == "out" else ("fires on", "is inhibited by")
+            )
+            seen_negative |= h["tail"] < 0
+    assert seen_negative  # the tiny model's channels lie on both tails
+
+
 def test_search_filters_generic_channels_kurtosis_layers_and_side(client, store):
     token = _popular_token(client, store)
     base = {"token": token, "exact": 1, "run": store.run_a}
@@ -624,7 +647,8 @@ def test_each_page_makes_a_constant_number_of_queries(client, store, count_queri
     }
     # The pages opened most have their own, tighter budgets (bench/web.py times them): a
     # neuron side, its channels and their tokens; the models with their newest runs, then hits.
-    most = {family: 8 for family in families} | {"neuron": 3, "search": 2}
+    # search: the hits, the raw projections, and the spellings each listed channel matched
+    most = {family: 8 for family in families} | {"neuron": 3, "search": 3}
     for family, urls in families.items():
         counts = []
         for url in urls:

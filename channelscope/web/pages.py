@@ -406,8 +406,13 @@ class SearchHit(BaseModel):
     neuron: int
     channel: int
     url: str
-    token: TokenScore  # the matched token and its z on this channel's tail
+    # the matched token and its signed z in c @ U, as the channel page shows it (the index
+    # stores it oriented); its best-placed spelling when the query matched several
+    token: TokenScore
     rank: int  # its place among the channel's top tokens, from 0
+    also: list[TokenScore]  # the other spellings the query matched on this channel, listed once
+    tail: int  # +1 / -1 (core.schemas.SIGN_CONVENTION)
+    effect: str  # promotes / suppresses (out), fires on / is inhibited by (gate, in)
     kurtosis: float
     faithfulness_percentile: float
     generic: bool

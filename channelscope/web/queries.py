@@ -512,11 +512,36 @@ def _search(
         .label(f"label_{rank}")
         for rank in range(LABEL_TOKENS)
     ]
+    skew = (
+        select(T.Channel.skew)
+        .where(T.Channel.neuron_id == hits.c.neuron_id, T.Channel.channel == hits.c.channel)
+        .scalar_subquery()
+        .label("skew")
+    )
     return (
-        select(hits, *labels)
+        select(hits, *labels, skew)
         .order_by(hits.c.k1.desc(), hits.c.k2.desc(), hits.c.neuron_id.desc(), hits.c.channel.desc())
         .limit(bindparam("limit"))
     )
+
+
+def matched_spellings(
+    session: Session, channels: list[tuple[int, int]], token_ids: list[int]
+) -> Sequence[Row]:
+    """Every (neuron id, channel, token id, rank, oriented z) of these channels whose token is
+    one of token_ids: the spellings a query matched on each channel, so that search lists a
+    channel once (at its best-placed spelling) with the others beside it."""
+    if not channels or not token_ids:
+        return []
+    ct = T.ChannelToken
+    rows = _execute(
+        session,
+        select(ct.neuron_id, ct.channel, ct.token_id, ct.rank, ct.z).where(
+            ct.neuron_id.in_(sorted({n for n, _ in channels})), ct.token_id.in_(sorted(set(token_ids)))
+        ),
+    ).all()
+    wanted = set(channels)
+    return [r for r in rows if (r.neuron_id, r.channel) in wanted]
 
 
 def search(

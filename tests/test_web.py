@@ -216,12 +216,20 @@ def test_channel_page_top_100_tokens_histogram_and_nearest(client, store):
     assert len(data["vector"]) == 64
     nearest = data["nearest"]
     assert nearest and all(not (n["layer"] == 0 and n["side"] == "in" and n["neuron"] == 3) for n in nearest)
-    assert [n["cos"] for n in nearest] == sorted((n["cos"] for n in nearest), reverse=True)
+    # By |cos| with the sign kept (a channel on the other tail of the same tokens is near), beside
+    # what a random direction reaches among as many channels.
+    assert [abs(n["cos"]) for n in nearest] == sorted((abs(n["cos"]) for n in nearest), reverse=True)
+    assert any(n["cos"] < 0 for n in nearest)
+    assert data["nearest_candidates"] > 0 and 0 < data["nearest_baseline"] < 1
+    assert get(client, data["ablate_url"]).status_code == 200
+    assert "channels=1" in data["ablate_url"]
     # The stored top tokens (from the worker) lead the recomputed top 100.
     stored = [t["id"] for t in data["channel"]["top_tokens"][:5]]
     assert set(stored) <= {t["id"] for t in data["tokens"][:20]}
     page = get(client, f"/m/{store.model}/0/3/in/1?run={store.run_a}").text
     assert "Nearest channels" in page and 'property="og:title"' in page
+    assert "opposite tail" in page and f"{data['nearest_baseline']:.3f}" in page
+    assert f'href="{html.escape(data["ablate_url"])}"' in page
 
 
 def test_compare_page_matches_channels_of_two_runs(client, store):

@@ -332,7 +332,7 @@ class NearestChannel(BaseModel):
     side: str
     neuron: int
     channel: int
-    cos: float
+    cos: float  # signed: negative, the same direction on the other tail; ranked by |cos|
     url: str
 
 
@@ -350,6 +350,11 @@ class ChannelPage(BaseModel):
     histogram: Histogram
     nearest: list[NearestChannel]
     nearest_note: str  # how they were found, or why not
+    nearest_candidates: int  # channels compared (0 when none were)
+    # the highest |cos| a random direction reaches among that many channels, on average
+    # (web.neighbours.random_max_abs_cos); None when none were compared
+    nearest_baseline: float | None
+    ablate_url: str  # this neuron side's ablation page with this channel switched off
     previous_url: str | None
     next_url: str | None
     vector: list[float]  # the channel vector c, |c| = |w|

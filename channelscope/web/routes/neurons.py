@@ -349,7 +349,7 @@ def channel_page(
     top = np.argpartition(-oriented, k - 1)[:k]
     top = top[np.argsort(-oriented[top], kind="stable")]
     run_out = lookup.run_out(model_row.name, row, row)
-    nearest, note = neighbours.nearest(
+    nearest, note, candidates = neighbours.nearest(
         session,
         row.run_id,
         row.hash,
@@ -385,6 +385,11 @@ def channel_page(
             for n in nearest
         ],
         nearest_note=note,
+        nearest_candidates=candidates,
+        nearest_baseline=round(neighbours.random_max_abs_cos(len(vector), candidates), 4)
+        if candidates
+        else None,
+        ablate_url=urls.ablate(name, layer, neuron, side, row.hash, [channel]),
         previous_url=urls.channel(name, layer, neuron, side, channel - 1, pin)
         if channel - 1 in indices
         else None,

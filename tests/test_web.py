@@ -496,6 +496,35 @@ def test_random_neuron_is_uniform_over_the_run_s_neurons_and_has_a_json_twin(cli
     assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/")
 
 
+def test_a_model_s_short_name_redirects_to_its_full_name(client, store):
+    short = store.model.split("-")[0]  # as `smollm2` is for smollm2-135m-instruct
+    moved = get(client, f"/m/{short}/1/0?run={store.run_a}", 308).headers["location"]
+    assert moved == f"/m/{store.model}/1/0?run={store.run_a}"
+    assert get(client, f"/m/{short}.json", 308).headers["location"] == f"/m/{store.model}.json"
+    assert client.get("/m/tin/1/0").status_code == 404  # not a whole dash-separated part
+
+
+def test_layer_links_lead_only_to_layers_with_something_to_show(client, store):
+    # Run B computed layer 1 `out` only: pinned to it, "layer 0" would be a 404.
+    pinned = get(client, f"/m/{store.model}/1.json?run={store.run_b}").json()
+    assert list(pinned["layer_urls"]) == ["1"]
+    assert "layer 0" not in get(client, f"/m/{store.model}/1?run={store.run_b}").text.split("<table")[0]
+    for url in (
+        f"/m/{store.model}/1",
+        f"/m/{store.model}/0?side=gate",
+        f"/m/{store.model}/1?run={store.run_b}",
+    ):
+        for link in get(client, json_twin(url)).json()["layer_urls"].values():
+            assert get(client, link).status_code == 200
+
+
+def test_og_url_names_the_run_the_page_shows(client, store):
+    for url in (f"/m/{store.model}/1/0", f"/m/{store.model}/1", f"/m/{store.model}/1/0/out/0"):
+        page = get(client, url).text
+        og = re.search(r'property="og:url" content="([^"]*)"', page).group(1)
+        assert "run=" in html.unescape(og), (url, og)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -123,3 +123,14 @@ def test_folded_channels_open_with_one_click_without_javascript(server, browser)
     folded.locator("summary").click(position={"x": 2, "y": 5})  # the marker, not the link in it
     assert folded.locator(".chips").is_visible()
     context.close()
+
+
+def test_the_address_bar_names_the_run_the_page_shows(server, browser):
+    base, filled = server
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{base}/m/{filled.model}/1/0")
+    assert "run=" in page.url
+    page.reload()
+    assert page.locator("section.run").inner_text().startswith("Pinned to run")
+    context.close()

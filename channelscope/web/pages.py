@@ -136,7 +136,7 @@ class LayerPage(BaseModel):
     rows: list[NeuronRow]
     first_url: str
     next_url: str | None  # keyset: the page after the last row shown
-    layer_urls: dict[int, str]
+    layer_urls: dict[int, str]  # the layers with something to show on this side (never a 404)
 
 
 # --- ablation ----------------------------------------------------------------------------------------

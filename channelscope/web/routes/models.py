@@ -309,6 +309,15 @@ def layer_page(
         }
         return urls.layer(name, layer, changes.get("side", side), **params)
 
+    # Links only to layers with something to show on this side (a layer page without the overview
+    # or a run is a 404): the pinned run's layers, or the overview's and the run shown here.
+    present = (
+        set()
+        if run is not None
+        else {k[0] for k in overview.layer_summary(session, model_row) if k[1] == side}
+    )
+    if run_row is not None:
+        present |= {r.layer for r in queries.neuron_counts_of_run(session, run_row.run_id) if r.side == side}
     last = rows[-1] if rows else None
     result = pages.LayerPage(
         model=lookup.model_out(model_row),
@@ -328,6 +337,6 @@ def layer_page(
         rows=rows,
         first_url=here(),
         next_url=here(after=f"{_cursor_value(last_value)}~{last.neuron}") if more and last else None,
-        layer_urls={i: urls.layer(name, i, side, run=pin) for i in range(model_row.n_layers)},
+        layer_urls={i: urls.layer(name, i, side, run=pin) for i in sorted(present | {layer})},
     )
     return Result(result)

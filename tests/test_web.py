@@ -4,6 +4,7 @@ caching, search, keyset pagination, bad input and hostile tokens, query counts."
 from __future__ import annotations
 
 import html
+import os
 import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -106,6 +107,23 @@ def test_home_lists_models_and_runs_with_progress(client, store):
     assert runs[store.run_b]["shards_done"] == 1 and runs[store.run_b]["shards_total"] == 2
     assert runs[store.run_a]["neurons_done"] == 30
     assert "<progress" in get(client, "/").text
+
+
+def test_home_says_a_run_is_starting_while_bin_up_computes_behind_it(client, tmp_path, monkeypatch):
+    from channelscope.core.config import config
+
+    monkeypatch.setenv("CHANNELSCOPE_DATA_DIR", str(tmp_path))
+    config.cache_clear()
+    try:
+        assert get(client, "/.json").json()["starting"] is None
+        (tmp_path / "background.pid").write_text(str(os.getpid()))
+        assert "A run is starting" in get(client, "/.json").json()["starting"]
+        assert "A run is starting" in get(client, "/").text
+        (tmp_path / "background.pid").write_text("999999999")  # finished (or killed)
+        assert get(client, "/.json").json()["starting"] is None
+    finally:
+        monkeypatch.delenv("CHANNELSCOPE_DATA_DIR")
+        config.cache_clear()
 
 
 def test_model_page_has_layer_side_heatmaps_linking_to_layers(client, store):

@@ -72,6 +72,7 @@ class ModelRuns(BaseModel):
 class HomePage(BaseModel):
     models: list[ModelRuns]
     search_url: str
+    starting: str | None  # what is being computed behind the site (bin/up), while it is
 
 
 class LayerSideCell(BaseModel):

@@ -320,6 +320,26 @@ def _variants(store):
     return {k: v for k, v in by_key.items() if len(v) > 1 and k.strip()}
 
 
+def test_a_release_changes_every_etag_and_cache_key_of_the_same_page(client, store, monkeypatch):
+    """Markup cached as immutable before a release is never served after it: the ETag and the
+    page cache key carry a hash of the templates, static files and web code, and the static
+    files' URLs carry it too."""
+    from channelscope.web import responses
+
+    url = f"/m/{store.model}/1/0/histogram.json?run={store.run_a}"  # immutable
+    before = get(client, url)
+    assert before.headers["etag"].startswith(f'"{responses.MARKUP_VERSION}-')
+    assert f"/static/channelscope.css?v={responses.MARKUP_VERSION}" in get(client, "/").text
+    monkeypatch.setattr(responses, "MARKUP_VERSION", "0" * 12)
+    after = get(client, url)
+    assert after.headers["etag"] != before.headers["etag"] and after.headers["etag"].startswith(
+        '"000000000000-'
+    )
+    stale = client.get(url, headers={"If-None-Match": before.headers["etag"]})
+    assert stale.status_code == 200  # the old ETag no longer matches
+    assert responses.markup_version() == before.headers["etag"][1:13]
+
+
 def test_search_ignores_case_and_leading_spaces_unless_exact(client, store):
     variants = _variants(store)
     key, spellings = next(iter(sorted(variants.items())))

@@ -411,6 +411,21 @@ def test_search_lists_each_channel_once_with_the_channel_page_s_signed_z_and_its
     assert seen_negative  # the tiny model's channels lie on both tails
 
 
+def test_the_sign_convention_reads_the_same_on_neuron_channel_and_ablation_pages(client, store):
+    for side in ("out", "in"):
+        base = f"/m/{store.model}/0/2"
+        neuron = get(client, f"{base}.json?side={side}&run={store.run_a}").json()
+        ablation = get(client, f"{base}/ablate.json?run={store.run_a}&side={side}&channels=0").json()
+        words = ("promotes", "suppresses") if side == "out" else ("fires on", "is inhibited by")
+        for ch, toggle in zip(neuron["data"]["channels"], ablation["controls"]["channels"], strict=True):
+            assert ch["effect"] == words[0 if ch["tail"] > 0 else 1] == toggle["effect"]
+            channel = get(client, f"{base}/{side}/{ch['index']}.json?run={store.run_a}").json()["channel"]
+            assert channel["effect"] == ch["effect"]
+        assert ablation["preview"]["effect"] == neuron["data"]["channels"][0]["effect"]
+        page = get(client, f"{base}/ablate?run={store.run_a}&side={side}&channels=0").text
+        assert f"{'▲' if ablation['preview']['tail'] > 0 else '▼'} {ablation['preview']['effect']}" in page
+
+
 def test_search_filters_generic_channels_kurtosis_layers_and_side(client, store):
     token = _popular_token(client, store)
     base = {"token": token, "exact": 1, "run": store.run_a}

@@ -146,6 +146,8 @@ class LayerPage(BaseModel):
 class ChannelToggle(BaseModel):
     index: int
     label: str  # its top tokens, made visible
+    tail: int  # +1 / -1 (core.schemas.SIGN_CONVENTION)
+    effect: str  # promotes / suppresses (out), fires on / is inhibited by (gate, in)
     kurtosis: float
     cos: float
     alpha: float  # stored alpha*, fitted on the original w
@@ -202,6 +204,7 @@ class WeightPreview(BaseModel):
     top_before: list[TokenScore]  # the neuron's top tokens (its dominant tail) before
     top_after: list[TokenScore]  # and after, z over the scored tokens of w' @ U
     tail: int  # +1 / -1: the first ablated channel's tail, which orients drops and rises
+    effect: str = ""  # what that channel does to its tokens (core.schemas.effect)
     drops: list[TokenMove]  # lose most of what the channels did: fall on a +1 tail, rise on -1
     rises: list[TokenMove]
     seconds: float

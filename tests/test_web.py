@@ -212,6 +212,35 @@ def test_a_neuron_whose_channels_are_all_generic_reads_none_on_its_page_and_the_
     assert get(client, f"/m/{store.model}/0/4.json?side=in").json()["best_percentile"] is not None
 
 
+def test_every_chart_has_a_legend_and_every_heatmap_a_colour_scale(client, store):
+    pages_with_charts = {
+        f"/m/{store.model}": 2,
+        f"/m/{store.model}/1/0?run={store.run_a}": 4,
+        f"/m/{store.model}/1/0/out/0?run={store.run_a}": 2,  # its histogram and its own curve
+    }
+    for url, count in pages_with_charts.items():
+        page = get(client, url).text
+        figures = re.findall(r'(?s)<figure class="plot">\s*<svg.*?</figure>', page)
+        assert len(figures) == count, url
+        for figure in figures:
+            caption = figure.split("<figcaption>")[1]
+            if "histogram" not in caption.lower() and "z-scores" not in caption:
+                assert 'class="key"' in caption, (url, caption[:200])
+    neuron = get(client, f"/m/{store.model}/1/0?run={store.run_a}").text
+    curves = re.search(
+        r'(?s)<figure class="plot">\s*<svg[^>]*aria-labelledby="t-Kurtosis-during-optimisation".*?</figure>',
+        neuron,
+    ).group(0)
+    channels = get(client, f"/m/{store.model}/1/0.json?run={store.run_a}").json()["data"]["channels"]
+    assert all(f"channel {ch['index']}</span>" in curves for ch in channels)
+    assert "solver stage change (iteration 50)" in curves and "AdamW" in curves
+    by_index = re.search(r'(?s)aria-labelledby="t-Kurtosis-by-channel".*?</figure>', neuron).group(0)
+    assert "min_kurtosis 5</text>" not in by_index  # named in the legend, not drawn over the bars
+    assert "dashed line: min_kurtosis 5" in by_index
+    model = get(client, f"/m/{store.model}").text
+    assert model.count("not computed</span>") == 2 and "lowest, " in model and "highest, " in model
+
+
 def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):
     url = f"/m/{store.model}/0/3.json?run={store.run_a}"
     low = get(client, url + "&min_kurtosis=-1000").json()

@@ -24,13 +24,14 @@ CHANNEL_TOKENS = 100
 HISTOGRAM_BINS = 60
 
 
-def _step_unit(run_row: Row) -> tuple[int, str]:
+def _step_unit(run_row: Row) -> tuple[int, str, int | None]:
     """The paper preset records kurtosis every checkpoint_every steps; the fast solver every
-    iteration (docs/method.md, "The fast solver")."""
+    iteration (docs/method.md, "The fast solver"), and changes stage after its exploration."""
     settings = run_row.settings or {}
     if run_row.solver == "paper":
-        return int(settings.get("checkpoint_every", 100)), "step"
-    return 1, "iteration"
+        return int(settings.get("checkpoint_every", 100)), "step", None
+    explore = settings.get("fast_explore_steps")
+    return 1, "iteration", int(explore) if explore else None
 
 
 def _histogram(zs: np.ndarray) -> pages.Histogram:
@@ -166,9 +167,9 @@ def neuron_page(
         if not data.channels
         else ablation.controls(name, layer, neuron, side, row.hash, data.channels, [], None, min_kurtosis),
     )
-    step_size, unit = _step_unit(row)
+    step_size, unit, stage_change = _step_unit(row)
     charts = {
-        "curves": plots.kurtosis_curves(data.channels, step_size, unit),
+        "curves": plots.kurtosis_curves(data.channels, step_size, unit, stage_change),
         "by_index": plots.kurtosis_by_index(
             data.channels, min_kurtosis, {c.index: c.url for c in result.channels}
         ),
@@ -401,8 +402,10 @@ def channel_page(
     )
     marks = [(float(zs[top[0]]), "top token")] if len(top) else []
     chart = plots.histogram(result.histogram, f"Channel {channel}: z-scores of c @ U", marks)
+    step_size, unit, stage_change = _step_unit(row)
+    curve = plots.kurtosis_curves([out], step_size, unit, stage_change)
     # Not cached for good: its nearest channels are those of the run as it stands now.
-    return Result(result, plots={"histogram": chart})
+    return Result(result, plots={"histogram": chart, "curve": curve})
 
 
 @page(

@@ -185,7 +185,7 @@ def test_a_neuron_whose_channels_are_all_generic_reads_none_on_its_page_and_the_
         twin = get(client, f"/m/{store.model}/0/4.json?side=in").json()
         assert twin["best_percentile"] is None
         html_page = get(client, f"/m/{store.model}/0/4?side=in").text
-        assert re.search(r"best percentile</dt><dd><span class=\"pct pct-none\"[^>]*>none</span>", html_page)
+        assert re.search(r"best percentile</a></dt><dd><span class=\"pct pct-none\"[^>]*>none</span>", html_page)
         table = get(client, f"/m/{store.model}/0.json?side=in&limit=500").json()
         (mine,) = [r for r in table["rows"] if r["neuron"] == 4]
         assert mine["best_percentile"] is None and mine["has_channels"]
@@ -605,6 +605,32 @@ def test_og_url_names_the_run_the_page_shows(client, store):
         page = get(client, url).text
         og = re.search(r'property="og:url" content="([^"]*)"', page).group(1)
         assert "run=" in html.unescape(og), (url, og)
+
+
+def test_a_glossary_defines_the_numbers_and_their_labels_link_to_it(client, store):
+    terms = {t["id"]: t for t in get(client, "/glossary.json").json()["terms"]}
+    wanted = {"channel", "kurtosis", "faithfulness", "percentile", "generic", "alpha", "selectivity", "sign"}
+    assert wanted <= set(terms)
+    assert "excess" in terms["kurtosis"]["term"] and "promotes" in terms["sign"]["definition"]
+    glossary = get(client, "/glossary").text
+    for term in terms:
+        assert f'id="{term}"' in glossary
+    linked = {
+        f"/m/{store.model}/1/0?run={store.run_a}": {
+            "kurtosis",
+            "percentile",
+            "faithfulness",
+            "sign",
+            "channel",
+        },
+        f"/m/{store.model}/1/0/out/0?run={store.run_a}": {"percentile", "faithfulness", "kurtosis", "alpha"},
+        f"/m/{store.model}/1": {"percentile", "kurtosis", "generic", "reconstruction"},
+        "/search?token=the&min_kurtosis=-100&generic=1": {"percentile", "kurtosis", "sign", "z"},
+        f"/m/{store.model}/1/0/ablate?run={store.run_a}&side=out&channels=0": {"selectivity", "alpha"},
+    }
+    for url, ids in linked.items():
+        page = get(client, url).text
+        assert {i for i in ids if f'href="/glossary#{i}"' not in page} == set(), url
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -484,6 +484,16 @@ class SuggestPage(BaseModel):
     suggestions: list[Suggestion]
 
 
+class Term(BaseModel):
+    id: str  # its anchor on the glossary page: /glossary#<id>
+    term: str
+    definition: str
+
+
+class GlossaryPage(BaseModel):
+    terms: list[Term]
+
+
 class Health(BaseModel):
     status: str  # "ok" or "unavailable"
     database: str  # "reachable" or the reason it is not

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from channelscope.core import db
 from channelscope.core.config import config
-from channelscope.web import lookup, pages, queries, urls
+from channelscope.web import glossary, lookup, pages, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.responses import Result, page
 
@@ -56,6 +56,13 @@ def home(request: Request, session: DbSession) -> Result:
             starting=background_work(),
         )
     )
+
+
+@page(router, "/glossary", "glossary.html", pages.GlossaryPage, "What the numbers mean")
+def glossary_page(request: Request) -> Result:
+    """Channel, excess kurtosis, faithfulness, percentile, generic, alpha*, S and the sign
+    convention, each defined once; every number's label on the other pages links here."""
+    return Result(pages.GlossaryPage(terms=glossary.TERMS))
 
 
 @router.get("/ping", response_class=PlainTextResponse, tags=["health"], summary="Liveness (no database)")

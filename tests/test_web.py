@@ -185,7 +185,9 @@ def test_a_neuron_whose_channels_are_all_generic_reads_none_on_its_page_and_the_
         twin = get(client, f"/m/{store.model}/0/4.json?side=in").json()
         assert twin["best_percentile"] is None
         html_page = get(client, f"/m/{store.model}/0/4?side=in").text
-        assert re.search(r"best percentile</a></dt><dd><span class=\"pct pct-none\"[^>]*>none</span>", html_page)
+        assert re.search(
+            r"best percentile</a></dt><dd><span class=\"pct pct-none\"[^>]*>none</span>", html_page
+        )
         table = get(client, f"/m/{store.model}/0.json?side=in&limit=500").json()
         (mine,) = [r for r in table["rows"] if r["neuron"] == 4]
         assert mine["best_percentile"] is None and mine["has_channels"]

@@ -243,6 +243,23 @@ def test_every_chart_has_a_legend_and_every_heatmap_a_colour_scale(client, store
     assert model.count("not computed</span>") == 2 and "lowest, " in model and "highest, " in model
 
 
+def test_channels_below_half_the_random_percentiles_are_folded_too(client, store):
+    seen = 0
+    for layer in (0, 1):
+        for side in ("gate", "in", "out"):
+            for neuron in range(5):
+                url = f"/m/{store.model}/{layer}/{neuron}?side={side}&run={store.run_a}&min_kurtosis=-100"
+                twin = get(client, json_twin(url)).json()
+                page = get(client, url).text
+                for ch, link in zip(twin["data"]["channels"], twin["channels"], strict=True):
+                    row = re.search(rf'(?s)<tr class="([^"]*)" id="channel-{ch["index"]}">(.*?)</tr>', page)
+                    folded = '<details class="fold">' in row.group(2)
+                    assert link["below_median"] == (ch["faithfulness_percentile"] < 50)
+                    assert folded == (ch["generic"] or link["below_median"]), (url, ch["index"])
+                    seen += link["below_median"] and not ch["generic"]
+    assert seen  # the tiny model has such channels
+
+
 def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):
     url = f"/m/{store.model}/0/3.json?run={store.run_a}"
     low = get(client, url + "&min_kurtosis=-1000").json()

@@ -268,6 +268,7 @@ class ChannelLink(BaseModel):
     url: str
     label: str  # its first top tokens, shown visibly
     below_cutoff: bool  # kurtosis < min_kurtosis
+    below_median: bool  # faithfulness percentile < 50: less faithful than most random vectors' channels
 
 
 class RawProjection(BaseModel):

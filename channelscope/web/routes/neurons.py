@@ -21,6 +21,9 @@ from channelscope.web.routes.params import Layer, MinKurtosis, ModelName, Neuron
 router = APIRouter()
 
 CHANNEL_TOKENS = 100
+# Folded on the neuron page below this faithfulness percentile: a channel that random vectors'
+# channels beat more often than not is no evidence about the neuron, however sparse it looks.
+FOLD_PERCENTILE = 50.0
 HISTOGRAM_BINS = 60
 
 
@@ -159,6 +162,7 @@ def neuron_page(
                 url=channel_url(ch.index),
                 label=label([t.token for t in ch.top_tokens]),
                 below_cutoff=ch.kurtosis < min_kurtosis,
+                below_median=ch.faithfulness_percentile < FOLD_PERCENTILE,
             )
             for ch in data.channels
         ],

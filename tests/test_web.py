@@ -243,6 +243,31 @@ def test_every_chart_has_a_legend_and_every_heatmap_a_colour_scale(client, store
     assert model.count("not computed</span>") == 2 and "lowest, " in model and "highest, " in model
 
 
+def test_the_layer_table_shows_each_neuron_s_best_channel_s_first_tokens(client, store):
+    table = get(client, f"/m/{store.model}/1.json?run={store.run_a}&limit=500").json()
+    page = get(client, f"/m/{store.model}/1?run={store.run_a}&limit=500").text
+    shown = [r for r in table["rows"] if r["has_channels"]]
+    assert shown
+    for r in shown:
+        neuron = get(client, f"/m/{store.model}/1/{r['neuron']}.json?run={store.run_a}").json()
+        eligible = [
+            (c["faithfulness_percentile"], -c["index"], c)
+            for c in neuron["data"]["channels"]
+            if not c["generic"]
+        ]
+        if not eligible:
+            assert r["best_channel"] is None
+            continue
+        best = max(eligible, key=lambda e: e[:2])[2]
+        assert r["best_channel"] == best["index"]
+        link = next(ch for ch in neuron["channels"] if ch["index"] == best["index"])
+        assert r["best_channel_tokens"] == link["label"]
+        assert (
+            f'href="{html.escape(r["best_channel_url"])}">{html.escape(link["label"], quote=False)}</a>'
+            in page
+        )
+
+
 def test_channels_below_half_the_random_percentiles_are_folded_too(client, store):
     seen = 0
     for layer in (0, 1):

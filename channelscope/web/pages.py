@@ -113,6 +113,11 @@ class NeuronRow(BaseModel):
     generic_count: int | None
     reconstruction: float | None  # |P_C w| / |w| with all C channels
     reconstruction_baseline: float | None  # the same for random vectors at the channels' cosines
+    # its best non-generic channel (highest faithfulness percentile) and that channel's first
+    # tokens; None without channels, or when every channel is generic
+    best_channel: int | None = None
+    best_channel_tokens: str | None = None
+    best_channel_url: str | None = None
 
 
 class SortLink(BaseModel):

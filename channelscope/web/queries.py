@@ -294,6 +294,29 @@ def layer_neurons(
     return _execute(session, query.limit(limit)).all()
 
 
+def best_channel_labels(
+    session: Session, run_id: int, layer: int, side: str, neurons: list[int]
+) -> Sequence[Row]:
+    """For these neurons of a layer side: every non-generic channel's percentile and the ids of
+    its first LABEL_TOKENS tokens (one row per token), for the layer table's best-channel column.
+    Asked even for no neurons, so that a layer page costs the same number of queries."""
+    ct = T.ChannelToken
+    query = (
+        select(T.Neuron.neuron, T.Channel.channel, T.Channel.faithfulness_percentile, ct.rank, ct.token_id)
+        .join(T.Channel, T.Channel.neuron_id == T.Neuron.id)
+        .join(ct, (ct.neuron_id == T.Channel.neuron_id) & (ct.channel == T.Channel.channel))
+        .where(
+            T.Neuron.run_id == run_id,
+            T.Neuron.layer == layer,
+            T.Neuron.side == side,
+            T.Neuron.neuron.in_(neurons),
+            T.Channel.generic.is_(False),
+            ct.rank < LABEL_TOKENS,
+        )
+    )
+    return _execute(session, query).all()
+
+
 def neuron_counts_of_run(session: Session, run_id: int) -> Sequence[Row]:
     """How many neurons the run has computed on each layer side (the weights of a uniform draw)."""
     return _execute(

@@ -197,6 +197,28 @@ def _row(
     )
 
 
+def _best_channels(session, model_row, run_row, layer, side, rows, pin) -> None:
+    """Each row's best channel (highest faithfulness percentile, lowest index on ties) and its
+    first tokens, so that the table can be skimmed for what its neurons do."""
+    found: dict[int, dict[int, list]] = {}
+    for r in queries.best_channel_labels(
+        session, run_row.run_id, layer, side, [row.neuron for row in rows if row.has_channels]
+    ):
+        found.setdefault(r.neuron, {}).setdefault(r.channel, [r.faithfulness_percentile, {}])[1][r.rank] = (
+            r.token_id
+        )
+    tokens = lookup.vocab(session, model_row).tokens
+    for row in rows:
+        channels = found.get(row.neuron)
+        if not channels:
+            continue
+        best = min(channels, key=lambda c: (-channels[c][0], c))
+        ids = channels[best][1]
+        row.best_channel = best
+        row.best_channel_tokens = label([tokens[ids[k]] for k in sorted(ids)])
+        row.best_channel_url = urls.channel(model_row.name, layer, row.neuron, side, best, run=run_row.hash)
+
+
 def _cursor_value(value) -> str:
     return "nan" if value is None else repr(float(value))
 
@@ -318,6 +340,8 @@ def layer_page(
     )
     if run_row is not None:
         present |= {r.layer for r in queries.neuron_counts_of_run(session, run_row.run_id) if r.side == side}
+    if run_row is not None:
+        _best_channels(session, model_row, run_row, layer, side, rows, pin)
     last = rows[-1] if rows else None
     result = pages.LayerPage(
         model=lookup.model_out(model_row),

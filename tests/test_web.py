@@ -644,6 +644,16 @@ def test_layer_links_lead_only_to_layers_with_something_to_show(client, store):
             assert get(client, link).status_code == 200
 
 
+def test_compare_runs_is_offered_only_where_another_run_has_the_neuron(client, store):
+    # Run B computed layer 1 `out` only: there, two runs to compare; elsewhere only run A.
+    assert get(client, f"/m/{store.model}/1/0.json").json()["compare_url"]
+    assert get(client, f"/m/{store.model}/0/0.json").json()["compare_url"] is None
+    assert "compare runs" not in get(client, f"/m/{store.model}/0/0").text
+    assert get(client, f"/m/{store.model}/0/0.json?run={store.run_a}").json()[
+        "compare_url"
+    ]  # cached for good
+
+
 def test_og_url_names_the_run_the_page_shows(client, store):
     for url in (f"/m/{store.model}/1/0", f"/m/{store.model}/1", f"/m/{store.model}/1/0/out/0"):
         page = get(client, url).text

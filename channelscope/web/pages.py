@@ -319,7 +319,10 @@ class NeuronPage(BaseModel):
     next_url: str | None
     random_url: str
     histogram_url: str
-    compare_url: str
+    # two runs of this neuron side; None on a page that can change (unpinned) while no other run
+    # has it. A page pinned to its run is cached for good, so it keeps the link: another run may
+    # compute the neuron later.
+    compare_url: str | None
     json_url: str
     ablation: Controls | None  # the ablation form of this neuron side (None without channels)
 

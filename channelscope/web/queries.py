@@ -340,7 +340,7 @@ def neuron_ids(session: Session, run_id: int, layer: int, side: str) -> list[int
 
 @functools.cache
 def _neuron_with_run(pinned: bool):
-    other = aliased(T.Neuron)
+    other, other_run = aliased(T.Neuron), aliased(T.Run)
     same_side = (other.run_id == T.Neuron.run_id, other.layer == T.Neuron.layer, other.side == T.Neuron.side)
     # Each candidate run's progress (as run_progress), aggregated in one pass over its shards.
     progress = (
@@ -372,6 +372,15 @@ def _neuron_with_run(pinned: bool):
             .where(T.OverviewLayer.side == T.Neuron.side, T.OverviewLayer.version == OVERVIEW_VERSION)
             .exists()
             .label("in_overview"),
+            # Whether another run of the model has this neuron side: something to compare.
+            select(other.id)
+            .join(other_run, other_run.id == other.run_id)
+            .where(other_run.model_id == T.Run.model_id, other.run_id != T.Neuron.run_id)
+            .where(
+                other.layer == T.Neuron.layer, other.side == T.Neuron.side, other.neuron == T.Neuron.neuron
+            )
+            .exists()
+            .label("comparable"),
         )
         .join(T.Run, T.Run.id == T.Neuron.run_id)
         .outerjoin(progress, progress.c.run_id == T.Neuron.run_id)

@@ -112,7 +112,9 @@ def neuron_page(
         next_url=neighbour(following),
         random_url=urls.random_neuron(name, run=pin),
         histogram_url=urls.histogram(name, layer, neuron, side, row.hash if row is not None else None),
-        compare_url=urls.compare(name, layer, neuron, side),
+        compare_url=urls.compare(name, layer, neuron, side)
+        if row is not None and (run is not None or row.comparable)
+        else None,
         json_url=urls.neuron(name, layer, neuron, side, pin, min_kurtosis, json=True),
     )
     if row is None:

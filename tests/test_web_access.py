@@ -89,24 +89,3 @@ def test_a_skip_link_is_the_first_tab_stop_and_leads_past_the_header(server, bro
     inside = page.evaluate("document.querySelector('main').contains(document.activeElement)")
     assert inside and page.evaluate("!document.querySelector('header').contains(document.activeElement)")
     context.close()
-
-
-def test_the_screenshot_command_draws_the_best_neuron_at_desktop_and_phone_width(
-    store, tmp_path, monkeypatch
-):
-    import runpy
-    import sys
-
-    from channelscope.core.config import config
-
-    monkeypatch.setenv("DATABASE_URL", store.url)
-    monkeypatch.setattr(sys, "argv", ["screenshots.py", "--out", str(tmp_path)])
-    config.cache_clear()
-    try:
-        script = runpy.run_path(str(Path(__file__).parents[1] / "bin" / "screenshots.py"))
-        script["main"]()
-    finally:
-        config.cache_clear()
-    for name, width in (("desktop", 1280), ("phone", 390 * 2)):
-        png = (tmp_path / f"neuron-{name}.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == width

@@ -17,3 +17,14 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 });
+
+// The address bar names the run the page shows, as the permalink box does: a reload, a bookmark
+// or a copied address brings back exactly this view, even after a newer run appears.
+document.addEventListener("DOMContentLoaded", () => {
+  const link = document.querySelector("section.run a.permalink-link");
+  if (!link) return;
+  const pinned = new URL(link.getAttribute("href"), location.href);
+  if (pinned.pathname === location.pathname && pinned.search !== location.search) {
+    history.replaceState(history.state, "", pinned.pathname + pinned.search + location.hash);
+  }
+});

@@ -59,6 +59,23 @@ def test_with_javascript_a_toggle_updates_the_result_in_place(server, browser):
     page.close()
 
 
+def test_ticking_several_toggles_in_a_row_asks_once_and_says_what_a_first_run_waits_for(server, browser):
+    base, run = server
+    page = browser.new_page()
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if "/ablate" in r.url else None)
+    page.goto(f"{base}/m/tiny-llama/{LAYER}/0?run={run}")
+    assert "loads the model" in page.locator("#ablation-busy").inner_text()
+    boxes = page.locator("form.ablation-form input[name=channels]")
+    if not boxes.nth(2).is_visible():  # the third may be folded (generic or below the cut-off)
+        page.locator("form.ablation-form details summary").first.click()
+    for i in range(3):
+        boxes.nth(i).check()
+    page.wait_for_selector("#ablation-result .selectivity", timeout=30_000)
+    assert len(asked) == 1, asked  # debounced: one preview after the last tick, not three
+    page.close()
+
+
 def test_without_javascript_the_form_submits_to_the_ablation_page(server, browser):
     base, run = server
     context = browser.new_context(java_script_enabled=False)

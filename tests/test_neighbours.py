@@ -18,9 +18,10 @@ from channelscope.worker import neighbours
 
 
 def _brute_force(unit: np.ndarray, owners: np.ndarray, count: int) -> np.ndarray:
-    cos = unit @ unit.T
-    cos[owners[:, None] == owners[None, :]] = -np.inf
-    return np.argsort(-cos, axis=1, kind="stable")[:, :count]
+    """Highest |cos| first: a channel's mirror image (cos near -1) is its nearest."""
+    score = np.abs(unit @ unit.T)
+    score[owners[:, None] == owners[None, :]] = -np.inf
+    return np.argsort(-score, axis=1, kind="stable")[:, :count]
 
 
 def test_blocks_give_the_same_neighbours_as_one_product():
@@ -32,6 +33,25 @@ def test_blocks_give_the_same_neighbours_as_one_product():
     expected = _brute_force(unit, owners, 7)
     assert (index.numpy() == expected).all()
     assert np.allclose(cos.numpy(), np.take_along_axis(unit @ unit.T, expected, axis=1), atol=1e-5)
+
+
+def test_a_mirror_image_is_the_nearest_channel_and_keeps_its_sign():
+    unit = torch.tensor([[1.0, 0.0], [-0.99, 0.141], [0.5, 0.866], [0.0, 1.0]])
+    unit = unit / unit.norm(dim=1, keepdim=True)
+    cos, index = neighbours.nearest(unit, torch.arange(4), 2, rows=2, columns=3)
+    assert index[0].tolist() == [1, 2] and cos[0, 0] < -0.98  # highest |cos|, sign kept
+
+
+def test_the_random_baseline_of_nearest_channels_matches_sampling():
+    rng = np.random.default_rng(1)
+    d, m = 64, 500
+    channels = rng.standard_normal((m, d))
+    channels /= np.linalg.norm(channels, axis=1, keepdims=True)
+    draws = rng.standard_normal((400, d))
+    draws /= np.linalg.norm(draws, axis=1, keepdims=True)
+    sampled = np.abs(draws @ channels.T).max(axis=1).mean()
+    assert live.random_max_abs_cos(d, m) == pytest.approx(sampled, rel=0.03)
+    assert live.random_max_abs_cos(d, 1) == pytest.approx(np.abs(draws @ channels[0]).mean(), rel=0.1)
 
 
 def test_fewer_candidates_than_asked_are_marked_missing():
@@ -102,9 +122,11 @@ def test_a_channel_page_of_a_large_run_reads_stored_neighbours(store, monkeypatc
         assert len(after["nearest"]) == min(12, _other_channels(store.url, run))
         assert "computed" in after["nearest_note"] and "channelscope neighbours" in after["nearest_note"]
         assert all(n["neuron"] != 2 for n in after["nearest"])  # elsewhere: not its own neuron
-        assert [n["cos"] for n in after["nearest"]] == sorted(
-            (n["cos"] for n in after["nearest"]), reverse=True
+        assert [abs(n["cos"]) for n in after["nearest"]] == sorted(
+            (abs(n["cos"]) for n in after["nearest"]), reverse=True
         )
+        baseline = after["nearest_baseline"]
+        assert 0 < baseline < 1 and f"{baseline:.3f}" in client.get(page.replace(".json", "")).text
         html = client.get(page.replace(".json", "")).text
         assert after["nearest"][0]["url"] in html
     app.state.engine.dispose()

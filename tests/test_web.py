@@ -4,6 +4,7 @@ caching, search, keyset pagination, bad input and hostile tokens, query counts."
 from __future__ import annotations
 
 import html
+import os
 import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -108,6 +109,23 @@ def test_home_lists_models_and_runs_with_progress(client, store):
     assert "<progress" in get(client, "/").text
 
 
+def test_home_says_a_run_is_starting_while_bin_up_computes_behind_it(client, tmp_path, monkeypatch):
+    from channelscope.core.config import config
+
+    monkeypatch.setenv("CHANNELSCOPE_DATA_DIR", str(tmp_path))
+    config.cache_clear()
+    try:
+        assert get(client, "/.json").json()["starting"] is None
+        (tmp_path / "background.pid").write_text(str(os.getpid()))
+        assert "A run is starting" in get(client, "/.json").json()["starting"]
+        assert "A run is starting" in get(client, "/").text
+        (tmp_path / "background.pid").write_text("999999999")  # finished (or killed)
+        assert get(client, "/.json").json()["starting"] is None
+    finally:
+        monkeypatch.delenv("CHANNELSCOPE_DATA_DIR")
+        config.cache_clear()
+
+
 def test_model_page_has_layer_side_heatmaps_linking_to_layers(client, store):
     data = get(client, f"/m/{store.model}.json?run={store.run_a}").json()
     assert {(c["layer"], c["side"]) for c in data["cells"]} == {
@@ -144,6 +162,129 @@ def test_neuron_page_shows_the_issue_s_sections(client, store):
     assert 'aria-current="page" class="active">gate' in page
 
 
+def test_a_neuron_whose_channels_are_all_generic_reads_none_on_its_page_and_the_layer_table(client, store):
+    """The store keeps 0 as such a neuron's best percentile (the layer table showed a red 0 while
+    its page showed 100 on every channel)."""
+    engine = client.app.state.engine
+    with engine.begin() as conn:
+        row = conn.execute(
+            select(T.Neuron.id, T.Neuron.generic_count, T.Neuron.best_percentile).where(
+                T.Neuron.layer == 0, T.Neuron.side == "in", T.Neuron.neuron == 4
+            )
+        ).one()
+        was = conn.execute(
+            select(T.Channel.channel, T.Channel.generic).where(T.Channel.neuron_id == row.id)
+        ).all()
+        conn.execute(
+            T.Neuron.__table__.update()
+            .where(T.Neuron.id == row.id)
+            .values(generic_count=len(was), best_percentile=0.0)
+        )
+        conn.execute(T.Channel.__table__.update().where(T.Channel.neuron_id == row.id).values(generic=True))
+    try:
+        twin = get(client, f"/m/{store.model}/0/4.json?side=in").json()
+        assert twin["best_percentile"] is None
+        html_page = get(client, f"/m/{store.model}/0/4?side=in").text
+        assert re.search(
+            r"best percentile</a></dt><dd><span class=\"pct pct-none\"[^>]*>none</span>", html_page
+        )
+        table = get(client, f"/m/{store.model}/0.json?side=in&limit=500").json()
+        (mine,) = [r for r in table["rows"] if r["neuron"] == 4]
+        assert mine["best_percentile"] is None and mine["has_channels"]
+        layer_html = get(client, f"/m/{store.model}/0?side=in&limit=500").text
+        cells = re.search(
+            r'<a href="[^"]*/0/4\?side=in">4</a></td>\s*(?:<td class="label">.*?</td>\s*)?<td>(.*?)</td>',
+            layer_html,
+            re.S,
+        )
+        assert ">none<" in cells.group(1)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(
+                T.Neuron.__table__.update()
+                .where(T.Neuron.id == row.id)
+                .values(generic_count=row.generic_count, best_percentile=row.best_percentile)
+            )
+            for channel, generic in was:
+                conn.execute(
+                    T.Channel.__table__.update()
+                    .where(T.Channel.neuron_id == row.id, T.Channel.channel == channel)
+                    .values(generic=generic)
+                )
+    assert get(client, f"/m/{store.model}/0/4.json?side=in").json()["best_percentile"] is not None
+
+
+def test_every_chart_has_a_legend_and_every_heatmap_a_colour_scale(client, store):
+    pages_with_charts = {
+        f"/m/{store.model}": 2,
+        f"/m/{store.model}/1/0?run={store.run_a}": 4,
+        f"/m/{store.model}/1/0/out/0?run={store.run_a}": 2,  # its histogram and its own curve
+    }
+    for url, count in pages_with_charts.items():
+        page = get(client, url).text
+        figures = re.findall(r'(?s)<figure class="plot">\s*<svg.*?</figure>', page)
+        assert len(figures) == count, url
+        for figure in figures:
+            caption = figure.split("<figcaption>")[1]
+            if "histogram" not in caption.lower() and "z-scores" not in caption:
+                assert 'class="key"' in caption, (url, caption[:200])
+    neuron = get(client, f"/m/{store.model}/1/0?run={store.run_a}").text
+    curves = re.search(
+        r'(?s)<figure class="plot">\s*<svg[^>]*aria-labelledby="t-Kurtosis-during-optimisation".*?</figure>',
+        neuron,
+    ).group(0)
+    channels = get(client, f"/m/{store.model}/1/0.json?run={store.run_a}").json()["data"]["channels"]
+    assert all(f"channel {ch['index']}</span>" in curves for ch in channels)
+    assert "solver stage change (iteration 50)" in curves and "AdamW" in curves
+    by_index = re.search(r'(?s)aria-labelledby="t-Kurtosis-by-channel".*?</figure>', neuron).group(0)
+    assert "min_kurtosis 5</text>" not in by_index  # named in the legend, not drawn over the bars
+    assert "dashed line: min_kurtosis 5" in by_index
+    model = get(client, f"/m/{store.model}").text
+    assert model.count("not computed</span>") == 2 and "lowest, " in model and "highest, " in model
+
+
+def test_the_layer_table_shows_each_neuron_s_best_channel_s_first_tokens(client, store):
+    table = get(client, f"/m/{store.model}/1.json?run={store.run_a}&limit=500").json()
+    page = get(client, f"/m/{store.model}/1?run={store.run_a}&limit=500").text
+    shown = [r for r in table["rows"] if r["has_channels"]]
+    assert shown
+    for r in shown:
+        neuron = get(client, f"/m/{store.model}/1/{r['neuron']}.json?run={store.run_a}").json()
+        eligible = [
+            (c["faithfulness_percentile"], -c["index"], c)
+            for c in neuron["data"]["channels"]
+            if not c["generic"]
+        ]
+        if not eligible:
+            assert r["best_channel"] is None
+            continue
+        best = max(eligible, key=lambda e: e[:2])[2]
+        assert r["best_channel"] == best["index"]
+        link = next(ch for ch in neuron["channels"] if ch["index"] == best["index"])
+        assert r["best_channel_tokens"] == link["label"]
+        assert (
+            f'href="{html.escape(r["best_channel_url"])}">{html.escape(link["label"], quote=False)}</a>'
+            in page
+        )
+
+
+def test_channels_below_half_the_random_percentiles_are_folded_too(client, store):
+    seen = 0
+    for layer in (0, 1):
+        for side in ("gate", "in", "out"):
+            for neuron in range(5):
+                url = f"/m/{store.model}/{layer}/{neuron}?side={side}&run={store.run_a}&min_kurtosis=-100"
+                twin = get(client, json_twin(url)).json()
+                page = get(client, url).text
+                for ch, link in zip(twin["data"]["channels"], twin["channels"], strict=True):
+                    row = re.search(rf'(?s)<tr class="([^"]*)" id="channel-{ch["index"]}">(.*?)</tr>', page)
+                    folded = '<details class="fold">' in row.group(2)
+                    assert link["below_median"] == (ch["faithfulness_percentile"] < 50)
+                    assert folded == (ch["generic"] or link["below_median"]), (url, ch["index"])
+                    seen += link["below_median"] and not ch["generic"]
+    assert seen  # the tiny model has such channels
+
+
 def test_min_kurtosis_moves_the_cut_off_and_folds_channels(client, store):
     url = f"/m/{store.model}/0/3.json?run={store.run_a}"
     low = get(client, url + "&min_kurtosis=-1000").json()
@@ -166,12 +307,20 @@ def test_channel_page_top_100_tokens_histogram_and_nearest(client, store):
     assert len(data["vector"]) == 64
     nearest = data["nearest"]
     assert nearest and all(not (n["layer"] == 0 and n["side"] == "in" and n["neuron"] == 3) for n in nearest)
-    assert [n["cos"] for n in nearest] == sorted((n["cos"] for n in nearest), reverse=True)
+    # By |cos| with the sign kept (a channel on the other tail of the same tokens is near), beside
+    # what a random direction reaches among as many channels.
+    assert [abs(n["cos"]) for n in nearest] == sorted((abs(n["cos"]) for n in nearest), reverse=True)
+    assert any(n["cos"] < 0 for n in nearest)
+    assert data["nearest_candidates"] > 0 and 0 < data["nearest_baseline"] < 1
+    assert get(client, data["ablate_url"]).status_code == 200
+    assert "channels=1" in data["ablate_url"]
     # The stored top tokens (from the worker) lead the recomputed top 100.
     stored = [t["id"] for t in data["channel"]["top_tokens"][:5]]
     assert set(stored) <= {t["id"] for t in data["tokens"][:20]}
     page = get(client, f"/m/{store.model}/0/3/in/1?run={store.run_a}").text
     assert "Nearest channels" in page and 'property="og:title"' in page
+    assert "opposite tail" in page and f"{data['nearest_baseline']:.3f}" in page
+    assert f'href="{html.escape(data["ablate_url"])}"' in page
 
 
 def test_compare_page_matches_channels_of_two_runs(client, store):
@@ -244,6 +393,26 @@ def _variants(store):
     return {k: v for k, v in by_key.items() if len(v) > 1 and k.strip()}
 
 
+def test_a_release_changes_every_etag_and_cache_key_of_the_same_page(client, store, monkeypatch):
+    """Markup cached as immutable before a release is never served after it: the ETag and the
+    page cache key carry a hash of the templates, static files and web code, and the static
+    files' URLs carry it too."""
+    from channelscope.web import responses
+
+    url = f"/m/{store.model}/1/0/histogram.json?run={store.run_a}"  # immutable
+    before = get(client, url)
+    assert before.headers["etag"].startswith(f'"{responses.MARKUP_VERSION}-')
+    assert f"/static/channelscope.css?v={responses.MARKUP_VERSION}" in get(client, "/").text
+    monkeypatch.setattr(responses, "MARKUP_VERSION", "0" * 12)
+    after = get(client, url)
+    assert after.headers["etag"] != before.headers["etag"] and after.headers["etag"].startswith(
+        '"000000000000-'
+    )
+    stale = client.get(url, headers={"If-None-Match": before.headers["etag"]})
+    assert stale.status_code == 200  # the old ETag no longer matches
+    assert responses.markup_version() == before.headers["etag"][1:13]
+
+
 def test_search_ignores_case_and_leading_spaces_unless_exact(client, store):
     variants = _variants(store)
     key, spellings = next(iter(sorted(variants.items())))
@@ -290,6 +459,44 @@ def test_search_ranks_by_faithfulness_percentile_then_z_and_sort_z(client, store
     oriented = [abs(h["token"]["z"]) for h in by_z]
     assert oriented == sorted(oriented, reverse=True)
     assert {h["url"] for h in by_z} == {h["url"] for h in hits}
+
+
+def test_search_lists_each_channel_once_with_the_channel_page_s_signed_z_and_its_effect(client, store):
+    """Search showed the index's oriented z (+16.85 where the channel page showed -16.85), and a
+    channel once per matching spelling."""
+    seen_negative = False
+    for text in ("the", "a", "e", "s", "t", "in"):
+        hits = _all_hits(client, {"token": text, "min_kurtosis": -100, "generic": 1})
+        keys = [(h["run"], h["layer"], h["side"], h["neuron"], h["channel"]) for h in hits]
+        assert len(keys) == len(set(keys)), text
+        for h in hits[:6]:
+            channel = get(client, h["url"].replace("?", ".json?")).json()
+            z_on_page = {t["id"]: t["z"] for t in channel["tokens"]}
+            for t in [h["token"], *h["also"]]:
+                assert t["z"] * h["tail"] > 0
+                if t["id"] in z_on_page:
+                    assert abs(z_on_page[t["id"]] - t["z"]) < 0.05, (h, z_on_page[t["id"]])
+            assert h["tail"] == channel["channel"]["tail"] and h["effect"] == channel["channel"]["effect"]
+            assert h["effect"] in (
+                ("promotes", "suppresses") if h["side"] == "out" else ("fires on", "is inhibited by")
+            )
+            seen_negative |= h["tail"] < 0
+    assert seen_negative  # the tiny model's channels lie on both tails
+
+
+def test_the_sign_convention_reads_the_same_on_neuron_channel_and_ablation_pages(client, store):
+    for side in ("out", "in"):
+        base = f"/m/{store.model}/0/2"
+        neuron = get(client, f"{base}.json?side={side}&run={store.run_a}").json()
+        ablation = get(client, f"{base}/ablate.json?run={store.run_a}&side={side}&channels=0").json()
+        words = ("promotes", "suppresses") if side == "out" else ("fires on", "is inhibited by")
+        for ch, toggle in zip(neuron["data"]["channels"], ablation["controls"]["channels"], strict=True):
+            assert ch["effect"] == words[0 if ch["tail"] > 0 else 1] == toggle["effect"]
+            channel = get(client, f"{base}/{side}/{ch['index']}.json?run={store.run_a}").json()["channel"]
+            assert channel["effect"] == ch["effect"]
+        assert ablation["preview"]["effect"] == neuron["data"]["channels"][0]["effect"]
+        page = get(client, f"{base}/ablate?run={store.run_a}&side={side}&channels=0").text
+        assert f"{'▲' if ablation['preview']['tail'] > 0 else '▼'} {ablation['preview']['effect']}" in page
 
 
 def test_search_filters_generic_channels_kurtosis_layers_and_side(client, store):
@@ -395,6 +602,89 @@ def test_jump_to_neuron_and_random_neuron_redirect(client, store):
         target = get(client, f"/m/{store.model}/random?run={store.run_a}", 303).headers["location"]
         assert get(client, target).status_code == 200
         assert parse_qs(urlsplit(target).query)["run"] == [store.run_a]
+
+
+def test_random_neuron_is_uniform_over_the_run_s_neurons_and_has_a_json_twin(client, store):
+    # Run A computed neurons 0-4 of 128 per layer side: "the next computed neuron after a random
+    # id" landed on neuron 0 in ~123 of 128 draws.
+    seen = set()
+    for _ in range(60):
+        target = get(client, f"/m/{store.model}/random?run={store.run_a}", 303).headers["location"]
+        seen.add(urlsplit(target).path.rsplit("/", 1)[1])
+    assert len(seen) >= 4, seen
+    twin = get(client, f"/m/{store.model}/random.json?run={store.run_a}", 303).headers["location"]
+    assert urlsplit(twin).path.endswith(".json")
+    body = get(client, twin).json()
+    assert body["neuron"] in range(5) and body["run"]["hash"] == store.run_a
+    unpinned = get(client, f"/m/{store.model}/random.json", 303).headers["location"]
+    assert urlsplit(unpinned).path.endswith(".json")
+    missing = client.get("/m/no-such-model/random.json")
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/")
+
+
+def test_a_model_s_short_name_redirects_to_its_full_name(client, store):
+    short = store.model.split("-")[0]  # as `smollm2` is for smollm2-135m-instruct
+    moved = get(client, f"/m/{short}/1/0?run={store.run_a}", 308).headers["location"]
+    assert moved == f"/m/{store.model}/1/0?run={store.run_a}"
+    assert get(client, f"/m/{short}.json", 308).headers["location"] == f"/m/{store.model}.json"
+    assert client.get("/m/tin/1/0").status_code == 404  # not a whole dash-separated part
+
+
+def test_layer_links_lead_only_to_layers_with_something_to_show(client, store):
+    # Run B computed layer 1 `out` only: pinned to it, "layer 0" would be a 404.
+    pinned = get(client, f"/m/{store.model}/1.json?run={store.run_b}").json()
+    assert list(pinned["layer_urls"]) == ["1"]
+    assert "layer 0" not in get(client, f"/m/{store.model}/1?run={store.run_b}").text.split("<table")[0]
+    for url in (
+        f"/m/{store.model}/1",
+        f"/m/{store.model}/0?side=gate",
+        f"/m/{store.model}/1?run={store.run_b}",
+    ):
+        for link in get(client, json_twin(url)).json()["layer_urls"].values():
+            assert get(client, link).status_code == 200
+
+
+def test_compare_runs_is_offered_only_where_another_run_has_the_neuron(client, store):
+    # Run B computed layer 1 `out` only: there, two runs to compare; elsewhere only run A.
+    assert get(client, f"/m/{store.model}/1/0.json").json()["compare_url"]
+    assert get(client, f"/m/{store.model}/0/0.json").json()["compare_url"] is None
+    assert "compare runs" not in get(client, f"/m/{store.model}/0/0").text
+    assert get(client, f"/m/{store.model}/0/0.json?run={store.run_a}").json()[
+        "compare_url"
+    ]  # cached for good
+
+
+def test_og_url_names_the_run_the_page_shows(client, store):
+    for url in (f"/m/{store.model}/1/0", f"/m/{store.model}/1", f"/m/{store.model}/1/0/out/0"):
+        page = get(client, url).text
+        og = re.search(r'property="og:url" content="([^"]*)"', page).group(1)
+        assert "run=" in html.unescape(og), (url, og)
+
+
+def test_a_glossary_defines_the_numbers_and_their_labels_link_to_it(client, store):
+    terms = {t["id"]: t for t in get(client, "/glossary.json").json()["terms"]}
+    wanted = {"channel", "kurtosis", "faithfulness", "percentile", "generic", "alpha", "selectivity", "sign"}
+    assert wanted <= set(terms)
+    assert "excess" in terms["kurtosis"]["term"] and "promotes" in terms["sign"]["definition"]
+    glossary = get(client, "/glossary").text
+    for term in terms:
+        assert f'id="{term}"' in glossary
+    linked = {
+        f"/m/{store.model}/1/0?run={store.run_a}": {
+            "kurtosis",
+            "percentile",
+            "faithfulness",
+            "sign",
+            "channel",
+        },
+        f"/m/{store.model}/1/0/out/0?run={store.run_a}": {"percentile", "faithfulness", "kurtosis", "alpha"},
+        f"/m/{store.model}/1": {"percentile", "kurtosis", "generic", "reconstruction"},
+        "/search?token=the&min_kurtosis=-100&generic=1": {"percentile", "kurtosis", "sign", "z"},
+        f"/m/{store.model}/1/0/ablate?run={store.run_a}&side=out&channels=0": {"selectivity", "alpha"},
+    }
+    for url, ids in linked.items():
+        page = get(client, url).text
+        assert {i for i in ids if f'href="/glossary#{i}"' not in page} == set(), url
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -556,7 +846,8 @@ def test_each_page_makes_a_constant_number_of_queries(client, store, count_queri
     }
     # The pages opened most have their own, tighter budgets (bench/web.py times them): a
     # neuron side, its channels and their tokens; the models with their newest runs, then hits.
-    most = {family: 8 for family in families} | {"neuron": 3, "search": 2}
+    # search: the hits, the raw projections, and the spellings each listed channel matched
+    most = {family: 8 for family in families} | {"neuron": 3, "search": 3}
     for family, urls in families.items():
         counts = []
         for url in urls:

@@ -48,7 +48,7 @@ def test_journey_home_model_layer_neuron_channel_search_and_back_by_permalink(se
     assert page.locator("h1").inner_text() == "Models"
     page.get_by_role("link", name=filled.model, exact=True).click()  # -> model
     assert page.locator("h1").inner_text() == filled.model
-    assert page.locator("figure.plot svg").count() == 2  # the layer x side heatmaps
+    assert page.locator("figure.plot > svg").count() == 2  # the layer x side heatmaps (legend swatches aside)
     page.get_by_role("link", name="layer 1 out", exact=True).click()  # -> layer
     assert page.locator("h1").inner_text() == "Layer 1"
     page.locator("table.neurons tbody tr td:first-child a").first.click()  # -> neuron
@@ -99,12 +99,15 @@ def test_hostile_tokens_never_run_in_the_browser(server, browser, javascript):
     page = context.new_page()
     seen = _watch(page)
     page.goto(f"{base}/m/{filled.model}/1/0?run={filled.run_a}")
-    chips = page.locator("table.channel-table tbody tr").first.locator(".chip")
+    row = page.locator("table.channel-table tbody tr").first
+    if row.locator("details.fold").count():  # folded (its percentile is below half): open it
+        row.locator("details.fold summary").click(position={"x": 2, "y": 5})
+    chips = row.locator(".chip")
     texts = [chips.nth(i).inner_text() for i in range(4)]
     # Shown as text, visibly: spaces as middle dots, invisible characters as escapes.
     assert texts == ["<script>alert(1)</script>", '"><img·src=x·onerror=alert(1)>', "\\u202e", "\\x00"]
     assert page.locator("main img[src='x']").count() == 0
-    page.locator("table.channel-table a.label").first.click()
+    page.locator("table.channel-table tbody tr td:first-child a").first.click()
     page.goto(base + "/search?" + urlencode({"token": "<script>alert(1)</script>", "min_kurtosis": -100}))
     assert "<script>alert(1)</script>" in page.locator("main").inner_text()
     page.goto(base + "/m/" + "%3Cscript%3Ealert(1)%3C%2Fscript%3E")
@@ -122,4 +125,15 @@ def test_folded_channels_open_with_one_click_without_javascript(server, browser)
     assert folded.locator(".chips").is_hidden()
     folded.locator("summary").click(position={"x": 2, "y": 5})  # the marker, not the link in it
     assert folded.locator(".chips").is_visible()
+    context.close()
+
+
+def test_the_address_bar_names_the_run_the_page_shows(server, browser):
+    base, filled = server
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{base}/m/{filled.model}/1/0")
+    assert "run=" in page.url
+    page.reload()
+    assert page.locator("section.run").inner_text().startswith("Pinned to run")
     context.close()

@@ -66,7 +66,7 @@ def cached(tiny_folder, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(
         url=url,
         page=f"{neuron}?side=out&run={run.hash}",
-        canonical=f"{neuron}?run={run.hash}&side=out",  # as the page names itself: sorted
+        canonical=f"{neuron}?run={run.hash}",  # as the page names itself: its permalink
     )
 
 

@@ -11,6 +11,27 @@ from pydantic import BaseModel
 from channelscope.core import tables as T
 from channelscope.core.stats import finite_or
 
+SIGN_CONVENTION = (
+    "A channel's tail is the side of its projection c @ U where its top tokens lie: +1 when they "
+    "have the highest z, -1 when they have the lowest (the sign of its skew). For a positive "
+    "activation of the neuron, an `out` channel on the +1 tail promotes its tokens (raises their "
+    "logits) and one on the -1 tail suppresses them; a `gate` or `in` channel on the +1 tail fires "
+    "on its tokens (they raise the pre-activation) and one on the -1 tail is inhibited by them."
+)
+
+
+def tail_of(skew: float) -> int:
+    """+1 or -1: which tail of the projection a channel's top tokens lie on."""
+    return 1 if skew >= 0 else -1
+
+
+def effect(side: str, tail: int) -> str:
+    """The one wording of the sign convention (SIGN_CONVENTION): what a channel does to its
+    tokens, on the write side or a read side."""
+    if side == "out":
+        return "promotes" if tail > 0 else "suppresses"
+    return "fires on" if tail > 0 else "is inhibited by"
+
 
 class TokenScore(BaseModel):
     id: int
@@ -33,6 +54,8 @@ class ChannelOut(BaseModel):
         float | None
     )  # against random directions at the same cosine to w; None before measures v2
     generic: bool
+    tail: int  # +1 / -1, the sign of the skew: which tail its top tokens lie on (SIGN_CONVENTION)
+    effect: str  # what it does to them: promotes / suppresses (out), fires on / is inhibited by
     top_tokens: list[TokenScore]  # on the channel's dominant tail, furthest out first
     history: list[float]  # unweighted kurtosis against optimisation step
 
@@ -71,7 +94,7 @@ def neuron_side(
 
     out = []
     for ch in channels:
-        sign = 1.0 if ch.skew >= 0 else -1.0
+        sign = tail_of(ch.skew)
         out.append(
             ChannelOut(
                 index=ch.channel,
@@ -86,6 +109,8 @@ def neuron_side(
                 faithfulness_percentile=ch.faithfulness_percentile,
                 percentile_local=ch.percentile_local,
                 generic=ch.generic,
+                tail=sign,
+                effect=effect(neuron.side, sign),
                 top_tokens=scores((i, z * sign) for i, z in channel_tokens.get(ch.channel, [])),
                 history=[finite_or(x, 0.0) for x in T.kurtosis_history(ch.history)],
             )

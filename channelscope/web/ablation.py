@@ -88,6 +88,8 @@ def controls(
             pages.ChannelToggle(
                 index=ch.index,
                 label=label([t.token for t in ch.top_tokens]),
+                tail=ch.tail,
+                effect=ch.effect,
                 kurtosis=ch.kurtosis,
                 cos=ch.cos,
                 alpha=ch.alpha,

@@ -6,10 +6,11 @@ the log has those, the page says what is wrong in its own words.
 from __future__ import annotations
 
 import logging
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
@@ -35,6 +36,15 @@ class NotFound(HTTPException):
 
     def __init__(self, detail: str):
         super().__init__(404, detail)
+
+
+class Alias(HTTPException):
+    """A model asked for by a short name (the CLI's `smollm2`): a permanent redirect to the same
+    path under its full name, so that every page keeps one address."""
+
+    def __init__(self, name: str, full: str):
+        super().__init__(308, f"{name} is {full}")
+        self.name, self.full = name, full
 
 
 class Malformed(HTTPException):
@@ -78,6 +88,11 @@ UNREACHABLE = (
 def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
+        if isinstance(error, Alias):
+            prefix = f"/m/{quote(error.name)}"
+            rest = request.url.path[len(prefix) :]
+            target = f"/m/{quote(error.full)}{rest}" + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(target, status_code=308, headers={"Cache-Control": "no-store"})
         return problem(request, error.status_code, str(error.detail), getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -17,7 +17,7 @@ from channelscope.core import tables as T
 from channelscope.core.coordinates import out_of_range
 from channelscope.core.progress import is_complete
 from channelscope.web import pages, queries, urls, vocabulary
-from channelscope.web.errors import NotFound
+from channelscope.web.errors import Alias, NotFound
 
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")  # method.weights.slug
 RUN_HASH = re.compile(r"[0-9a-f]{1,16}")
@@ -66,6 +66,11 @@ def model(session: Session, name: str) -> Row:
         if found is not None:
             cache[name] = found
     if found is None:
+        # A short name, as the CLI takes it (`smollm2` for smollm2-135m-instruct): the one model
+        # whose name starts with it and a dash.
+        longer = [m.name for m in queries.models(session) if m.name.startswith(f"{name}-")]
+        if len(longer) == 1 and MODEL_NAME.fullmatch(name):
+            raise Alias(name, longer[0])
         raise NotFound(f"There is no model named {name!r} here.")
     return found
 

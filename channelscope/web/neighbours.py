@@ -14,6 +14,7 @@ A large run without a stored build says so, and names the command, instead of a 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -78,6 +79,25 @@ def _vectors(session: Session, run_id: int, neurons_done: int) -> RunVectors:
         return found
 
 
+@functools.lru_cache(maxsize=256)
+def random_max_abs_cos(d: int, m: int) -> float:
+    """The expected highest |cos| between a uniformly random unit direction in d dimensions and m
+    fixed unit vectors, taken as independent: what "nearest by |cos|" reaches by chance among
+    that many channels. |cos| of a random direction with one vector has density proportional to
+    (1 - t^2)^((d-3)/2) on [0, 1]; E[max] = integral of 1 - F(t)^m dt."""
+    if d < 2 or m < 1:
+        return 0.0
+    t = np.linspace(0.0, 1.0, 200_001)
+    with np.errstate(divide="ignore"):
+        log_density = 0.5 * (d - 3) * np.log1p(-(t**2))
+    density = np.exp(log_density - log_density[np.isfinite(log_density)].max())
+    density[~np.isfinite(density)] = 0.0
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
+    cdf /= cdf[-1]
+    tail = 1.0 - cdf**m
+    return float(np.sum((tail[1:] + tail[:-1]) / 2) * (t[1] - t[0]))
+
+
 def nearest(
     session: Session,
     run_id: int,
@@ -88,48 +108,57 @@ def nearest(
     neuron_id: int,
     vector: bytes,
     count: int = 12,
-) -> tuple[list[Neighbour], str]:
-    """The `count` channels of other neurons with the highest cos to this channel vector, and a
+) -> tuple[list[Neighbour], str, int]:
+    """The `count` channels of other neurons with the highest |cos| to this channel vector (sign
+    kept: a channel on the other tail of the same tokens is as near as one on this tail), and a
     note saying how they were found (or why they were not). `where`: layer, side, neuron and
-    channel index of the channel; neuron_id its neuron's row."""
+    channel index of the channel; neuron_id its neuron's row. The third value is how many
+    channels were candidates (0 when none were compared)."""
     estimate = neurons_done * channels_per_neuron
     stored = queries.stored_neighbours(session, run_id, neuron_id, where[3])
     if stored is not None and stored.neighbours is not None:
         records = np.frombuffer(stored.neighbours, dtype=T.NEIGHBOUR)[:count]
         note = (
-            f"Exact cos against all {stored.channels:,} channels of this run, computed "
+            f"Exact |cos| against all {stored.channels:,} channels of this run, computed "
             f"{T.utc(stored.created_at):%Y-%m-%d %H:%M} UTC by `channelscope neighbours`."
         )
         if estimate > stored.channels:
             note += f" The run has about {estimate:,} channels now; run it again to include them."
-        return [
-            Neighbour(
-                int(r["layer"]),
-                SIDE_NAMES[int(r["side"])],
-                int(r["neuron"]),
-                int(r["channel"]),
-                float(r["cos"]),
-            )
-            for r in records
-        ], note
+        candidates = max(0, stored.channels - channels_per_neuron)
+        return (
+            [
+                Neighbour(
+                    int(r["layer"]),
+                    SIDE_NAMES[int(r["side"])],
+                    int(r["neuron"]),
+                    int(r["channel"]),
+                    float(r["cos"]),
+                )
+                for r in records
+            ],
+            note,
+            candidates,
+        )
     if estimate > MAX_CHANNELS:
-        return [], (
+        note = (
             f"Not computed yet: this run has about {estimate:,} channels, more than the {MAX_CHANNELS:,} "
             f"this page compares live; `channelscope neighbours {run_hash}` computes and stores them."
         )
+        return [], note, 0
     run = _vectors(session, run_id, neurons_done)
     if not len(run.keys):
-        return [], "No channels computed yet."
+        return [], "No channels computed yet.", 0
     v = T.channel_vector(vector)
     cos = run.unit @ (v / max(float(np.linalg.norm(v)), 1e-12))
     layer, side, neuron, _ = where
     own = (run.keys[:, 0] == layer) & (run.keys[:, 1] == SIDE_CODES[side]) & (run.keys[:, 2] == neuron)
-    cos[own] = -np.inf  # "elsewhere": not the neuron's own channels
+    score = np.abs(cos)
+    score[own] = -np.inf  # "elsewhere": not the neuron's own channels
     count = min(count, int((~own).sum()))
     if count <= 0:
-        return [], "No other neuron has channels in this run yet."
-    top = np.argpartition(-cos, count - 1)[:count]
-    top = top[np.argsort(-cos[top], kind="stable")]
+        return [], "No other neuron has channels in this run yet.", 0
+    top = np.argpartition(-score, count - 1)[:count]
+    top = top[np.argsort(-score[top], kind="stable")]
     out = [
         Neighbour(
             int(run.keys[i, 0]),
@@ -140,4 +169,5 @@ def nearest(
         )
         for i in top
     ]
-    return out, f"Exact cos against all {len(run.keys):,} channels of this run (channel vectors, all sides)."
+    note = f"Exact |cos| against all {len(run.keys):,} channels of this run (channel vectors, all sides)."
+    return out, note, int((~own).sum())

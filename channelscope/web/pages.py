@@ -72,6 +72,7 @@ class ModelRuns(BaseModel):
 class HomePage(BaseModel):
     models: list[ModelRuns]
     search_url: str
+    starting: str | None  # what is being computed behind the site (bin/up), while it is
 
 
 class LayerSideCell(BaseModel):
@@ -104,12 +105,19 @@ class NeuronRow(BaseModel):
     kurtosis: float  # raw kurtosis of w @ U
     raw_tokens: str | None  # its own top tokens (the overview's); None without an overview
     has_channels: bool  # the channel columns below are None until a run has computed them
-    best_percentile: float | None  # max faithfulness percentile over the non-generic channels
+    # max faithfulness percentile over the non-generic channels; None without channels, or
+    # when every channel is generic (there is nothing to rank: the page reads "none")
+    best_percentile: float | None
     best_kurtosis: float | None
     channel_count: int | None  # channels with kurtosis >= 5
     generic_count: int | None
     reconstruction: float | None  # |P_C w| / |w| with all C channels
     reconstruction_baseline: float | None  # the same for random vectors at the channels' cosines
+    # its best non-generic channel (highest faithfulness percentile) and that channel's first
+    # tokens; None without channels, or when every channel is generic
+    best_channel: int | None = None
+    best_channel_tokens: str | None = None
+    best_channel_url: str | None = None
 
 
 class SortLink(BaseModel):
@@ -134,7 +142,7 @@ class LayerPage(BaseModel):
     rows: list[NeuronRow]
     first_url: str
     next_url: str | None  # keyset: the page after the last row shown
-    layer_urls: dict[int, str]
+    layer_urls: dict[int, str]  # the layers with something to show on this side (never a 404)
 
 
 # --- ablation ----------------------------------------------------------------------------------------
@@ -143,6 +151,8 @@ class LayerPage(BaseModel):
 class ChannelToggle(BaseModel):
     index: int
     label: str  # its top tokens, made visible
+    tail: int  # +1 / -1 (core.schemas.SIGN_CONVENTION)
+    effect: str  # promotes / suppresses (out), fires on / is inhibited by (gate, in)
     kurtosis: float
     cos: float
     alpha: float  # stored alpha*, fitted on the original w
@@ -199,6 +209,7 @@ class WeightPreview(BaseModel):
     top_before: list[TokenScore]  # the neuron's top tokens (its dominant tail) before
     top_after: list[TokenScore]  # and after, z over the scored tokens of w' @ U
     tail: int  # +1 / -1: the first ablated channel's tail, which orients drops and rises
+    effect: str = ""  # what that channel does to its tokens (core.schemas.effect)
     drops: list[TokenMove]  # lose most of what the channels did: fall on a +1 tail, rise on -1
     rises: list[TokenMove]
     seconds: float
@@ -262,6 +273,7 @@ class ChannelLink(BaseModel):
     url: str
     label: str  # its first top tokens, shown visibly
     below_cutoff: bool  # kurtosis < min_kurtosis
+    below_median: bool  # faithfulness percentile < 50: less faithful than most random vectors' channels
 
 
 class RawProjection(BaseModel):
@@ -293,6 +305,9 @@ class NeuronPage(BaseModel):
     neuron: int
     side: str
     min_kurtosis: float
+    # max faithfulness percentile over the non-generic channels, as the layer table shows it;
+    # None when every channel is generic (or there are none yet)
+    best_percentile: float | None
     raw: RawProjection | None  # None only without an overview and without channels: never shown
     data: NeuronSideOut | None  # the channels; None until a run has computed them
     channels_state: ChannelsState | None  # while data is None
@@ -304,7 +319,10 @@ class NeuronPage(BaseModel):
     next_url: str | None
     random_url: str
     histogram_url: str
-    compare_url: str
+    # two runs of this neuron side; None on a page that can change (unpinned) while no other run
+    # has it. A page pinned to its run is cached for good, so it keeps the link: another run may
+    # compute the neuron later.
+    compare_url: str | None
     json_url: str
     ablation: Controls | None  # the ablation form of this neuron side (None without channels)
     text_url: str  # what the neuron does on real text (TextPage): never part of this page's cache
@@ -328,7 +346,7 @@ class NearestChannel(BaseModel):
     side: str
     neuron: int
     channel: int
-    cos: float
+    cos: float  # signed: negative, the same direction on the other tail; ranked by |cos|
     url: str
 
 
@@ -346,6 +364,11 @@ class ChannelPage(BaseModel):
     histogram: Histogram
     nearest: list[NearestChannel]
     nearest_note: str  # how they were found, or why not
+    nearest_candidates: int  # channels compared (0 when none were)
+    # the highest |cos| a random direction reaches among that many channels, on average
+    # (web.neighbours.random_max_abs_cos); None when none were compared
+    nearest_baseline: float | None
+    ablate_url: str  # this neuron side's ablation page with this channel switched off
     previous_url: str | None
     next_url: str | None
     vector: list[float]  # the channel vector c, |c| = |w|
@@ -469,8 +492,13 @@ class SearchHit(BaseModel):
     neuron: int
     channel: int
     url: str
-    token: TokenScore  # the matched token and its z on this channel's tail
+    # the matched token and its signed z in c @ U, as the channel page shows it (the index
+    # stores it oriented); its best-placed spelling when the query matched several
+    token: TokenScore
     rank: int  # its place among the channel's top tokens, from 0
+    also: list[TokenScore]  # the other spellings the query matched on this channel, listed once
+    tail: int  # +1 / -1 (core.schemas.SIGN_CONVENTION)
+    effect: str  # promotes / suppresses (out), fires on / is inhibited by (gate, in)
     kurtosis: float
     faithfulness_percentile: float
     generic: bool
@@ -531,6 +559,16 @@ class Suggestion(BaseModel):
 class SuggestPage(BaseModel):
     token: str
     suggestions: list[Suggestion]
+
+
+class Term(BaseModel):
+    id: str  # its anchor on the glossary page: /glossary#<id>
+    term: str
+    definition: str
+
+
+class GlossaryPage(BaseModel):
+    terms: list[Term]
 
 
 class Health(BaseModel):

@@ -178,14 +178,33 @@ def density(d: pages.Density, threshold: float | None) -> Chart:
     return chart
 
 
-def kurtosis_curves(channels: list[pages.ChannelOut], step_size: int, unit: str) -> Chart:
-    """Each channel's unweighted kurtosis against optimisation step."""
+STAGE = "#7f7f7f"
+
+
+def kurtosis_curves(
+    channels: list[pages.ChannelOut], step_size: int, unit: str, stage_change: int | None = None
+) -> Chart:
+    """Each channel's unweighted excess kurtosis against optimisation step. stage_change: the
+    fast solver's switch from AdamW exploration to descent on the sphere (rotate.fast_channel),
+    where the curves kink."""
+    description = f"each channel's excess kurtosis of its unweighted projection, recorded every {unit}"
+    if stage_change is not None:
+        description += (
+            f"; the dashed line at {unit} {stage_change} is where the fast solver stops exploring "
+            "with AdamW and descends on the sphere |c| = |w|, so the curves bend there"
+        )
     chart = Chart(
         title="Kurtosis during optimisation",
-        description=f"each channel's kurtosis of its unweighted projection, recorded every {unit}",
+        description=description,
         x_label=unit,
-        y_label="kurtosis",
+        y_label="excess kurtosis",
+        legend=[
+            (GREY if ch.generic else PALETTE[ch.index % len(PALETTE)], f"channel {ch.index}")
+            for ch in channels
+        ],
     )
+    if stage_change is not None:
+        chart.legend.append((STAGE, f"solver stage change ({unit} {stage_change})"))
     longest = max((len(ch.history) for ch in channels), default=0)
     values = [v for ch in channels for v in ch.history if math.isfinite(v)]
     if not longest or not values:
@@ -204,6 +223,8 @@ def kurtosis_curves(channels: list[pages.ChannelOut], step_size: int, unit: str)
             )
         )
     chart.x_ticks, chart.y_ticks = sx.ticks(6), sy.ticks(4)
+    if stage_change is not None and 0 < stage_change < (longest - 1) * step_size:
+        chart.rules.append(Rule(sx(stage_change), sy.out_lo, sx(stage_change), TOP, "", STAGE))
     return chart
 
 
@@ -213,8 +234,13 @@ def kurtosis_by_index(channels: list[pages.ChannelOut], min_kurtosis: float, url
         title="Kurtosis by channel",
         description=f"channels in discovery order; the line is the cut-off min_kurtosis = {min_kurtosis:g}",
         x_label="channel",
-        y_label="kurtosis",
-        legend=[(PALETTE[0], "above cut-off"), ("#c8d3e0", "below"), (GREY, "generic")],
+        y_label="excess kurtosis",
+        legend=[
+            (PALETTE[0], "above cut-off"),
+            ("#c8d3e0", "below"),
+            (GREY, "generic"),
+            ("#555", f"dashed line: min_kurtosis {min_kurtosis:g}"),
+        ],
     )
     if not channels:
         return chart
@@ -238,9 +264,8 @@ def kurtosis_by_index(channels: list[pages.ChannelOut], min_kurtosis: float, url
                 href=urls.get(ch.index),
             )
         )
-    chart.rules.append(
-        Rule(LEFT, sy(min_kurtosis), WIDTH - RIGHT, sy(min_kurtosis), f"min_kurtosis {min_kurtosis:g}")
-    )
+    # Named in the legend, not on the line: a label there sat on top of the bars.
+    chart.rules.append(Rule(LEFT, sy(min_kurtosis), WIDTH - RIGHT, sy(min_kurtosis), ""))
     step = max(1, math.ceil(n / 10))
     chart.x_ticks = [(sx(i), str(i)) for i in range(0, n, step)]
     chart.y_ticks = sy.ticks(4)
@@ -330,6 +355,10 @@ def cosine_heatmap(cosines: list[list[float]]) -> Chart:
                     ink=ink,
                 )
             )
+    chart.legend = [
+        (_diverging(v)[0], name)
+        for v, name in ((-1.0, "opposite"), (0.0, "orthogonal"), (1.0, "same direction"))
+    ]
     step = max(1, math.ceil(rows / 12))
     chart.row_labels = [(TOP + (i - 1) * cell + cell / 2, str(i)) for i in range(1, n, step)]
     chart.column_labels = [(LEFT + j * cell + cell / 2, str(j)) for j in range(0, n - 1, step)]
@@ -351,6 +380,12 @@ def layer_side_heatmap(
     )
     values = [getattr(c, metric) for c in cells if getattr(c, metric) is not None]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    chart.legend = [
+        (_sequential(lo, lo, hi)[0], f"lowest, {lo:.1f}"),
+        (_sequential((lo + hi) / 2, lo, hi)[0], "→"),
+        (_sequential(hi, lo, hi)[0], f"highest, {hi:.1f}"),
+        ("#f1f1f1", "not computed"),
+    ]
     by_key = {(c.layer, c.side): c for c in cells}
     for layer in range(n_layers):
         for j, side in enumerate(sides):

@@ -296,19 +296,45 @@ def layer_neurons(
     return _execute(session, query.limit(limit)).all()
 
 
-def random_neuron(session: Session, run_id: int, layer: int, side: str, start: int) -> int | None:
-    """The first computed neuron at or after `start` (wrapping round): a uniform pick over the
-    neuron ids, read from the index instead of ORDER BY random() over the whole layer."""
-    here = (T.Neuron.run_id == run_id, T.Neuron.layer == layer, T.Neuron.side == side)
-    at_or_after = select(func.min(T.Neuron.neuron)).where(*here, T.Neuron.neuron >= start).scalar_subquery()
-    first = select(func.min(T.Neuron.neuron)).where(*here).scalar_subquery()
-    return _scalar(session, select(func.coalesce(at_or_after, first)))
+def best_channel_labels(
+    session: Session, run_id: int, layer: int, side: str, neurons: list[int]
+) -> Sequence[Row]:
+    """For these neurons of a layer side: every non-generic channel's percentile and the ids of
+    its first LABEL_TOKENS tokens (one row per token), for the layer table's best-channel column.
+    Asked even for no neurons, so that a layer page costs the same number of queries."""
+    ct = T.ChannelToken
+    query = (
+        select(T.Neuron.neuron, T.Channel.channel, T.Channel.faithfulness_percentile, ct.rank, ct.token_id)
+        .join(T.Channel, T.Channel.neuron_id == T.Neuron.id)
+        .join(ct, (ct.neuron_id == T.Channel.neuron_id) & (ct.channel == T.Channel.channel))
+        .where(
+            T.Neuron.run_id == run_id,
+            T.Neuron.layer == layer,
+            T.Neuron.side == side,
+            T.Neuron.neuron.in_(neurons),
+            T.Channel.generic.is_(False),
+            ct.rank < LABEL_TOKENS,
+        )
+    )
+    return _execute(session, query).all()
 
 
-def layer_sides_of_run(session: Session, run_id: int) -> Sequence[Row]:
+def neuron_counts_of_run(session: Session, run_id: int) -> Sequence[Row]:
+    """How many neurons the run has computed on each layer side (the weights of a uniform draw)."""
     return _execute(
-        session, select(T.Neuron.layer, T.Neuron.side).where(T.Neuron.run_id == run_id).distinct()
+        session,
+        select(T.Neuron.layer, T.Neuron.side, func.count().label("neurons"))
+        .where(T.Neuron.run_id == run_id)
+        .group_by(T.Neuron.layer, T.Neuron.side),
     ).all()
+
+
+def neuron_ids(session: Session, run_id: int, layer: int, side: str) -> list[int]:
+    """The neuron ids a run has computed on one layer side (at most d_mlp of them, from the index)."""
+    query = select(T.Neuron.neuron).where(
+        T.Neuron.run_id == run_id, T.Neuron.layer == layer, T.Neuron.side == side
+    )
+    return list(_execute(session, query).scalars())
 
 
 # --- a neuron and its channels ---------------------------------------------------------------------
@@ -316,7 +342,7 @@ def layer_sides_of_run(session: Session, run_id: int) -> Sequence[Row]:
 
 @functools.cache
 def _neuron_with_run(pinned: bool):
-    other = aliased(T.Neuron)
+    other, other_run = aliased(T.Neuron), aliased(T.Run)
     same_side = (other.run_id == T.Neuron.run_id, other.layer == T.Neuron.layer, other.side == T.Neuron.side)
     # Each candidate run's progress (as run_progress), aggregated in one pass over its shards.
     progress = (
@@ -348,6 +374,15 @@ def _neuron_with_run(pinned: bool):
             .where(T.OverviewLayer.side == T.Neuron.side, T.OverviewLayer.version == OVERVIEW_VERSION)
             .exists()
             .label("in_overview"),
+            # Whether another run of the model has this neuron side: something to compare.
+            select(other.id)
+            .join(other_run, other_run.id == other.run_id)
+            .where(other_run.model_id == T.Run.model_id, other.run_id != T.Neuron.run_id)
+            .where(
+                other.layer == T.Neuron.layer, other.side == T.Neuron.side, other.neuron == T.Neuron.neuron
+            )
+            .exists()
+            .label("comparable"),
         )
         .join(T.Run, T.Run.id == T.Neuron.run_id)
         .outerjoin(progress, progress.c.run_id == T.Neuron.run_id)
@@ -511,11 +546,36 @@ def _search(
         .label(f"label_{rank}")
         for rank in range(LABEL_TOKENS)
     ]
+    skew = (
+        select(T.Channel.skew)
+        .where(T.Channel.neuron_id == hits.c.neuron_id, T.Channel.channel == hits.c.channel)
+        .scalar_subquery()
+        .label("skew")
+    )
     return (
-        select(hits, *labels)
+        select(hits, *labels, skew)
         .order_by(hits.c.k1.desc(), hits.c.k2.desc(), hits.c.neuron_id.desc(), hits.c.channel.desc())
         .limit(bindparam("limit"))
     )
+
+
+def matched_spellings(
+    session: Session, channels: list[tuple[int, int]], token_ids: list[int]
+) -> Sequence[Row]:
+    """Every (neuron id, channel, token id, rank, oriented z) of these channels whose token is
+    one of token_ids: the spellings a query matched on each channel, so that search lists a
+    channel once (at its best-placed spelling) with the others beside it."""
+    if not channels or not token_ids:
+        return []
+    ct = T.ChannelToken
+    rows = _execute(
+        session,
+        select(ct.neuron_id, ct.channel, ct.token_id, ct.rank, ct.z).where(
+            ct.neuron_id.in_(sorted({n for n, _ in channels})), ct.token_id.in_(sorted(set(token_ids)))
+        ),
+    ).all()
+    wanted = set(channels)
+    return [r for r in rows if (r.neuron_id, r.channel) in wanted]
 
 
 def search(

@@ -38,6 +38,28 @@ from channelscope.core.tokens import in_text, visible
 from channelscope.web import pages, urls
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: templates/ and static/
+
+
+def markup_version() -> str:
+    """A hash of everything that shapes a page's bytes besides the data: the templates, the static
+    files and the web layer's code (with the page schemas of core). It goes into every ETag and
+    page cache key and onto the static files' URLs, so a release never answers with markup, or
+    a stylesheet, cached under the old one."""
+    digest = hashlib.blake2b(digest_size=6)
+    package = Path(__file__).resolve().parent
+    files = [
+        *sorted((ROOT / "templates").rglob("*")),
+        *sorted((ROOT / "static").rglob("*")),
+        *sorted(package.rglob("*.py")),
+        package.parent / "core" / "schemas.py",
+    ]
+    for path in files:
+        if path.is_file():
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+MARKUP_VERSION = markup_version()
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 # Scripts and styles only from this site: a token string that slipped through escaping still
@@ -130,7 +152,7 @@ def page_query(scope, parameters: frozenset[str]) -> str:
 
 def page_key(scope, parameters: frozenset[str]) -> str:
     """Everything a cached page depends on (the route reads nothing else of the request)."""
-    return f"{page_origin(scope)}{scope['path']}?{page_query(scope, parameters)}"
+    return f"{MARKUP_VERSION}:{page_origin(scope)}{scope['path']}?{page_query(scope, parameters)}"
 
 
 def canonical_url(request: Request) -> str:
@@ -142,6 +164,7 @@ def canonical_url(request: Request) -> str:
 
 templates.globals["canonical_url"] = canonical_url
 templates.globals["origin"] = lambda request: page_origin(request.scope)
+templates.globals["markup_version"] = MARKUP_VERSION
 
 
 def query_parameters(app: FastAPI) -> frozenset[str]:
@@ -318,7 +341,7 @@ def finish(
 ) -> Response:
     """ETag and Cache-Control; 304 when the client already has these bytes; remember immutable
     pages in the PageStore."""
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    etag = f'"{MARKUP_VERSION}-{hashlib.blake2b(body, digest_size=12).hexdigest()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE if immutable and status == 200 else REVALIDATE}
     headers |= extra or {}
     if immutable and status == 200:

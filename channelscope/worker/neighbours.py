@@ -37,25 +37,29 @@ def nearest(
     on_block: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of `unit` [N, d] (unit vectors), the `count` other rows with the highest
-    cos, leaving out rows of the same owner (a channel's own neuron): (cos [N, count], index
-    [N, count]), best first; index -1 and cos -inf where fewer exist."""
+    |cos| (a channel and its mirror image name the same tokens on opposite tails), leaving out
+    rows of the same owner (a channel's own neuron): (signed cos [N, count], index [N, count]),
+    highest |cos| first; index -1 and cos -inf where fewer exist."""
     n = unit.shape[0]
     best_cos = torch.full((n, count), -torch.inf, device=unit.device)
     best_index = torch.full((n, count), -1, dtype=torch.long, device=unit.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         cos_kept, index_kept = best_cos[start:stop], best_index[start:stop]
+        score_kept = cos_kept.abs().masked_fill(index_kept < 0, -torch.inf)
         for first in range(0, n, columns):
             last = min(first + columns, n)
             cos = unit[start:stop] @ unit[first:last].T
-            cos[owners[start:stop, None] == owners[None, first:last]] = -torch.inf
+            score = cos.abs().masked_fill(owners[start:stop, None] == owners[None, first:last], -torch.inf)
             k = min(count, last - first)
-            top_cos, top_index = cos.topk(k, dim=1)
-            merged_cos = torch.cat([cos_kept, top_cos], dim=1)
+            top_score, top_index = score.topk(k, dim=1)
+            merged_score = torch.cat([score_kept, top_score], dim=1)
+            merged_cos = torch.cat([cos_kept, cos.gather(1, top_index)], dim=1)
             merged_index = torch.cat([index_kept, top_index + first], dim=1)
-            cos_kept, order = merged_cos.topk(count, dim=1)
-            index_kept = merged_index.gather(1, order)
-        index_kept[cos_kept == -torch.inf] = -1
+            score_kept, order = merged_score.topk(count, dim=1)
+            cos_kept, index_kept = merged_cos.gather(1, order), merged_index.gather(1, order)
+        missing = score_kept == -torch.inf
+        index_kept[missing], cos_kept[missing] = -1, -torch.inf
         best_cos[start:stop], best_index[start:stop] = cos_kept, index_kept
         if on_block is not None:
             on_block(stop - start)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
+from channelscope.core import schemas
 from channelscope.core.schemas import neuron_side
 from channelscope.method import intervention, rotate
 from channelscope.web import ablation as A
@@ -129,6 +130,7 @@ def ablation_page(
     prepared = A.prepare(row, channel_rows, chosen, projection.matrix, scored, seed)
     result.applied = prepared.applied()
     result.preview = prepared.preview(vocab.tokens)
+    result.preview.effect = schemas.effect(side, result.preview.tail)
     if not prompt.strip():
         result.model_note = "Enter a prompt to see the real model's response."
         return Result(result)

@@ -4,18 +4,39 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from channelscope.core import db
-from channelscope.web import lookup, pages, queries, urls
+from channelscope.core.config import config
+from channelscope.web import glossary, lookup, pages, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.responses import Result, page
 
 router = APIRouter()
 log = logging.getLogger("channelscope.web")
+
+
+BACKGROUND_PID = "background.pid"  # bin/up writes the pid of the slice it computes behind the site
+
+
+def background_work() -> str | None:
+    """What bin/up is computing behind the site, while it runs: before the overview has stored the
+    model, the database alone cannot tell a run that is starting from no run at all."""
+    path = config().data_dir / BACKGROUND_PID
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)  # raises if no such process
+    except (OSError, ValueError):
+        return None
+    return (
+        "A run is starting: the model is being read and its overview computed (a few minutes on a "
+        f"laptop), then the default slice's channels; pages fill in as they come (log: "
+        f"{path.with_name('decompose.log').name} in the data folder)."
+    )
 
 
 @page(router, "/", "home.html", pages.HomePage, "Models and runs")
@@ -32,8 +53,16 @@ def home(request: Request, session: DbSession) -> Result:
                 for m in model_rows
             ],
             search_url=urls.search(),
+            starting=background_work(),
         )
     )
+
+
+@page(router, "/glossary", "glossary.html", pages.GlossaryPage, "What the numbers mean")
+def glossary_page(request: Request) -> Result:
+    """Channel, excess kurtosis, faithfulness, percentile, generic, alpha*, S and the sign
+    convention, each defined once; every number's label on the other pages links here."""
+    return Result(pages.GlossaryPage(terms=glossary.TERMS))
 
 
 @router.get("/ping", response_class=PlainTextResponse, tags=["health"], summary="Liveness (no database)")

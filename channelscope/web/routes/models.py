@@ -27,11 +27,30 @@ SORT_LABELS = {
 }
 
 
+def _random_target(session, model: str, run: str | None, side: str | None, json: bool) -> str:
+    """A neuron drawn uniformly: with the overview (every neuron has a page) and no run pinned,
+    over every vector of the model; otherwise over the neurons the run has computed (a layer side
+    weighted by its count, then one of its neurons), never "the next computed one after a random
+    id", which piles the draws onto the neuron after the largest gap."""
+    model_row = lookup.model(session, model)
+    everywhere = [key for key in overview.layer_summary(session, model_row) if side in (None, key[1])]
+    if run is None and everywhere:
+        layer, chosen_side = random.choice(everywhere)
+        return urls.neuron(model_row.name, layer, random.randrange(model_row.d_mlp), chosen_side, json=json)
+    run_row = lookup.run(session, model_row, run)
+    counts = [r for r in queries.neuron_counts_of_run(session, run_row.run_id) if side in (None, r.side)]
+    if not counts:
+        raise NotFound(f"This run has no computed neurons on side {side!r}.")
+    (chosen,) = random.choices(counts, weights=[r.neurons for r in counts])
+    neuron = random.choice(queries.neuron_ids(session, run_row.run_id, chosen.layer, chosen.side))
+    return urls.neuron(model_row.name, chosen.layer, neuron, chosen.side, run=run, json=json)
+
+
 # Before the layer page: `/m/{model}/{layer}` would take `random` for a layer and fail its int check.
 @router.get(
     "/m/{model}/random",
     tags=["pages"],
-    summary="A random computed neuron (redirect)",
+    summary="A random neuron (redirect)",
     status_code=303,
     response_class=RedirectResponse,
     responses={303: {"description": "to a neuron page"}} | problem_responses(html=True),
@@ -39,24 +58,25 @@ SORT_LABELS = {
 def random_neuron(
     request: Request, session: DbSession, model: ModelName, run: RunParam = None, side: Side | None = None
 ):
-    """ "I'm feeling lucky": with the overview (every neuron has a page) and no run pinned, a
-    uniformly drawn vector of the model; otherwise a uniformly drawn layer side that has
-    neurons, then a uniformly drawn neuron id, moved to the next computed one."""
-    model_row = lookup.model(session, model)
-    everywhere = [key for key in overview.layer_summary(session, model_row) if side in (None, key[1])]
-    if run is None and everywhere:
-        layer, chosen_side = random.choice(everywhere)
-        target = urls.neuron(model_row.name, layer, random.randrange(model_row.d_mlp), chosen_side)
-        return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
-    run_row = lookup.run(session, model_row, run)
-    choices = [r for r in queries.layer_sides_of_run(session, run_row.run_id) if side in (None, r.side)]
-    if not choices:
-        raise NotFound(f"This run has no computed neurons on side {side!r}.")
-    layer, chosen_side = random.choice(choices)
-    neuron = queries.random_neuron(
-        session, run_row.run_id, layer, chosen_side, random.randrange(model_row.d_mlp)
-    )
-    target = urls.neuron(model_row.name, layer, neuron, chosen_side, run=run)
+    """ "I'm feeling lucky": a uniformly drawn neuron of the model, or of the pinned run."""
+    target = _random_target(session, model, run, side, json=False)
+    return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/m/{model}/random.json",
+    tags=["json"],
+    summary="A random neuron (redirect to its JSON twin)",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses={303: {"description": "to a neuron page's JSON twin"}} | problem_responses(html=False),
+)
+def random_neuron_json(
+    request: Request, session: DbSession, model: ModelName, run: RunParam = None, side: Side | None = None
+):
+    """The JSON twin of the jump: a redirect to the drawn neuron's `.json`, as the page goes to
+    its HTML."""
+    target = _random_target(session, model, run, side, json=True)
     return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
 
 
@@ -153,16 +173,20 @@ SORT_FIELDS = {
 }
 
 
-def _row(name, layer, side, pin, neuron: int, kurtosis: float, raw_tokens: str | None, r) -> pages.NeuronRow:
+def _row(
+    name, layer, side, pin, neuron: int, kurtosis: float, raw_tokens: str | None, r, channels: int = 0
+) -> pages.NeuronRow:
     """A layer table row: the raw kurtosis always, the channel columns where r (a stored neuron
-    row of the run) exists."""
+    row of the run, of a run with `channels` per vector) exists. The store keeps 0 as the best
+    percentile of a neuron whose channels are all generic; the page says "none"."""
+    eligible = r is not None and r.generic_count < channels
     return pages.NeuronRow(
         neuron=neuron,
         url=urls.neuron(name, layer, neuron, side, run=pin),
         kurtosis=kurtosis,
         raw_tokens=raw_tokens,
         has_channels=r is not None,
-        best_percentile=r.best_percentile if r is not None else None,
+        best_percentile=r.best_percentile if eligible else None,
         best_kurtosis=r.best_kurtosis if r is not None else None,
         channel_count=r.channel_count if r is not None else None,
         generic_count=r.generic_count if r is not None else None,
@@ -171,6 +195,28 @@ def _row(name, layer, side, pin, neuron: int, kurtosis: float, raw_tokens: str |
         if r is not None
         else None,
     )
+
+
+def _best_channels(session, model_row, run_row, layer, side, rows, pin) -> None:
+    """Each row's best channel (highest faithfulness percentile, lowest index on ties) and its
+    first tokens, so that the table can be skimmed for what its neurons do."""
+    found: dict[int, dict[int, list]] = {}
+    for r in queries.best_channel_labels(
+        session, run_row.run_id, layer, side, [row.neuron for row in rows if row.has_channels]
+    ):
+        found.setdefault(r.neuron, {}).setdefault(r.channel, [r.faithfulness_percentile, {}])[1][r.rank] = (
+            r.token_id
+        )
+    tokens = lookup.vocab(session, model_row).tokens
+    for row in rows:
+        channels = found.get(row.neuron)
+        if not channels:
+            continue
+        best = min(channels, key=lambda c: (-channels[c][0], c))
+        ids = channels[best][1]
+        row.best_channel = best
+        row.best_channel_tokens = label([tokens[ids[k]] for k in sorted(ids)])
+        row.best_channel_url = urls.channel(model_row.name, layer, row.neuron, side, best, run=run_row.hash)
 
 
 def _cursor_value(value) -> str:
@@ -197,6 +243,7 @@ def _every_neuron(session, model_row, layer, side, pin, run_row, arrays, sort, o
             float(kurtosis[n]),
             label([vocab.tokens[i] for i in arrays.top_ids[n]]),
             computed.get(n),
+            run_row.run_channels if run_row is not None else 0,
         )
         for n in range(len(kurtosis))
     ]
@@ -265,8 +312,9 @@ def layer_page(
             session, run_row.run_id, layer, side, sort, order == "desc", cursor, limit + 1
         )
         more = len(rows) > limit
-        rows = [_row(name, layer, side, pin, r.neuron, r.kurtosis, None, r) for r in rows[:limit]]
-        last_value = getattr(rows[-1], SORT_FIELDS[sort]) if rows else None
+        last_value = rows[min(limit, len(rows)) - 1].sort_value if rows else None  # the stored value
+        channels = run_row.run_channels
+        rows = [_row(name, layer, side, pin, r.neuron, r.kurtosis, None, r, channels) for r in rows[:limit]]
     else:
         rows, more, last_value = _every_neuron(
             session, model_row, layer, side, pin, run_row, arrays, sort, order, cursor, limit
@@ -283,6 +331,17 @@ def layer_page(
         }
         return urls.layer(name, layer, changes.get("side", side), **params)
 
+    # Links only to layers with something to show on this side (a layer page without the overview
+    # or a run is a 404): the pinned run's layers, or the overview's and the run shown here.
+    present = (
+        set()
+        if run is not None
+        else {k[0] for k in overview.layer_summary(session, model_row) if k[1] == side}
+    )
+    if run_row is not None:
+        present |= {r.layer for r in queries.neuron_counts_of_run(session, run_row.run_id) if r.side == side}
+    if run_row is not None:
+        _best_channels(session, model_row, run_row, layer, side, rows, pin)
     last = rows[-1] if rows else None
     result = pages.LayerPage(
         model=lookup.model_out(model_row),
@@ -302,6 +361,6 @@ def layer_page(
         rows=rows,
         first_url=here(),
         next_url=here(after=f"{_cursor_value(last_value)}~{last.neuron}") if more and last else None,
-        layer_urls={i: urls.layer(name, i, side, run=pin) for i in range(model_row.n_layers)},
+        layer_urls={i: urls.layer(name, i, side, run=pin) for i in sorted(present | {layer})},
     )
     return Result(result)

@@ -21,16 +21,20 @@ from channelscope.web.routes.params import Layer, MinKurtosis, ModelName, Neuron
 router = APIRouter()
 
 CHANNEL_TOKENS = 100
+# Folded on the neuron page below this faithfulness percentile: a channel that random vectors'
+# channels beat more often than not is no evidence about the neuron, however sparse it looks.
+FOLD_PERCENTILE = 50.0
 HISTOGRAM_BINS = 60
 
 
-def _step_unit(run_row: Row) -> tuple[int, str]:
+def _step_unit(run_row: Row) -> tuple[int, str, int | None]:
     """The paper preset records kurtosis every checkpoint_every steps; the fast solver every
-    iteration (docs/method.md, "The fast solver")."""
+    iteration (docs/method.md, "The fast solver"), and changes stage after its exploration."""
     settings = run_row.settings or {}
     if run_row.solver == "paper":
-        return int(settings.get("checkpoint_every", 100)), "step"
-    return 1, "iteration"
+        return int(settings.get("checkpoint_every", 100)), "step", None
+    explore = settings.get("fast_explore_steps")
+    return 1, "iteration", int(explore) if explore else None
 
 
 def _histogram(zs: np.ndarray) -> pages.Histogram:
@@ -108,7 +112,9 @@ def neuron_page(
         next_url=neighbour(following),
         random_url=urls.random_neuron(name, run=pin),
         histogram_url=urls.histogram(name, layer, neuron, side, row.hash if row is not None else None),
-        compare_url=urls.compare(name, layer, neuron, side),
+        compare_url=urls.compare(name, layer, neuron, side)
+        if row is not None and (run is not None or row.comparable)
+        else None,
         text_url=urls.text(name, layer, neuron),
         json_url=urls.neuron(name, layer, neuron, side, pin, min_kurtosis, json=True),
     )
@@ -148,6 +154,9 @@ def neuron_page(
             top_tokens=data.top_tokens,
             bottom_tokens=data.bottom_tokens,
         ),
+        best_percentile=max(
+            (ch.faithfulness_percentile for ch in data.channels if not ch.generic), default=None
+        ),
         data=data,
         channels_state=None,
         channels=[
@@ -156,6 +165,7 @@ def neuron_page(
                 url=channel_url(ch.index),
                 label=label([t.token for t in ch.top_tokens]),
                 below_cutoff=ch.kurtosis < min_kurtosis,
+                below_median=ch.faithfulness_percentile < FOLD_PERCENTILE,
             )
             for ch in data.channels
         ],
@@ -164,9 +174,9 @@ def neuron_page(
         if not data.channels
         else ablation.controls(name, layer, neuron, side, row.hash, data.channels, [], None, min_kurtosis),
     )
-    step_size, unit = _step_unit(row)
+    step_size, unit, stage_change = _step_unit(row)
     charts = {
-        "curves": plots.kurtosis_curves(data.channels, step_size, unit),
+        "curves": plots.kurtosis_curves(data.channels, step_size, unit, stage_change),
         "by_index": plots.kurtosis_by_index(
             data.channels, min_kurtosis, {c.index: c.url for c in result.channels}
         ),
@@ -212,6 +222,7 @@ def _without_channels(request: Request, model_row: Row, vocab, arrays, common: d
             top_tokens=scores(arrays.top_ids[neuron], arrays.top_z[neuron]),
             bottom_tokens=scores(arrays.bottom_ids[neuron], arrays.bottom_z[neuron]),
         ),
+        best_percentile=None,
         data=None,
         channels_state=pages.ChannelsState(
             state=asked.state,
@@ -346,7 +357,7 @@ def channel_page(
     top = np.argpartition(-oriented, k - 1)[:k]
     top = top[np.argsort(-oriented[top], kind="stable")]
     run_out = lookup.run_out(model_row.name, row, row)
-    nearest, note = neighbours.nearest(
+    nearest, note, candidates = neighbours.nearest(
         session,
         row.run_id,
         row.hash,
@@ -382,6 +393,11 @@ def channel_page(
             for n in nearest
         ],
         nearest_note=note,
+        nearest_candidates=candidates,
+        nearest_baseline=round(neighbours.random_max_abs_cos(len(vector), candidates), 4)
+        if candidates
+        else None,
+        ablate_url=urls.ablate(name, layer, neuron, side, row.hash, [channel]),
         previous_url=urls.channel(name, layer, neuron, side, channel - 1, pin)
         if channel - 1 in indices
         else None,
@@ -393,8 +409,10 @@ def channel_page(
     )
     marks = [(float(zs[top[0]]), "top token")] if len(top) else []
     chart = plots.histogram(result.histogram, f"Channel {channel}: z-scores of c @ U", marks)
+    step_size, unit, stage_change = _step_unit(row)
+    curve = plots.kurtosis_curves([out], step_size, unit, stage_change)
     # Not cached for good: its nearest channels are those of the run as it stands now.
-    return Result(result, plots={"histogram": chart})
+    return Result(result, plots={"histogram": chart, "curve": curve})
 
 
 @page(

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 
 from channelscope.core import tables as T
-from channelscope.core.schemas import TokenScore
+from channelscope.core.schemas import TokenScore, effect, tail_of
 from channelscope.core.tokens import LABEL_TOKENS, label, visible
 from channelscope.web import lookup, overview, pages, queries, urls
 from channelscope.web.database import DbSession
@@ -164,11 +164,23 @@ def search_page(
     rows = queries.search(session, targets, filters, cursor, limit + 1) if targets else []
     more = len(rows) > limit
     rows = rows[:limit]
+    # A channel is listed once, at its best-placed spelling (highest z: the percentile, the first
+    # key otherwise, is the channel's own), with the other matched spellings beside it; a row
+    # whose channel has a better spelling is that spelling's, on this page or an earlier one.
+    spellings: dict[tuple[int, int], list] = {}
+    for m in queries.matched_spellings(
+        session, [(r.neuron_id, r.channel) for r in rows], [t for _, t in targets]
+    ):
+        spellings.setdefault((m.neuron_id, m.channel), []).append(m)
     for r in rows:
+        mine = sorted(spellings.get((r.neuron_id, r.channel), []), key=lambda m: (-m.z, m.token_id))
+        if mine and mine[0].token_id != r.token_id:
+            continue
         vocab = vocab_of_run[r.run_id]
         name, run_hash = model_of_run[r.run_id]
         label_ids = [getattr(r, f"label_{i}") for i in range(LABEL_TOKENS)]
         short = label([vocab.tokens[t] for t in label_ids if t is not None])
+        tail = tail_of(r.skew)
         page_out.hits.append(
             pages.SearchHit(
                 model=name,
@@ -178,8 +190,13 @@ def search_page(
                 neuron=r.neuron,
                 channel=r.channel,
                 url=urls.channel(name, r.layer, r.neuron, r.side, r.channel, run=run_hash),
-                token=TokenScore(id=r.token_id, token=vocab.tokens[r.token_id], z=r.z),
+                token=TokenScore(id=r.token_id, token=vocab.tokens[r.token_id], z=r.z * tail),
                 rank=r.rank,
+                also=[
+                    TokenScore(id=m.token_id, token=vocab.tokens[m.token_id], z=m.z * tail) for m in mine[1:]
+                ],
+                tail=tail,
+                effect=effect(r.side, tail),
                 kurtosis=r.kurtosis,
                 faithfulness_percentile=r.faithfulness_percentile,
                 generic=r.generic,

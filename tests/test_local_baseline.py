@@ -54,7 +54,7 @@ def test_the_pool_shortcut_equals_measuring_each_direction_explicitly():
             zs = rotate.z_scores(z.unsqueeze(0), scored)[0]
             sign = measures.tail_sign(float(rotate.tail_skew(z.unsqueeze(0), scored)[0]))
             top, _ = measures.top_tokens(zs, scored, sign)
-            assert abs(fast[k, i] - measures.faithfulness(zs_w, top, sign)) < 1e-4
+            assert abs(float(fast[k, i]) - float(measures.faithfulness(zs_w, top, sign))) < 1e-4
             assert abs(float(d @ w_hat) - c) < 1e-9
 
 
@@ -79,7 +79,7 @@ def test_a_planted_channel_scores_high_and_directions_with_tokens_of_their_own_s
         zs = rotate.z_scores(z.unsqueeze(0), scored)[0]
         sign = measures.tail_sign(float(rotate.tail_skew(z.unsqueeze(0), scored)[0]))
         top, _ = measures.top_tokens(zs, scored, sign)
-        return measures.percentile(measures.faithfulness(zs_w, top, sign), draws)
+        return measures.percentile(float(measures.faithfulness(zs_w, top, sign)), draws)
 
     assert percentile(planted) >= 95  # seeds 1-7: 100
     # As close to w as the planted channel, but their tails are tokens the neuron does not carry

@@ -60,6 +60,7 @@ def pages_of(store):
         f"/m/{m}/1/0/out/0",
         f"/m/{m}/1/0/out/2?run={a}",
         f"/m/{m}/1/0/compare",
+        f"/m/{m}/1/0/text",
         f"/m/{m}/1/0/compare?a={a}&b={store.run_b}",
         "/search",
         "/search?token=the",

@@ -37,6 +37,7 @@ def pages_to_check(store) -> list[str]:
         "/search?token=the&layer_min=0",  # the filters open: every box in them needs a label
         f"/m/{m}/1/0/ablate?run={a}&side=out&channels=0",
         "/glossary",
+        f"/m/{m}/1/0/text",
     ]
 
 

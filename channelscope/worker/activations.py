@@ -279,15 +279,16 @@ class _Layer:
     counts: np.ndarray  # [3, d_mlp, BINS]
 
 
-# A layer's record is ~6 MB compressed and is decompressed whole: pages keep the last few
-# (rows are replaced, never changed in place, so a row id names its contents).
+# A layer's record is ~6 MB compressed and is decompressed whole: pages keep the last few, by
+# database, row id and creation time (rows are replaced, never changed in place, and a replaced
+# row's id may come back).
 _CACHED_LAYERS = 4
-_layers: OrderedDict[int, _Layer] = OrderedDict()
-_token_counts: OrderedDict[int, np.ndarray] = OrderedDict()
+_layers: OrderedDict[tuple, _Layer] = OrderedDict()
+_token_counts: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _lock = threading.Lock()
 
 
-def _remember(cache: OrderedDict, key: int, make: Callable[[], object]) -> object:
+def _remember(cache: OrderedDict, key: tuple, make: Callable[[], object]) -> object:
     with _lock:
         if key in cache:
             cache.move_to_end(key)
@@ -319,15 +320,16 @@ def _unpack_layer(session: Session, row_id: int) -> _Layer:
 
 def neuron(session: Session, model_id: int, layer: int, neuron_id: int) -> Contexts | None:
     """The newest stored pass's record of one neuron, or None."""
-    row_id = session.scalars(
-        select(T.ActivationLayer.id)
+    row = session.execute(
+        select(T.ActivationLayer.id, T.ActivationLayer.created_at)
         .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
         .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
         .limit(1)
     ).first()
-    if row_id is None:
+    if row is None:
         return None
-    found: _Layer = _remember(_layers, row_id, lambda: _unpack_layer(session, row_id))
+    key = (str(session.get_bind().url), row.id, row.created_at)
+    found: _Layer = _remember(_layers, key, lambda: _unpack_layer(session, row.id))
     keep = np.isfinite(found.values[neuron_id])
     return Contexts(
         corpus=found.corpus,
@@ -345,15 +347,15 @@ def neuron(session: Session, model_id: int, layer: int, neuron_id: int) -> Conte
 def token_counts(session: Session, model_id: int, corpus_key: str) -> np.ndarray | None:
     """How often each token occurs in the positions the pass over this corpus went over, or None
     (a pass stored before the counts were)."""
-    row_id = session.scalars(
-        select(T.ActivationCorpus.id).where(
+    row = session.execute(
+        select(T.ActivationCorpus.id, T.ActivationCorpus.created_at).where(
             T.ActivationCorpus.model_id == model_id, T.ActivationCorpus.corpus == corpus_key
         )
     ).first()
-    if row_id is None:
+    if row is None:
         return None
     return _remember(
         _token_counts,
-        row_id,
-        lambda: T.unpack_compressed(session.get(T.ActivationCorpus, row_id).token_counts, "int32"),
+        (str(session.get_bind().url), row.id, row.created_at),
+        lambda: T.unpack_compressed(session.get(T.ActivationCorpus, row.id).token_counts, "int32"),
     )

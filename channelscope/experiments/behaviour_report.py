@@ -30,6 +30,7 @@ from channelscope.method.decomposer import Decomposer
 from channelscope.method.measures import tail_sign
 from channelscope.method.sampling import Sampled, most_aligned, random_neurons
 from channelscope.worker import corpus
+from channelscope.worker.store import ALGORITHM_VERSION
 
 ALIGNED, RANDOM = "aligned", "random"
 QUANTILE = 0.9  # "active": above this quantile of the activation over the pass's positions
@@ -118,6 +119,7 @@ def evaluate(model, lm, decomposer: Decomposer, texts: list[str], corpus_key: st
         "seed": seed,
         "channels_per_vector": decomposer.settings.channels,
         "solver": decomposer.settings.solver,
+        "algorithm_version": ALGORITHM_VERSION,
         "precision": decomposer.settings.precision,
         "random_sets": behaviour.RANDOM_SETS,
         "pass_percentile": behaviour.PASS,
@@ -171,7 +173,8 @@ def _markdown(result: dict) -> str:
         f"`behaviour.json` alone (`--render`). Layers {', '.join(map(str, result['layers']))}, every "
         f"side: the {result['aligned']} most vocabulary-aligned vectors and {result['random']} random "
         "ones of each, "
-        f"{result['channels_per_vector']} channels each ({result['solver']} solver, {result['precision']}); "
+        f"{result['channels_per_vector']} channels each ({result['solver']} solver, {result['precision']}, "
+        f"algorithm version {result['algorithm_version']}); "
         f"the model over {result['documents']:,} documents of corpus {result['corpus']} "
         f"({result['positions']:,} positions).",
         "",

@@ -216,3 +216,14 @@ def load_model_tokens(url: str) -> list[str]:
         blob = session.scalar(select(T.Model.vocabulary))
     engine.dispose()
     return json.loads(zlib.decompress(blob))["tokens"]
+
+
+def test_autocomplete_offers_whole_words_first_in_their_word_spelling():
+    from channelscope.web.vocabulary import Vocabulary
+
+    fragments = ["Par", "par", "para", "parc", "pare", "pari", "park", "pars", "part", "parz", "parx", "pary"]
+    tokens = [*fragments, "Paris", " Paris", " parent", "parenthood"]
+    vocab = Vocabulary(tokens, ["normal"] * len(tokens))
+    found = [tokens[i] for i in vocab.suggest("Par", 10)]
+    # Eleven fragments are shorter than "paris": by length alone " Paris" would be cut off.
+    assert found[:2] == [" Paris", " parent"] and "Paris" not in found and len(found) == 10

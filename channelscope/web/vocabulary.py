@@ -53,7 +53,9 @@ class Vocabulary:
         return list(self.by_key.get(normalise(text), []))
 
     def suggest(self, prefix: str, limit: int) -> list[int]:
-        """Token ids whose key starts with the prefix's key, shortest keys first."""
+        """Token ids whose key starts with the prefix's key: whole words first (keys with a
+        spelling that starts with a space, as a word inside a sentence does: ` Paris` before
+        `Parc`), then shorter keys; each key by its word spelling where it has one."""
         key = normalise(prefix)
         if not key:
             return []
@@ -63,8 +65,12 @@ class Vocabulary:
             if not candidate.startswith(key):
                 break
             found.append(candidate)
-        found.sort(key=lambda k: (len(k), k))
-        return [self.by_key[k][0] for k in found[:limit]]
+
+        def word(k: str) -> int | None:
+            return next((i for i in self.by_key[k] if self.tokens[i].startswith(" ")), None)
+
+        found.sort(key=lambda k: (word(k) is None, len(k), k))
+        return [word(k) if word(k) is not None else self.by_key[k][0] for k in found[:limit]]
 
     def close(self, text: str, limit: int) -> list[int]:
         """Tokens that look like the text, for the empty state of a search that matched nothing:

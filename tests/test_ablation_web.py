@@ -62,7 +62,9 @@ def test_the_page_and_its_json_twin_show_the_same_figures(client, sqlite_store, 
     assert len(effect["tokens"]) > 5 and len(effect["next_before"]) == 5 and len(effect["next_after"]) == 5
     if side == "out":
         assert effect["threshold"] is not None and "90th percentile" in effect["threshold_note"]
-        assert len(effect["selectivity"]["baseline"]) == 3
+        assert len(effect["selectivity"]["baseline"]) == 16
+        low, high = effect["selectivity"]["baseline_low"], effect["selectivity"]["baseline_high"]
+        assert low is None or low <= effect["selectivity"]["baseline_median"] <= high
     else:
         assert all(t["pre_before"] is not None for t in effect["tokens"])
     html = page.text

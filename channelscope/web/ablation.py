@@ -29,7 +29,9 @@ from channelscope.worker import corpus
 MAX_PROMPT_TOKENS = 512
 MAX_PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # checked before tokenising; tokens are checked after
 WEIGHT_DRAWS = 16  # random draws for the weight-level baseline (cheap: one [R K, d] x [d, V] product)
-MODEL_DRAWS_OUT = 3  # random draws on the write side cost a batch row each in the forward pass
+# Random draws on the write side cost a batch row each, from the neuron's layer on (the prompt runs
+# once up to it): 16, as at weight level, so that the baseline has an interval.
+MODEL_DRAWS_OUT = 16
 LIST_TOKENS = 15
 EXAMPLES = 3
 EXAMPLE_CHARS = 320
@@ -173,10 +175,17 @@ def _finite(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+def _quantile(values: list[float], q: float) -> float | None:
+    found = stats.finite(values)
+    return float(np.quantile(found, q)) if len(found) >= 5 else None
+
+
 def selectivity(value: float, baseline: list[float], note: str | None = None) -> pages.Selectivity:
     return pages.Selectivity(
         value=_finite(value),
         baseline_median=_finite(stats.median(baseline)),
+        baseline_low=_finite(_quantile(baseline, 0.1)),
+        baseline_high=_finite(_quantile(baseline, 0.9)),
         baseline=[_finite(b) for b in baseline],
         note=note
         if note or np.isfinite(value)

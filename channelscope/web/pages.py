@@ -191,6 +191,8 @@ class Applied(BaseModel):
 class Selectivity(BaseModel):
     value: float | None  # S; None where it is undefined (no target, or nothing changed)
     baseline_median: float | None
+    baseline_low: float | None  # the draws' 10th and 90th percentiles (None for fewer than 5 finite draws)
+    baseline_high: float | None
     baseline: list[float | None]  # each random draw
     note: str | None = None
 

@@ -63,6 +63,11 @@ def test_the_page_and_its_json_twin_show_the_same_figures(client, sqlite_store, 
     if side == "out":
         assert effect["threshold"] is not None and "90th percentile" in effect["threshold_note"]
         assert len(effect["selectivity"]["baseline"]) == 16
+        assert effect["target_next"]  # the channels' own tokens at the last position
+        top = {t["id"]: t["probability"] for t in effect["next_before"]}
+        for t in effect["target_next"]:
+            assert 0 <= t["before"] <= 1 and 0 <= t["after"] <= 1
+            assert t["id"] not in top or abs(top[t["id"]] - t["before"]) < 1e-4
         low, high = effect["selectivity"]["baseline_low"], effect["selectivity"]["baseline_high"]
         assert low is None or low <= effect["selectivity"]["baseline_median"] <= high
     else:

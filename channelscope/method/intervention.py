@@ -224,6 +224,8 @@ class Effect:
     baseline: list[float]  # S of each random draw, measured the same way
     next_before: list[tuple[int, float]]  # top next tokens at the last position (id, probability)
     next_after: list[tuple[int, float]]
+    # T's tokens most likely next at the last position, before or after: (id, before, after)
+    target_next: list[tuple[int, float, float]]
 
 
 def ablation_effect(
@@ -295,4 +297,17 @@ def ablation_effect(
         baseline=baseline,
         next_before=top_next(last[0]),
         next_after=top_next(last[1]),
+        target_next=_target_next(last, targets[0]),
     )
+
+
+def _target_next(last: torch.Tensor, target_ids: torch.Tensor) -> list[tuple[int, float, float]]:
+    """last [2, V] next-token probabilities before and after: the TOP_NEXT tokens of T most
+    likely either way, with both probabilities (what the ablation did to the channel's own
+    tokens, which are rarely in the model's top five)."""
+    if len(target_ids) == 0:
+        return []
+    ids = target_ids.long()
+    either = torch.maximum(last[0, ids], last[1, ids])  # [T]
+    order = torch.argsort(either, descending=True)[:TOP_NEXT]
+    return [(int(ids[i]), float(last[0, ids[i]]), float(last[1, ids[i]])) for i in order]

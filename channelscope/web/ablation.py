@@ -349,5 +349,9 @@ def model_effect(
         threshold_note=note,
         next_before=nexts(effect.next_before),
         next_after=nexts(effect.next_after),
+        target_next=[
+            pages.TargetNext(id=i, token=tokens[i], before=round(b, 6), after=round(a, 6))
+            for i, b, a in effect.target_next
+        ],
         seconds=round(seconds, 3),
     )

@@ -237,6 +237,16 @@ class NextToken(BaseModel):
     target: bool
 
 
+class TargetNext(BaseModel):
+    """One of the channels' own tokens at the last position: its next-token probability before
+    and after the ablation."""
+
+    id: int
+    token: str
+    before: float
+    after: float
+
+
 class ModelEffect(BaseModel):
     tokens: list[PromptToken]
     scale: float  # the largest |value| in the strip, for shading
@@ -246,6 +256,7 @@ class ModelEffect(BaseModel):
     threshold_note: str
     next_before: list[NextToken]
     next_after: list[NextToken]
+    target_next: list[TargetNext]  # the channels' own tokens most likely next, before and after
     seconds: float
 
 

@@ -82,16 +82,17 @@ def test_the_page_says_how_to_compute_a_pass_until_one_is_stored_then_shows_it(t
 
     model, lm = load_model(tiny_gguf), load_language_model(tiny_gguf)
     engine = db.make_engine(text_client.url)
+    texts = (*TEXTS, TEXTS[0])  # a copy of a document: its context is shown once
     activations.run(
-        engine, model, lm, corpus.Built("c0ffee", TEXTS, ("test",) * len(TEXTS)), text_client.folder
+        engine, model, lm, corpus.Built("c0ffee", texts, ("test",) * len(texts)), text_client.folder
     )
     engine.dispose()
 
     response = text_client.get(page + ".json")
     assert response.headers["cache-control"] == "no-cache"  # a later pass must show up
     found = response.json()
-    assert found["stored"] and found["corpus"] == "c0ffee" and found["documents"] == len(TEXTS)
-    assert len(found["contexts"]) == len(TEXTS)  # one per document
+    assert found["stored"] and found["corpus"] == "c0ffee" and found["documents"] == len(texts)
+    assert len(found["contexts"]) == len(TEXTS)  # one per document, the copy's left out
     peaks = [c["peak"] for c in found["contexts"]]
     assert peaks == sorted(peaks, reverse=True)
     for context in found["contexts"]:

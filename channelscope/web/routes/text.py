@@ -59,10 +59,14 @@ def text_page(request: Request, session: DbSession, model: ModelName, layer: Lay
             )
         )
     vocab = lookup.vocab(session, model_row)
-    contexts = [
-        _context(vocab.tokens, ids, values)
-        for ids, values in zip(found.window_tokens, found.window_values, strict=True)
-    ]
+    # One context per document, but the corpus holds near-copies (a paragraph in the docs and in a
+    # docstring): a window already shown, token for token, is not shown again.
+    seen: set[bytes] = set()
+    contexts = []
+    for ids, values in zip(found.window_tokens, found.window_values, strict=True):
+        if ids.tobytes() not in seen:
+            seen.add(ids.tobytes())
+            contexts.append(_context(vocab.tokens, ids, values))
     densities = [
         pages.Density(
             signal=signal,

@@ -909,3 +909,13 @@ def test_serve_command_prints_its_url_and_serves(store):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_side_tabs_lead_only_to_sides_that_have_a_page(client, store):
+    """Without the overview a side no run has computed is a 404: its tab is not shown."""
+    m = store.model
+    pinned_b = get(client, f"/m/{m}/1/0.json?run={store.run_b}").json()
+    assert list(pinned_b["side_urls"]) == ["out"]  # run B computed layer 1 `out` only
+    for url in get(client, f"/m/{m}/1/0.json").json()["side_urls"].values():
+        assert get(client, url).status_code == 200
+    assert set(get(client, f"/m/{m}/1/0.json?run={store.run_a}").json()["side_urls"]) == {"gate", "in", "out"}

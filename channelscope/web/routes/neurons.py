@@ -105,7 +105,8 @@ def neuron_page(
         side=side,
         min_kurtosis=min_kurtosis,
         side_urls={
-            s: urls.neuron(name, layer, neuron, s, pin, min_kurtosis) for s in model_row.sides.split(",")
+            s: urls.neuron(name, layer, neuron, s, pin, min_kurtosis)
+            for s in _sides(session, model_row, row, pin)
         },
         layer_url=urls.layer(name, layer, side, run=pin),
         previous_url=neighbour(previous),
@@ -184,6 +185,16 @@ def neuron_page(
         "cosines": plots.cosine_heatmap(result.cosines),
     }
     return Result(result, immutable=immutable, plots=charts)
+
+
+def _sides(session, model_row: Row, row: Row | None, pin: str | None) -> list[str]:
+    """The side tabs: every side where the overview gives each neuron a page; otherwise only the
+    sides that have one (the others would be 404s)."""
+    sides = model_row.sides.split(",")
+    if row is None or row.in_overview:
+        return sides
+    found = queries.sides_with_pages(session, model_row.id, row.layer, row.neuron, pin)
+    return [s for s in sides if s in found]
 
 
 def _without_channels(request: Request, model_row: Row, vocab, arrays, common: dict) -> Result:

@@ -16,7 +16,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Float, and_, bindparam, cast, func, literal, or_, select, tuple_, union, union_all
+from sqlalchemy import Float, and_, bindparam, cast, func, literal, or_, select, tuple_, union_all
 from sqlalchemy.engine import Result, Row
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql import ColumnElement
@@ -340,6 +340,30 @@ def neuron_ids(session: Session, run_id: int, layer: int, side: str) -> list[int
 # --- a neuron and its channels ---------------------------------------------------------------------
 
 
+def _side_has_page(pinned: bool) -> list:
+    """has_<side>: whether this neuron's <side> has a page (the overview covers it, or a run, the
+    pinned one if pinned, has computed it): a side tab must not lead to a 404."""
+    out = []
+    for side in T.SIDES:
+        other, other_run = aliased(T.Neuron), aliased(T.Run)
+        computed = (
+            select(other.id)
+            .join(other_run, other_run.id == other.run_id)
+            .where(other_run.model_id == T.Run.model_id, other.layer == T.Neuron.layer)
+            .where(other.neuron == T.Neuron.neuron, other.side == side)
+        )
+        if pinned:
+            computed = computed.where(other.run_id == T.Neuron.run_id)
+        overview = select(T.OverviewLayer.id).where(
+            T.OverviewLayer.model_id == T.Run.model_id,
+            T.OverviewLayer.layer == T.Neuron.layer,
+            T.OverviewLayer.side == side,
+            T.OverviewLayer.version == OVERVIEW_VERSION,
+        )
+        out.append(or_(computed.exists(), overview.exists()).label(f"has_{side}"))
+    return out
+
+
 @functools.cache
 def _neuron_with_run(pinned: bool):
     other, other_run = aliased(T.Neuron), aliased(T.Run)
@@ -383,6 +407,7 @@ def _neuron_with_run(pinned: bool):
             )
             .exists()
             .label("comparable"),
+            *_side_has_page(pinned),
         )
         .join(T.Run, T.Run.id == T.Neuron.run_id)
         .outerjoin(progress, progress.c.run_id == T.Neuron.run_id)
@@ -391,26 +416,6 @@ def _neuron_with_run(pinned: bool):
     )
     query = query.where(T.Run.hash == bindparam("run_hash")) if pinned else query.order_by(*T.NEWEST_RUN)
     return query.limit(1)
-
-
-def sides_with_pages(
-    session: Session, model_id: int, layer: int, neuron: int, run_hash: str | None
-) -> set[str]:
-    """The sides of a neuron that have a page: those the overview covers, and those a run (the
-    pinned one, if any) has computed. Without the overview a side tab must not lead to a 404."""
-    overview = select(T.OverviewLayer.side).where(
-        T.OverviewLayer.model_id == model_id,
-        T.OverviewLayer.layer == layer,
-        T.OverviewLayer.version == OVERVIEW_VERSION,
-    )
-    computed = (
-        select(T.Neuron.side)
-        .join(T.Run, T.Run.id == T.Neuron.run_id)
-        .where(T.Run.model_id == model_id, T.Neuron.layer == layer, T.Neuron.neuron == neuron)
-    )
-    if run_hash is not None:
-        computed = computed.where(T.Run.hash == run_hash)
-    return set(_execute(session, union(overview, computed)).scalars())
 
 
 def neuron_with_run(

@@ -104,10 +104,7 @@ def neuron_page(
         neuron=neuron,
         side=side,
         min_kurtosis=min_kurtosis,
-        side_urls={
-            s: urls.neuron(name, layer, neuron, s, pin, min_kurtosis)
-            for s in _sides(session, model_row, row, pin)
-        },
+        side_urls={s: urls.neuron(name, layer, neuron, s, pin, min_kurtosis) for s in _sides(model_row, row)},
         layer_url=urls.layer(name, layer, side, run=pin),
         previous_url=neighbour(previous),
         next_url=neighbour(following),
@@ -187,14 +184,11 @@ def neuron_page(
     return Result(result, immutable=immutable, plots=charts)
 
 
-def _sides(session, model_row: Row, row: Row | None, pin: str | None) -> list[str]:
-    """The side tabs: every side where the overview gives each neuron a page; otherwise only the
-    sides that have one (the others would be 404s)."""
+def _sides(model_row: Row, row: Row | None) -> list[str]:
+    """The side tabs: only sides that have a page (queries: has_<side>); a neuron without a run
+    has its page from the overview, which covers every side."""
     sides = model_row.sides.split(",")
-    if row is None or row.in_overview:
-        return sides
-    found = queries.sides_with_pages(session, model_row.id, row.layer, row.neuron, pin)
-    return [s for s in sides if s in found]
+    return sides if row is None else [s for s in sides if getattr(row, f"has_{s}", True)]
 
 
 def _without_channels(request: Request, model_row: Row, vocab, arrays, common: dict) -> Result:

@@ -4,7 +4,7 @@ return well under a second on 2 CPU cores). Figures go in bench/README.md, "Abla
     .venv/bin/python bench/ablation.py [--tokens 64] [--repeats 10] [--threads N]  # results/ablation.json
 
 Times, median of the repeats: the plain forward pass of a 64-token prompt; the hooked pass of
-the ablation page (2 rows on a read side; 2 + 3 random draws on `out`); the whole model part of
+the ablation page (2 rows on a read side; 2 + MODEL_DRAWS_OUT random draws on `out`); the whole model part of
 a request (ablation_effect, S and its baseline included); one alpha* grid refit (1,000 x V).
 The machine's load average is printed beside them: other work on the same cores slows all of it.
 """
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from channelscope.method import ablation, intervention, measures, rotate  # noqa: E402
 from channelscope.method.decomposer import keep_freed_memory  # noqa: E402
 from channelscope.method.weights import load_model, smollm2_path  # noqa: E402
+from channelscope.web.ablation import MODEL_DRAWS_OUT  # noqa: E402  (the page's own count)
 
 TEXT = (
     "The capital of France is Paris. The capital of Japan is Tokyo, and the capital of Italy is Rome. "
@@ -51,11 +52,11 @@ def one_layer(lm, model, ids, U, scored, layer: int, neuron: int, repeats: int) 
     c = c / c.norm() * w.norm()
     zs = rotate.z_scores((c @ U).unsqueeze(0), scored)[0]
     T = (torch.topk(zs, 20).indices, torch.ones(20))
-    draws = ablation.random_draws(w, c.unsqueeze(0), [20], U, scored, 3, g)
+    draws = ablation.random_draws(w, c.unsqueeze(0), [20], U, scored, MODEL_DRAWS_OUT, g)
     delta = -0.5 * c
     random_deltas = ablation.apply(w, draws.directions, [0.5]) - w
     two = torch.stack([torch.zeros_like(delta), delta])
-    five = torch.cat([two, random_deltas])
+    rows_out = torch.cat([two, random_deltas])
     # Active positions as on the page: above the 90th percentile (here of this prompt itself).
     activation = intervention.forward(lm, ids, layer, "out", neuron, two[:1]).activation[0]
     threshold = float(torch.quantile(activation, 0.9))
@@ -63,8 +64,8 @@ def one_layer(lm, model, ids, U, scored, layer: int, neuron: int, repeats: int) 
         f"layer {layer}: hooked forward, 2 rows (read side)": timed(
             lambda: intervention.forward(lm, ids, layer, "gate", neuron, two), repeats
         ),
-        f"layer {layer}: hooked forward, 5 rows (out: + 3 random draws)": timed(
-            lambda: intervention.forward(lm, ids, layer, "out", neuron, five), repeats
+        f"layer {layer}: hooked forward, {len(rows_out)} rows (out: + {MODEL_DRAWS_OUT} random draws)": timed(
+            lambda: intervention.forward(lm, ids, layer, "out", neuron, rows_out), repeats
         ),
     }
     for side in ("gate", "out"):

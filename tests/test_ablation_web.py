@@ -65,6 +65,9 @@ def test_the_page_and_its_json_twin_show_the_same_figures(client, sqlite_store, 
         assert len(effect["selectivity"]["baseline"]) == 16
         assert effect["target_next"]  # the channels' own tokens at the last position
         top = {t["id"]: t["probability"] for t in effect["next_before"]}
+        after = {t["id"]: t["probability"] for t in effect["next_after"]}
+        for t in effect["next_before"]:  # each list shows the change: the same token, the other side
+            assert t["id"] not in after or abs(after[t["id"]] - t["other"]) < 1e-4
         for t in effect["target_next"]:
             assert 0 <= t["before"] <= 1 and 0 <= t["after"] <= 1
             assert t["id"] not in top or abs(top[t["id"]] - t["before"]) < 1e-4

@@ -222,8 +222,10 @@ class Effect:
     logit_drop: torch.Tensor | None  # [T] `out`: mean oriented drop of T's logits at each position
     selectivity: float
     baseline: list[float]  # S of each random draw, measured the same way
-    next_before: list[tuple[int, float]]  # top next tokens at the last position (id, probability)
-    next_after: list[tuple[int, float]]
+    # The top next tokens at the last position before and after: (id, probability, the same
+    # token's probability on the other side), so each list shows its change.
+    next_before: list[tuple[int, float, float]]
+    next_after: list[tuple[int, float, float]]
     # T's tokens most likely next at the last position, before or after: (id, before, after)
     target_next: list[tuple[int, float, float]]
 
@@ -258,9 +260,9 @@ def ablation_effect(
     W = lm.output_matrix.detach().cpu()  # [V, d]
     last = torch.softmax(probe.hidden[:2, -1] @ W.T, dim=-1)  # [2, V]
 
-    def top_next(p: torch.Tensor) -> list[tuple[int, float]]:
+    def top_next(p: torch.Tensor, other: torch.Tensor) -> list[tuple[int, float, float]]:
         values, order = torch.topk(p, TOP_NEXT)
-        return [(int(i), float(v)) for i, v in zip(order, values, strict=True)]
+        return [(int(i), float(v), float(other[i])) for i, v in zip(order, values, strict=True)]
 
     token_ids = torch.tensor(ids)
     if side != "out":
@@ -295,8 +297,8 @@ def ablation_effect(
         logit_drop=logit_drop,
         selectivity=s,
         baseline=baseline,
-        next_before=top_next(last[0]),
-        next_after=top_next(last[1]),
+        next_before=top_next(last[0], last[1]),
+        next_after=top_next(last[1], last[0]),
         target_next=_target_next(last, targets[0]),
     )
 

@@ -318,8 +318,10 @@ def model_effect(
 
     def nexts(items) -> list[pages.NextToken]:
         return [
-            pages.NextToken(id=i, token=tokens[i], probability=round(p, 4), target=i in in_t)
-            for i, p in items
+            pages.NextToken(
+                id=i, token=tokens[i], probability=round(p, 4), other=round(other, 4), target=i in in_t
+            )
+            for i, p, other in items
         ]
 
     if effect.active is None:

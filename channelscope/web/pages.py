@@ -234,6 +234,7 @@ class NextToken(BaseModel):
     id: int
     token: str
     probability: float
+    other: float  # its probability on the other side of the ablation (after, in the before list)
     target: bool
 
 

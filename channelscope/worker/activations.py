@@ -108,12 +108,7 @@ def _pass(
     lm: LanguageModel, sequences: list[list[int]], states: dict[int, LayerState], docs: list[int]
 ) -> None:
     """One forward pass over a batch of documents, every layer's signals recorded."""
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = True
+    ids, mask = corpus.padded(sequences)
     doc_ids = torch.tensor(docs)
     handles = []
     for layer in range(lm.n_layers):

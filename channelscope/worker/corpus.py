@@ -227,13 +227,24 @@ def texts_containing(word: str) -> tuple[int, ...]:
     return tuple(i for i in candidates if word in texts[i])
 
 
+def padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of token sequences as ids [B, T], padded on the right (where causal attention
+    never lets padding reach a real position), and the mask of real positions [B, T]."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = True
+    return ids, mask
+
+
 @torch.inference_mode()
 def layer_inputs(lm: LanguageModel, sequences: list[list[int]], layers: dict[int, str], batch_size: int = 8):
     """One pass over the token sequences, keeping per requested layer either the MLP's input
     ("mlp_input", [N, d]) or every neuron's activation ("activation", [N, d_mlp], float16 to
     halve the memory of all 30 layers of SmolLM2 at once). N counts real (unpadded) positions,
-    sequence after sequence. Padding sits on the right, where causal attention never lets it
-    reach a real position."""
+    sequence after sequence (batches from `padded`)."""
     kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     handles = []
     mask_now: dict[str, torch.Tensor] = {}
@@ -251,13 +262,7 @@ def layer_inputs(lm: LanguageModel, sequences: list[list[int]], layers: dict[int
         handles.append(module.register_forward_pre_hook(keeper(layer, what)))
     try:
         for start in range(0, len(sequences), batch_size):
-            batch = sequences[start : start + batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = True
+            ids, mask = padded(sequences[start : start + batch_size])
             mask_now["mask"] = mask.to(lm.device)
             lm.model.base_model(
                 input_ids=ids.to(lm.device), attention_mask=mask.long().to(lm.device), use_cache=False

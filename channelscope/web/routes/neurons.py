@@ -188,7 +188,7 @@ def _sides(model_row: Row, row: Row | None) -> list[str]:
     """The side tabs: only sides that have a page (queries: has_<side>); a neuron without a run
     has its page from the overview, which covers every side."""
     sides = model_row.sides.split(",")
-    return sides if row is None else [s for s in sides if getattr(row, f"has_{s}", True)]
+    return sides if row is None else [s for s in sides if getattr(row, f"has_{s}")]
 
 
 def _without_channels(request: Request, model_row: Row, vocab, arrays, common: dict) -> Result:

@@ -98,6 +98,8 @@ def synthetic_shard(rng, layer: int, side: str, start: int, d: int, vocab: int, 
             reconstruction=curve,
             reconstruction_baseline=curve,
             coverage=curve,
+            best_percentile=float(rng.uniform(0, 100)),
+            score=float(rng.uniform(0, 100)),
             channels=[channel(k) for k in range(CHANNELS)],
         )
 

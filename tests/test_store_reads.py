@@ -62,6 +62,8 @@ def neuron(layer: int, side: str, index: int, channels: list[ChannelRecord]) -> 
         reconstruction_baseline=[0.4, 0.7],
         coverage=[0.1, 0.2],
         channels=channels,
+        best_percentile=max(ch.faithfulness_percentile for ch in channels),
+        score=50.0,
     )
 
 

@@ -194,7 +194,8 @@ def test_a_neuron_whose_channels_are_all_generic_reads_none_on_its_page_and_the_
         assert mine["best_percentile"] is None and mine["has_channels"]
         layer_html = get(client, f"/m/{store.model}/0?side=in&limit=500").text
         cells = re.search(
-            r'<a href="[^"]*/0/4\?side=in">4</a></td>\s*(?:<td class="label">.*?</td>\s*)?<td>(.*?)</td>',
+            r'<a href="[^"]*/0/4\?side=in">4</a></td>\s*(?:<td class="label">.*?</td>\s*)?'
+            r"<td>[^<]*</td>\s*<td>(.*?)</td>",  # the score, then the best percentile
             layer_html,
             re.S,
         )
@@ -329,6 +330,12 @@ def test_compare_page_matches_channels_of_two_runs(client, store):
     assert data["run_a"]["hash"] == store.run_a and data["run_b"]["hash"] == store.run_b
     assert sorted(m["a"] for m in data["matches"]) == [0, 1, 2] == sorted(m["b"] for m in data["matches"])
     assert 0 <= data["mean_cos"] <= 1 and 0 <= data["baseline_cos"] <= 1
+    # The same matching against other neurons of the layer side in run A (nearest ids first).
+    layer = get(client, f"/m/{store.model}/1.json?run={store.run_a}&limit=500").json()
+    others = [r for r in layer["rows"] if r["has_channels"] and r["neuron"] != 2]
+    assert data["other_neurons"] == min(8, len(others)) > 0 and 0 <= data["other_neurons_cos"] <= 1
+    page = get(client, f"/m/{store.model}/1/2/compare?a={store.run_a}&b={store.run_b}").text
+    assert f"{data['other_neurons_cos']:.3f}" in page and f"{data['other_neurons']} other out neurons" in page
     only_one = get(client, f"/m/{store.model}/0/2/compare.json").json()
     assert only_one["message"] and not only_one["matches"]
 

@@ -15,7 +15,8 @@ def cmd_eval(args) -> None:
         return
     model = load(args.model)
     evaluate(model, args.out, per_cell=args.per_cell, channels=args.channels, aligned=args.aligned,
-             seed=args.seed, cache_dir=references_dir(), progress=progress_bar)  # fmt: skip
+             seed=args.seed, cache_dir=references_dir(), progress=progress_bar,
+             held_out=args.held_out)  # fmt: skip
     print(f"wrote {args.out / 'eval.md'}")
 
 
@@ -103,6 +104,9 @@ def add_commands(sub) -> None:
     p.add_argument("--aligned", type=int, default=8, help="highest-kurtosis late neurons per side")
     p.add_argument("--channels", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--held-out", type=int, default=64, help="random vectors outside the reference, to check the score"
+    )
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--render", action="store_true", help="only rewrite eval.md and its plots from eval.json")
     p.set_defaults(uses_torch=True, run=cmd_eval, default_channels=10)

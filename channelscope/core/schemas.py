@@ -75,6 +75,9 @@ class NeuronSideOut(BaseModel):
     reconstruction_baseline: list[float]
     coverage: list[float]
     measures_version: int  # method/measures.MEASURES_VERSION its measures were computed under
+    # measures.neuron_score: its best percentile among held-out random vectors' (50 = as good as
+    # random); None before measures version 3
+    score: float | None
     channels: list[ChannelOut]
 
 
@@ -130,5 +133,6 @@ def neuron_side(
         reconstruction_baseline=neuron.reconstruction_baseline,
         coverage=neuron.coverage,
         measures_version=neuron.measures_version,
+        score=neuron.score,
         channels=out,
     )

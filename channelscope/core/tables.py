@@ -239,6 +239,9 @@ class Neuron(Base):
     coverage: Mapped[list] = mapped_column(JSON)  # share of sum(z_w^2) claimed by channels 1..k
     # Summaries for the layer table, over the neuron's channels.
     best_percentile: Mapped[float] = mapped_column(Float)  # max faithfulness percentile, non-generic
+    # measures.neuron_score: best_percentile against held-out random vectors' (50 = as good as
+    # random). None below measures version 3.
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
     best_kurtosis: Mapped[float] = mapped_column(Float)
     # method/measures.MEASURES_VERSION its measures were computed under (a backfill raises it
     # without touching its channels or the run's hash).

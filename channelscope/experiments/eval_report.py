@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from channelscope.core.stats import interval, median, share
+from channelscope.experiments import calibration
 from channelscope.method import measures, rotate
 from channelscope.method.decomposer import Decomposer, NeuronRecord
 from channelscope.method.sampling import LAYER_GROUPS, Sampled, most_aligned, random_neurons
@@ -83,7 +84,7 @@ def _consistency_with_a_neighbour(here: int, rows: list[Sampled], records: list[
 
 
 def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligned: int = 8, seed: int = 0,
-             cache_dir: Path | None = None, progress=None) -> dict:  # fmt: skip
+             cache_dir: Path | None = None, progress=None, held_out: int = 64) -> dict:  # fmt: skip
     settings = rotate.with_overrides(rotate.Settings(), channels=channels)
     rows = sample_neurons(model, per_cell, seed, aligned)
     first = Decomposer(model, settings, seed=0, cache_dir=cache_dir, progress=progress)
@@ -101,6 +102,7 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
     records_b = decompose_all(second, rows, step)
     step = progress(len(rows) * channels, "down-weighted") if progress else None
     records_dw = decompose_all(downweighted, rows, step)
+    held_out_scores = calibration.held_out_scores(first, held_out)
 
     generator = torch.Generator().manual_seed(seed)
     per_neuron = []
@@ -128,6 +130,8 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
                 "percentile_local": [ch.percentile_local for ch in a.channels],
                 "generic": [ch.generic for ch in a.channels],
                 "alpha": [ch.alpha for ch in a.channels],
+                "best_percentile": a.best_percentile,
+                "score": a.score,
                 "reconstruction": a.reconstruction,
                 "reconstruction_baseline": a.reconstruction_baseline,
                 "coverage": a.coverage,
@@ -158,6 +162,8 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
             "kurtosis_median_by_channel": [float(np.median(c)) for c in reference.kurtosis.T],
         },
         "neurons": per_neuron,
+        # Random vectors that the reference did not see, scored like neurons: ~50 if calibrated.
+        "held_out_scores": held_out_scores,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1, default=float))
@@ -213,6 +219,8 @@ HEADLINES = [
         lambda n: n["percentile_local"],
     ),
     ("first channel generic", ".0%", share, lambda n: [n["generic"][0]]),
+    ("best percentile (non-generic channels)", ".0f", median, lambda n: [n["best_percentile"]]),
+    ("neuron score (50 = as good as random vectors)", ".0f", median, lambda n: [n["score"]]),
     ("seed consistency", ".2f", median, lambda n: [n["consistency"]]),
     ("the same matching with another neuron", ".2f", median, lambda n: [n["consistency_other"]]),
     ("the same matching for random directions", ".2f", median, lambda n: [n["consistency_baseline"]]),
@@ -317,6 +325,7 @@ def _markdown(result: dict, plots: list[str]) -> str:
                 f"| {median(n['channel_kurtosis'][k] for n in cell):.1f} "
                 f"| {ref['kurtosis_median_by_channel'][k]:.1f} |"
             )
+    lines += _calibration(result)
     lines += _generic_check(neurons)
     random_ones = groups[0][1]
     lines += [
@@ -344,6 +353,26 @@ def _markdown(result: dict, plots: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration(result: dict) -> list[str]:
+    """Held-out random vectors' scores against the 50 that a calibrated score gives them."""
+    scores, C = result["held_out_scores"], result["settings"]["channels"]
+    best = calibration.summary(scores)
+    low, high = best["interval"]
+    return [
+        "",
+        "## Is the neuron score calibrated?",
+        "",
+        "A neuron's best percentile is a maximum over its non-generic channels, and a maximum is high "
+        f"for random vectors too (the best of {C} uniform percentiles has a median of "
+        f'{100 * 0.5 ** (1 / C):.0f}). The neuron score (docs/method.md, "Neuron score") places it among '
+        "the reference's random vectors' own best percentiles, each held out of the reference. "
+        f"{best['count']} random vectors that the reference never saw (another seed), decomposed and "
+        f"scored exactly as neurons are, score a median of {best['median']:.0f} [{low:.0f}, {high:.0f}] "
+        f"(50 if calibrated); {best['share_at_least_90']:.0%} score 90 or more and "
+        f"{best['share_at_most_10']:.0%} score 10 or less (10 % each if calibrated).",
+    ]
 
 
 def _generic_check(neurons) -> list[str]:

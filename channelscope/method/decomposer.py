@@ -57,6 +57,8 @@ class NeuronRecord:
     reconstruction_baseline: list[float]  # the same for random vectors at the channels' cosines
     coverage: list[float]  # share of sum(z_w^2) on tokens claimed by channels 1..k
     channels: list[ChannelRecord]
+    best_percentile: float  # measures.best_percentile of the channels
+    score: float  # measures.neuron_score: 50 = as good as a random vector
 
 
 def keep_freed_memory() -> None:
@@ -121,6 +123,10 @@ class Decomposer:
         self.directions = measures.direction_pool(
             self.reference.channels, lambda x: (x.to(self.device) @ self.proj.exact).cpu()
         )
+        # The neuron score's scale: the reference's own vectors, each held out of it.
+        self.score_scale = reference.held_out_best(
+            self.reference, reference.random_unit_vectors(reference_count, model.d_model, seed)
+        )
 
     def _reference(self, projection, count, cache_dir, progress):
         settings, m0 = self.settings, self.m0
@@ -155,7 +161,15 @@ class Decomposer:
         model would otherwise run in batches of one."""
         parts = dict.fromkeys((layer, side) for layer, side, _ in coords)
         matrices = {part: self.model.vectors(*part) for part in parts}
-        w = torch.stack([matrices[layer, side][i] for layer, side, i in coords]).to(self.device)
+        w = torch.stack([matrices[layer, side][i] for layer, side, i in coords])
+        return self.vectors(w, coords, on_channel)
+
+    def vectors(
+        self, w: torch.Tensor, coords: list[tuple[int, str, int]], on_channel=None
+    ) -> list[NeuronRecord]:
+        """Any vectors w [n, d], each named by its (layer, side, index), which also seeds it: a
+        model's neurons, or random vectors held out of the reference (layer -1, side "random")."""
+        w = w.to(self.device)
         seeds = [rotate.neuron_seed(self.seed, layer, side, i) for layer, side, i in coords]
         measured = _Measured(self, w)
         found = rotate.decompose(
@@ -203,6 +217,9 @@ class Decomposer:
                     top_z=_floats(measured["top_z"][k]),
                 )
             )
+        best = measures.best_percentile(
+            [r.faithfulness_percentile for r in records], [r.generic for r in records]
+        )
         generator = torch.Generator().manual_seed(seed)
         w_cpu = w.cpu().double()
         baseline = measures.random_at_cosines(w_cpu, cosines, generator)
@@ -222,6 +239,8 @@ class Decomposer:
             reconstruction_baseline=measures.reconstruction(w_cpu, baseline),
             coverage=[float(x) for x in measured["coverage"]],
             channels=records,
+            best_percentile=best,
+            score=measures.neuron_score(best, self.score_scale),
         )
 
 

@@ -17,9 +17,10 @@ from channelscope.method import rotate
 
 TOP_K = 20  # tokens per channel in top lists, faithfulness and the token index
 # Stored with each neuron side: 1 = the isotropic percentile only; 2 = with the percentile
-# against random directions at the same cosine to w. Not part of the run's hash: a backfill
-# (worker/remeasure.py) brings old runs up to date without recomputing channels.
-MEASURES_VERSION = 2
+# against random directions at the same cosine to w; 3 = with the calibrated neuron score. Not
+# part of the run's hash: a backfill (worker/remeasure.py) brings old runs up to date without
+# recomputing channels.
+MEASURES_VERSION = 3
 
 
 def top_tokens(zs: torch.Tensor, scored: torch.Tensor, sign: float, k: int = TOP_K):
@@ -51,6 +52,22 @@ def percentile(value: float, reference: np.ndarray) -> float:
         return float("nan")
     below, ties = np.sum(reference < value), np.sum(reference == value)
     return float(100.0 * (below + 0.5 * ties) / reference.size)
+
+
+def best_percentile(percentiles, generic) -> float:
+    """A neuron's best channel: the largest faithfulness percentile (against the reference) over
+    its non-generic channels; 0 when every channel is generic."""
+    return max(
+        (float(p) for p, g in zip(percentiles, generic, strict=True) if not g and np.isfinite(p)), default=0.0
+    )
+
+
+def neuron_score(best: float, scale: np.ndarray) -> float:
+    """The calibrated neuron score (docs/method.md, "Neuron score"): the percentile of a neuron's
+    best_percentile among the same statistic of held-out random vectors (reference.held_out_best).
+    A maximum over C channels is high for random vectors too (median ~87 at C = 5); on this
+    scale a random vector's neuron scores ~50 whatever C is."""
+    return percentile(best, scale)
 
 
 # --- reconstruction ------------------------------------------------------------------------------
@@ -258,14 +275,14 @@ def generic_directions(
     one, remove its neighbours, repeat. Returns [G, d] unit vectors (sign-aligned means)."""
     cos = residuals @ residuals.T  # [M, M]
     near = cos.abs() > threshold
-    owner_hits = torch.zeros(len(residuals), int(owners.max()) + 1, dtype=torch.bool)
-    for i in range(len(residuals)):
-        owner_hits[i, owners[near[i]]] = True
-    shared = owner_hits.sum(-1)
+    owner_of = torch.nn.functional.one_hot(owners, int(owners.max()) + 1).to(residuals.dtype)  # [M, R]
+    shared = ((near.to(residuals.dtype) @ owner_of) > 0).sum(-1)  # [M] different owners nearby
     alive = torch.ones(len(residuals), dtype=torch.bool)
     found = []
     for i in torch.argsort(shared, descending=True, stable=True).tolist():
-        if not alive[i] or shared[i] < min_owners:
+        if shared[i] < min_owners:
+            break  # sorted: no later one is shared enough either
+        if not alive[i]:
             continue
         members = near[i] & alive
         direction = (residuals[members] * torch.sign(cos[i, members]).unsqueeze(-1)).mean(0)

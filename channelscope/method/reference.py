@@ -57,6 +57,18 @@ def reference_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def random_unit_vectors(count: int, d: int, seed: int) -> torch.Tensor:
+    """The reference's random vectors [count, d], unit, on the CPU: the same for a seed on any
+    machine, so the neuron score's scale can be rebuilt from a stored reference."""
+    vectors = torch.randn(count, d, generator=torch.Generator().manual_seed(seed))
+    return vectors / vectors.norm(dim=-1, keepdim=True)
+
+
+def min_owners(count: int) -> int:
+    """How many of `count` random vectors must converge to a direction for it to be generic."""
+    return max(3, math.ceil(GENERIC_SHARE * count))
+
+
 def compute_reference(
     proj: rotate.Projection,
     m0: torch.Tensor,
@@ -67,10 +79,7 @@ def compute_reference(
 ) -> Reference:
     """Decompose `count` random unit vectors with the run's settings. Every measure is
     scale-invariant, so unit vectors stand for "random vectors of the same norm"."""
-    d = proj.exact.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    vectors = torch.randn(count, d, generator=generator).to(proj.exact.device)
-    vectors = vectors / vectors.norm(dim=-1, keepdim=True)
+    vectors = random_unit_vectors(count, proj.exact.shape[0], seed).to(proj.exact.device)
     seeds = [rotate.neuron_seed(seed, -1, "random", i) for i in range(count)]
     channels = rotate.decompose(vectors, proj, m0, seeds, settings, on_channel=on_channel)
 
@@ -93,10 +102,34 @@ def compute_reference(
         owners += [r] * len(found)
         claimed_by[found[0].masked] += 1
     generic = measures.generic_directions(
-        torch.cat(residuals), torch.tensor(owners), min_owners=max(3, math.ceil(GENERIC_SHARE * count))
+        torch.cat(residuals), torch.tensor(owners), min_owners=min_owners(count)
     )
     tail_tokens = torch.nonzero(claimed_by > TAIL_SHARE * count).flatten().tolist()
     return Reference(faith, kurt, generic, tail_tokens, torch.cat(units))
+
+
+def held_out_best(reference: Reference, vectors: torch.Tensor) -> np.ndarray:
+    """[R] each random vector's best_percentile with itself held out: its channels' percentiles
+    among the other vectors' channels only, its generic flags from the directions that the other
+    vectors converge to. A real neuron is scored against a reference it is not part of; scoring
+    a reference vector against one that contains it would flatter it (its own channels set the
+    generic directions it is then exempted from). vectors: random_unit_vectors(R, d, seed)."""
+    count, per = reference.faithfulness.shape  # [R, C]
+    units = reference.channels.reshape(count, per, -1).double()  # [R, C, d]
+    vectors = vectors.double().cpu()
+    residuals = torch.cat(
+        [measures.residual_directions(vectors[r], units[r]) for r in range(count)]
+    )  # [R*C, d]
+    owners = torch.arange(count).repeat_interleave(per)  # [R*C]
+    best = np.zeros(count)
+    for r in range(count):
+        others = owners != r
+        directions = measures.generic_directions(residuals[others], owners[others], min_owners(count))
+        flags = measures.generic_flags(residuals[~others], directions).tolist()
+        rest = np.delete(reference.faithfulness, r, axis=0)  # [R-1, C]
+        percentiles = [measures.percentile(reference.faithfulness[r, k], rest[:, k]) for k in range(per)]
+        best[r] = measures.best_percentile(percentiles, flags)
+    return best
 
 
 def downweighted(m0: torch.Tensor, reference: Reference, settings: rotate.Settings) -> torch.Tensor:

@@ -51,6 +51,17 @@ TERMS = [
         "is the highest over its non-generic channels, 'none' when every channel is generic.",
     ),
     pages.Term(
+        id="score",
+        term="score (a neuron's, against random vectors)",
+        definition="Where a neuron's best percentile falls, 0 to 100, among the best percentiles of the "
+        "reference's random vectors, each scored with itself held out. A best over several channels is "
+        "high for random vectors too (the best of five uniform percentiles has a median of 87), so the "
+        "best percentile alone flatters every neuron; on this scale a random vector scores about 50, "
+        "and a neuron near 50 has no channel more faithful than a random vector's best. The layer "
+        "table sorts by it. Measures version 3 (a run measured before shows '–' until "
+        "`channelscope measures RUN`).",
+    ),
+    pages.Term(
         id="percentile-local",
         term="vs. cos (percentile against directions at the same cosine)",
         definition="Where a channel's faithfulness falls among directions exactly as close to this w "

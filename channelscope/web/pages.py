@@ -108,6 +108,7 @@ class NeuronRow(BaseModel):
     # max faithfulness percentile over the non-generic channels; None without channels, or
     # when every channel is generic (there is nothing to rank: the page reads "none")
     best_percentile: float | None
+    score: float | None  # measures.neuron_score; None without channels or before measures v3
     best_kurtosis: float | None
     channel_count: int | None  # channels with kurtosis >= 5
     generic_count: int | None
@@ -484,6 +485,10 @@ class ComparePage(BaseModel):
     mean_cos: float | None
     mean_jaccard: float | None
     baseline_cos: float | None  # random vectors at the same cosines to w, matched the same way
+    # run a's channels matched the same way with those of other neurons of this layer and side
+    # (each against its own w): what "consistent" reaches with no shared cause
+    other_neurons_cos: float | None
+    other_neurons: int  # how many neurons that mean is over (up to OTHER_NEURONS)
     message: str | None
     neuron_url: str
 

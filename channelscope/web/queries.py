@@ -66,6 +66,7 @@ NEURON_COLUMNS = (
     T.Neuron.reconstruction_baseline,
     T.Neuron.coverage,
     T.Neuron.measures_version,
+    T.Neuron.score,
 )
 CHANNEL_COLUMNS = (
     T.Channel.channel,
@@ -250,11 +251,13 @@ def _last(column, dialect: str) -> ColumnElement:
     return func.coalesce(value, 0.0)
 
 
-LAYER_SORTS = ("percentile", "kurtosis", "best_kurtosis", "channels", "reconstruction")
+LAYER_SORTS = ("score", "percentile", "kurtosis", "best_kurtosis", "channels", "reconstruction")
 
 
 def layer_sort_column(sort: str, dialect: str) -> ColumnElement:
     return {
+        # Not indexed, like reconstruction; a neuron measured before version 3 (no score) goes last.
+        "score": func.coalesce(T.Neuron.score, -1.0),
         "percentile": T.Neuron.best_percentile,
         "kurtosis": T.Neuron.kurtosis,
         "best_kurtosis": T.Neuron.best_kurtosis,
@@ -281,6 +284,7 @@ def layer_neurons(
         T.Neuron.neuron,
         T.Neuron.kurtosis,
         T.Neuron.best_percentile,
+        T.Neuron.score,
         T.Neuron.best_kurtosis,
         T.Neuron.channel_count,
         T.Neuron.generic_count,
@@ -438,6 +442,21 @@ def neurons_in_runs(
         select(*NEURON_COLUMNS, T.Neuron.run_id)
         .where(T.Neuron.run_id.in_(run_ids), T.Neuron.layer == layer, T.Neuron.side == side)
         .where(T.Neuron.neuron == neuron)
+    )
+    return _execute(session, query).all()
+
+
+def other_neurons(
+    session: Session, run_id: int, layer: int, side: str, neuron: int, limit: int
+) -> Sequence[Row]:
+    """Up to `limit` other neuron sides of the same run, layer and side, nearest ids first: the
+    compare page's "different neurons" baseline."""
+    query = (
+        select(T.Neuron.id, T.Neuron.neuron, T.Neuron.vector)
+        .where(T.Neuron.run_id == run_id, T.Neuron.layer == layer, T.Neuron.side == side)
+        .where(T.Neuron.neuron != neuron)
+        .order_by(func.abs(T.Neuron.neuron - neuron), T.Neuron.neuron)
+        .limit(limit)
     )
     return _execute(session, query).all()
 

@@ -1,7 +1,8 @@
 """`channelscope measures RUN`: bring a run's stored measures up to measures.MEASURES_VERSION
 without recomputing a channel. The run's hash, its channels and its token index stay as they
 are; each neuron side gets what the newer measures add (version 2: every channel's percentile
-against random directions at the same cosine to w, docs/method.md) and its version raised, in
+against random directions at the same cosine to w; version 3: the calibrated neuron score;
+docs/method.md) and its version raised, in
 batches that commit on their own, so a killed backfill goes on where it stopped.
 
 The numbers equal what the worker computes for a new neuron: the same stored w, the same stored
@@ -48,7 +49,7 @@ def backfill(
     while True:
         with db.session(engine) as session, session.begin():
             rows = session.execute(
-                select(T.Neuron.id, T.Neuron.vector)
+                select(T.Neuron.id, T.Neuron.vector, T.Neuron.best_percentile, T.Neuron.measures_version)
                 .where(T.Neuron.run_id == run.id, T.Neuron.measures_version < measures.MEASURES_VERSION)
                 .order_by(T.Neuron.id)
                 .limit(BATCH)
@@ -56,33 +57,14 @@ def backfill(
             if not rows:
                 return done
             ids = [row.id for row in rows]
-            channels: dict[int, list] = {}
-            for ch in session.execute(
-                select(T.Channel.neuron_id, T.Channel.channel, T.Channel.cos, T.Channel.faithfulness)
-                .where(T.Channel.neuron_id.in_(ids))
-                .order_by(T.Channel.neuron_id, T.Channel.channel)
-            ).all():
-                channels.setdefault(ch.neuron_id, []).append(ch)
-            w = torch.from_numpy(np.stack([T.neuron_vector(row.vector) for row in rows]))  # [B, d]
-            z_w = decomposer.proj.forward(w.to(decomposer.device), exact=True).cpu()  # [B, V]
-            zs_w = rotate.z_scores(z_w, scored)
-            for n, neuron_id in enumerate(ids):
-                found = channels.get(neuron_id, [])
-                if found:
-                    cosines = torch.tensor([ch.cos for ch in found], dtype=torch.float64)
-                    draws = measures.faithfulness_at_cosines(
-                        w[n], z_w[n], zs_w[n], cosines, decomposer.directions, scored
-                    )
-                    for ch, row_draws in zip(found, draws, strict=True):
-                        session.execute(
-                            update(T.Channel)
-                            .where(T.Channel.neuron_id == neuron_id, T.Channel.channel == ch.channel)
-                            .values(
-                                percentile_local=finite_or(
-                                    measures.percentile(ch.faithfulness, row_draws.numpy()), None
-                                )
-                            )
-                        )
+            for row in rows:  # version 3: the score, from the stored best percentile alone
+                score = measures.neuron_score(row.best_percentile, decomposer.score_scale)
+                session.execute(
+                    update(T.Neuron).where(T.Neuron.id == row.id).values(score=finite_or(score, None))
+                )
+            old = [row for row in rows if row.measures_version < 2]
+            if old:
+                _percentiles_local(session, decomposer, old, scored)
             session.execute(
                 update(T.Neuron)
                 .where(T.Neuron.id.in_(ids))
@@ -91,6 +73,36 @@ def backfill(
         done += len(ids)
         if on_batch:
             on_batch(done)
+
+
+def _percentiles_local(session, decomposer: Decomposer, rows, scored: torch.Tensor) -> None:
+    """Version 2: every channel's percentile against directions at the same cosine to w."""
+    channels: dict[int, list] = {}
+    for ch in session.execute(
+        select(T.Channel.neuron_id, T.Channel.channel, T.Channel.cos, T.Channel.faithfulness)
+        .where(T.Channel.neuron_id.in_([row.id for row in rows]))
+        .order_by(T.Channel.neuron_id, T.Channel.channel)
+    ).all():
+        channels.setdefault(ch.neuron_id, []).append(ch)
+    w = torch.from_numpy(np.stack([T.neuron_vector(row.vector) for row in rows]))  # [B, d]
+    z_w = decomposer.proj.forward(w.to(decomposer.device), exact=True).cpu()  # [B, V]
+    zs_w = rotate.z_scores(z_w, scored)
+    for n, row in enumerate(rows):
+        found = channels.get(row.id, [])
+        if not found:
+            continue
+        cosines = torch.tensor([ch.cos for ch in found], dtype=torch.float64)
+        draws = measures.faithfulness_at_cosines(
+            w[n], z_w[n], zs_w[n], cosines, decomposer.directions, scored
+        )
+        for ch, row_draws in zip(found, draws, strict=True):
+            session.execute(
+                update(T.Channel)
+                .where(T.Channel.neuron_id == row.id, T.Channel.channel == ch.channel)
+                .values(
+                    percentile_local=finite_or(measures.percentile(ch.faithfulness, row_draws.numpy()), None)
+                )
+            )
 
 
 def decomposer_for(engine: Engine, run: T.Run, model, device: str, cache_dir) -> Decomposer:

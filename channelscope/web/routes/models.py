@@ -19,6 +19,7 @@ from channelscope.web.routes.params import Layer, ModelName, RunParam, Side
 router = APIRouter()
 
 SORT_LABELS = {
+    "score": "score (against random vectors)",
     "percentile": "best faithfulness percentile",
     "kurtosis": "neuron kurtosis",
     "best_kurtosis": "best channel kurtosis",
@@ -165,6 +166,7 @@ def _cursor(after: str | None) -> tuple[float, int] | None:
 
 # The NeuronRow field each sort orders by.
 SORT_FIELDS = {
+    "score": "score",
     "percentile": "best_percentile",
     "kurtosis": "kurtosis",
     "best_kurtosis": "best_kurtosis",
@@ -187,6 +189,7 @@ def _row(
         raw_tokens=raw_tokens,
         has_channels=r is not None,
         best_percentile=r.best_percentile if eligible else None,
+        score=r.score if r is not None else None,
         best_kurtosis=r.best_kurtosis if r is not None else None,
         channel_count=r.channel_count if r is not None else None,
         generic_count=r.generic_count if r is not None else None,
@@ -277,15 +280,16 @@ def layer_page(
     model: ModelName,
     layer: Layer,
     side: Side = "out",
-    sort: Literal["percentile", "kurtosis", "best_kurtosis", "channels", "reconstruction"] = "percentile",
+    sort: Literal["score", "percentile", "kurtosis", "best_kurtosis", "channels", "reconstruction"] = "score",
     order: Literal["desc", "asc"] = "desc",
     after: Annotated[str | None, Query(max_length=64, description="keyset cursor: value~neuron")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     neuron: Annotated[int | None, Query(ge=0, le=10**9, description="jump to this neuron")] = None,
     run: RunParam = None,
 ):
-    """A layer side's neurons sorted by best channel faithfulness percentile (the neurons whose
-    channels are real come first), kurtosis, best channel kurtosis, channel count or
+    """A layer side's neurons sorted by their score (their best channel against random vectors'
+    best: the neurons whose channels beat random vectors' come first), best channel faithfulness
+    percentile, kurtosis, best channel kurtosis, channel count or
     reconstruction; keyset pagination."""
     model_row = lookup.model(session, model)
     lookup.check(model_row, layer=layer, side=side)
@@ -323,7 +327,7 @@ def layer_page(
     def here(**changes) -> str:
         params = {"sort": sort, "order": order, "limit": limit, "run": pin} | changes
         params = {
-            "sort": None if params["sort"] == "percentile" else params["sort"],
+            "sort": None if params["sort"] == "score" else params["sort"],
             "order": None if params["order"] == "desc" else params["order"],
             "limit": None if params["limit"] == 50 else params["limit"],
             "run": params["run"],

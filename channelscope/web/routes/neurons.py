@@ -473,6 +473,8 @@ def compare_page(
         mean_cos=None,
         mean_jaccard=None,
         baseline_cos=None,
+        other_neurons_cos=None,
+        other_neurons=0,
         message=None,
         neuron_url=urls.neuron(name, layer, neuron, side),
     )
@@ -502,7 +504,33 @@ def compare_page(
     result.run_a, result.run_b = lookup.run_out(name, run_a, None), lookup.run_out(name, run_b, None)
     if chs_a and chs_b:
         _match(result, n_a, chs_a, chs_b, (layer, side, neuron))
+        others = queries.other_neurons(session, run_a.run_id, layer, side, neuron, OTHER_NEURONS)
+        other_channels = queries.channels(session, [o.id for o in others])
+        _other_neurons(result, n_a, chs_a, others, other_channels)
     return Result(result)
+
+
+OTHER_NEURONS = 8  # neurons of the same layer and side that the compare page matches against
+
+
+def _other_neurons(result: pages.ComparePage, neuron_row, chs, others, other_channels) -> None:
+    import torch
+
+    from channelscope.method import measures
+
+    def w_of(row):
+        return torch.from_numpy(T.neuron_vector(row.vector).astype(np.float64))
+
+    def stack(chs):
+        return torch.from_numpy(np.stack([T.channel_vector(c.vector).astype(np.float64) for c in chs]))
+
+    found = [
+        measures.consistency_between(w_of(neuron_row), stack(chs), w_of(o), stack(own))
+        for o in others
+        if (own := [c for c in other_channels if c.neuron_id == o.id])
+    ]
+    result.other_neurons = len(found)
+    result.other_neurons_cos = round(float(np.mean(found)), 4) if found else None
 
 
 def _match(result: pages.ComparePage, neuron_row, chs_a, chs_b, where) -> None:

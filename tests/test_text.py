@@ -33,6 +33,7 @@ def test_a_planted_token_at_the_peaks_is_found_and_its_sign_decides_the_verdict(
     up = behaviour.at_peaks(planted, PEAK, "gate", np.array([7, 8]), counts, raises=True)
     assert (up.hits, up.contexts, up.chance) == (12, 20, pytest.approx(0.02))
     assert up.verdict == "as expected" and up.p_value < 1e-10 and up.low > up.chance
+    assert up.hit_rows == list(range(12))  # which contexts: the page links them
     down = behaviour.at_peaks(planted, PEAK, "gate", np.array([7, 8]), counts, raises=False)
     assert down.verdict == "opposite"  # the neuron should have avoided those tokens
 
@@ -110,6 +111,11 @@ def test_the_page_says_how_to_compute_a_pass_until_one_is_stored_then_shows_it(t
         )
         assert channel["position"] == ("next" if channel["side"] == "out" else "peak")
         assert channel["verdict"] in ("as expected", "opposite", "no evidence", "untestable")
+        assert len(channel["hit_contexts"]) == channel["hits"]
+        for context in found["contexts"]:  # a context names the channel exactly where it is a hit
+            named = f"{channel['side']} {channel['index']}" in context["channels"]
+            assert named == (context["number"] in channel["hit_contexts"])
+    assert [c["number"] for c in found["contexts"]] == list(range(1, len(TEXTS) + 1))
 
     html = text_client.get(page).text
     assert html.count('class="act ') >= sum(len(c["tokens"]) for c in found["contexts"])
@@ -133,7 +139,8 @@ def assert_twin_explains(client, url: str) -> None:
     shown = NUMBER.findall(shown_text(page.text))
     assert shown and not [n for n in shown if not explained(n, numbers) and n not in literal]
     for href in {html_module.unescape(h) for h in HREF.findall(page.text)}:
-        assert href in strings or f'href="{href}"' in literal or href.startswith("/static/"), href
+        # "#context-3": a place on this page, not data
+        assert href in strings or f'href="{href}"' in literal or href.startswith(("/static/", "#")), href
 
 
 # --- the behavioural test over every position (reports/behaviour.md) --------------------------------

@@ -27,6 +27,7 @@ class AtPeaks:
     p_value: float  # two-sided exact binomial test of hits against chance
     expected_direction: str  # "more" when the channel raises the neuron (or the token), else "fewer"
     verdict: str  # "as expected", "opposite", "no evidence", "untestable"
+    hit_rows: list[int]  # the contexts (rows of window_tokens) that hold one of them there
 
 
 def position_for(side: str) -> str:
@@ -45,15 +46,18 @@ def at_peaks(
 ) -> AtPeaks:
     position = position_for(side)
     column = window_tokens[:, peak + (1 if position == "next" else 0)]  # [K]
-    column = column[column >= 0]
-    hits = int(np.isin(column, channel_tokens).sum())
+    inside = column >= 0  # the next token can run off the document
+    hit_rows = np.flatnonzero(inside & np.isin(column, channel_tokens)).tolist()
+    hits = len(hit_rows)
     total = max(int(token_counts.sum()), 1)
     chance = float(token_counts[channel_tokens].sum()) / total
     direction = "more" if raises else "fewer"
-    n = int(column.size)
+    n = int(inside.sum())
     if n == 0 or chance <= 0.0:
         # The corpus never holds these tokens: nothing the top contexts show could test them.
-        return AtPeaks(position, n, hits, chance, n * chance, 0.0, 1.0, 1.0, direction, "untestable")
+        return AtPeaks(
+            position, n, hits, chance, n * chance, 0.0, 1.0, 1.0, direction, "untestable", hit_rows
+        )
     test = binomtest(hits, n, min(chance, 1.0), alternative="two-sided")
     interval = test.proportion_ci(confidence_level=0.95, method="exact")
     observed_more = hits > n * chance
@@ -74,6 +78,7 @@ def at_peaks(
         p_value=float(test.pvalue),
         expected_direction=direction,
         verdict=verdict,
+        hit_rows=hit_rows,
     )
 
 

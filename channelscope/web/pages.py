@@ -384,6 +384,8 @@ class ChannelPage(BaseModel):
     # (web.neighbours.random_max_abs_cos); None when none were compared
     nearest_baseline: float | None
     ablate_url: str  # this neuron side's ablation page with this channel switched off
+    # the text page at this channel's row: the top contexts holding its tokens (never cached here)
+    text_url: str
     previous_url: str | None
     next_url: str | None
     vector: list[float]  # the channel vector c, |c| = |w|
@@ -400,9 +402,11 @@ class ContextToken(BaseModel):
 
 
 class TopContext(BaseModel):
+    number: int  # its rank, from 1: the page's anchor #context-{number}
     peak: float  # the activation at the peak, the context's rank key
     peak_index: int  # the peak's index in tokens
     tokens: list[ContextToken]  # the window around the peak, inside its document
+    channels: list[str]  # "side index" of each channel whose tokens it holds at that side's position
 
 
 class Density(BaseModel):
@@ -434,6 +438,7 @@ class ChannelAtPeaks(BaseModel):
     p_value: float  # two-sided exact binomial test against chance
     expected_direction: str  # "more" or "fewer", from the sign of the neuron on those tokens
     verdict: str  # as expected, opposite, no evidence, untestable
+    hit_contexts: list[int]  # the numbers of the contexts that hold one of its tokens there
 
 
 class TextPage(BaseModel):

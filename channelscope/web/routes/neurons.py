@@ -403,6 +403,7 @@ def channel_page(
         if candidates
         else None,
         ablate_url=urls.ablate(name, layer, neuron, side, row.hash, [channel]),
+        text_url=f"{urls.text(name, layer, neuron)}#channel-{side}-{channel}",
         previous_url=urls.channel(name, layer, neuron, side, channel - 1, pin)
         if channel - 1 in indices
         else None,

@@ -62,11 +62,13 @@ def text_page(request: Request, session: DbSession, model: ModelName, layer: Lay
     # One context per document, but the corpus holds near-copies (a paragraph in the docs and in a
     # docstring): a window already shown, token for token, is not shown again.
     seen: set[bytes] = set()
-    contexts = []
-    for ids, values in zip(found.window_tokens, found.window_values, strict=True):
+    contexts, shown = [], []
+    for row, (ids, values) in enumerate(zip(found.window_tokens, found.window_values, strict=True)):
         if ids.tobytes() not in seen:
             seen.add(ids.tobytes())
-            contexts.append(_context(vocab.tokens, ids, values))
+            shown.append(row)
+            contexts.append(_context(vocab.tokens, ids, values, len(contexts) + 1))
+    windows = found.window_tokens[shown]  # [K, W], the contexts shown: a copy is not a second hit
     densities = [
         pages.Density(
             signal=signal,
@@ -81,8 +83,11 @@ def text_page(request: Request, session: DbSession, model: ModelName, layer: Lay
     channels = (
         []
         if counts is None
-        else _channels_at_peaks(session, model_row, layer, neuron, found, counts, vocab.tokens)
+        else _channels_at_peaks(session, model_row, layer, neuron, windows, counts, vocab.tokens)
     )
+    for channel in channels:  # each context names the channels whose tokens it holds there
+        for number in channel.hit_contexts:
+            contexts[number - 1].channels.append(f"{channel.side} {channel.index}")
     message = (
         f"{len(contexts)} top contexts over {found.documents:,} documents ({found.tokens:,} tokens) "
         f"of corpus {found.corpus}, one per document."
@@ -113,18 +118,20 @@ def text_page(request: Request, session: DbSession, model: ModelName, layer: Lay
     )
 
 
-def _context(tokens: list[str], ids: np.ndarray, values: np.ndarray) -> pages.TopContext:
+def _context(tokens: list[str], ids: np.ndarray, values: np.ndarray, number: int) -> pages.TopContext:
     inside = ids >= 0  # the window runs off the document at either end
     shown = [
         pages.ContextToken(id=int(t), token=tokens[int(t)], activation=round(float(v), 4))
         for t, v in zip(ids[inside], values[inside], strict=True)
     ]
     peak_index = activations.BEFORE - int((~inside[: activations.BEFORE]).sum())
-    return pages.TopContext(peak=shown[peak_index].activation, peak_index=peak_index, tokens=shown)
+    return pages.TopContext(
+        number=number, peak=shown[peak_index].activation, peak_index=peak_index, tokens=shown, channels=[]
+    )
 
 
 def _channels_at_peaks(
-    session, model_row, layer, neuron, found, counts, tokens
+    session, model_row, layer, neuron, windows: np.ndarray, counts, tokens
 ) -> list[pages.ChannelAtPeaks]:
     out = []
     for side in model_row.sides.split(","):
@@ -137,7 +144,7 @@ def _channels_at_peaks(
             # faithfulness is the neuron's mean z on the channel's tokens, oriented by the
             # channel's tail: its sign times the tail's is the neuron's own sign on them.
             raises = ch.faithfulness * tail_sign(ch.skew) > 0
-            found_at = behaviour.at_peaks(found.window_tokens, activations.BEFORE, side, ids, counts, raises)
+            found_at = behaviour.at_peaks(windows, activations.BEFORE, side, ids, counts, raises)
             out.append(
                 pages.ChannelAtPeaks(
                     side=side,
@@ -154,6 +161,7 @@ def _channels_at_peaks(
                     p_value=round(found_at.p_value, 4),
                     expected_direction=found_at.expected_direction,
                     verdict=found_at.verdict,
+                    hit_contexts=[row + 1 for row in found_at.hit_rows],
                 )
             )
     return out

@@ -52,3 +52,41 @@ def test_the_report_puts_every_measure_beside_its_baseline(tiny_folder, tmp_path
     assert all("consistency_other" in n and len(n["percentile_local"]) == 2 for n in result["neurons"])
     (tmp_path / "out" / "eval.md").unlink()
     assert eval_report.render(tmp_path / "out").read_text() == summary
+
+
+def test_the_solver_check_renders_from_the_json_kind_by_kind(tiny_folder, tmp_path):
+    model = load_model(tiny_folder)
+    out = tmp_path / "out"
+    result = eval_report.evaluate(
+        model, out, per_cell=1, channels=2, aligned=1, cache_dir=tmp_path, held_out=8
+    )
+    assert len(result["held_out_scores"]) == 8 and all(0 <= s <= 100 for s in result["held_out_scores"])
+    assert "## Is the neuron score calibrated?" in (out / "eval.md").read_text()
+
+    def numbers(neuron, loss):
+        return {"loss": [loss, loss], "kurtosis": neuron["channel_kurtosis"], "cos": neuron["cos"],
+                "faithfulness": neuron["faithfulness"], "percentile": neuron["percentile"],
+                "percentile_local": neuron["percentile_local"], "generic": [True, False],
+                "score": 50.0, "steps": [2500, 3500]}  # fmt: skip
+
+    # Stand-ins for the paper preset's numbers: the section reads them from the JSON alone.
+    saved = json.loads((out / "eval.json").read_text())
+    saved["solvers"] = [
+        {
+            "layer": n["layer"],
+            "side": n["side"],
+            "neuron": n["neuron"],
+            "group": n["group"],
+            "fast": numbers(n, -0.5),
+            "paper": numbers(n, -0.25),
+            "matched_cos": 0.75,
+        }  # fmt: skip
+        for n in saved["neurons"]
+    ]
+    (out / "eval.json").write_text(json.dumps(saved))
+    text = eval_report.render(out).read_text()
+    assert "## Does it depend on the solver?" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| random neurons |", "| aligned ("))]
+    solver_rows = [line for line in rows if "-0.500 / -0.250" in line]
+    assert len(solver_rows) == 2  # one row per kind, never pooled
+    assert all("50% / 50%" in line and "0.75" in line and "| 3000 |" in line for line in solver_rows)

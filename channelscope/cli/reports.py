@@ -16,7 +16,7 @@ def cmd_eval(args) -> None:
     model = load(args.model)
     evaluate(model, args.out, per_cell=args.per_cell, channels=args.channels, aligned=args.aligned,
              seed=args.seed, cache_dir=references_dir(), progress=progress_bar,
-             held_out=args.held_out)  # fmt: skip
+             held_out=args.held_out, paper=args.paper)  # fmt: skip
     print(f"wrote {args.out / 'eval.md'}")
 
 
@@ -106,6 +106,12 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--held-out", type=int, default=64, help="random vectors outside the reference, to check the score"
+    )
+    p.add_argument(
+        "--paper",
+        type=int,
+        default=0,
+        help="random and aligned neurons each to decompose with the paper preset too",
     )
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--render", action="store_true", help="only rewrite eval.md and its plots from eval.json")

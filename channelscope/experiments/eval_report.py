@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from channelscope.core.stats import interval, median, share
-from channelscope.experiments import calibration
+from channelscope.experiments import calibration, solver_check
 from channelscope.method import measures, rotate
 from channelscope.method.decomposer import Decomposer, NeuronRecord
 from channelscope.method.sampling import LAYER_GROUPS, Sampled, most_aligned, random_neurons
@@ -34,6 +34,17 @@ def sample_neurons(model, per_cell: int, seed: int, aligned: int) -> list[Sample
         for side in model.sides:
             rows += most_aligned(model, late, side, aligned, group=ALIGNED)
     return rows
+
+
+def paper_sample(rows: list[Sampled], per_kind: int) -> list[tuple[int, str, int]]:
+    """`per_kind` random and `per_kind` aligned neurons of the sample, evenly spread over each
+    kind's list (which runs through layer groups and sides), for the paper preset."""
+    picked = []
+    for kind in ([r for r in rows if r.group != ALIGNED], [r for r in rows if r.group == ALIGNED]):
+        if kind and per_kind:
+            at = np.linspace(0, len(kind) - 1, min(per_kind, len(kind))).round().astype(int)
+            picked += [(kind[i].layer, kind[i].side, kind[i].neuron) for i in dict.fromkeys(at.tolist())]
+    return list(dict.fromkeys(picked))
 
 
 def decompose_all(decomposer: Decomposer, rows: list[Sampled], progress=None) -> list[NeuronRecord]:
@@ -84,7 +95,8 @@ def _consistency_with_a_neighbour(here: int, rows: list[Sampled], records: list[
 
 
 def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligned: int = 8, seed: int = 0,
-             cache_dir: Path | None = None, progress=None, held_out: int = 64) -> dict:  # fmt: skip
+             cache_dir: Path | None = None, progress=None, held_out: int = 64,
+             paper: int = 0) -> dict:  # fmt: skip
     settings = rotate.with_overrides(rotate.Settings(), channels=channels)
     rows = sample_neurons(model, per_cell, seed, aligned)
     first = Decomposer(model, settings, seed=0, cache_dir=cache_dir, progress=progress)
@@ -103,6 +115,13 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
     step = progress(len(rows) * channels, "down-weighted") if progress else None
     records_dw = decompose_all(downweighted, rows, step)
     held_out_scores = calibration.held_out_scores(first, held_out)
+    checked = paper_sample(rows, paper)
+    fast_of = {(r.layer, r.side, r.neuron): record for r, record in zip(rows, records, strict=True)}
+    step = progress(len(checked) * channels, "paper preset") if progress and checked else None
+    solvers = solver_check.compare(first, checked, [fast_of[c] for c in checked], step) if checked else []
+    group_of = {(r.layer, r.side, r.neuron): r.group for r in rows}
+    for row in solvers:
+        row["group"] = group_of[row["layer"], row["side"], row["neuron"]]
 
     generator = torch.Generator().manual_seed(seed)
     per_neuron = []
@@ -164,6 +183,8 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
         "neurons": per_neuron,
         # Random vectors that the reference did not see, scored like neurons: ~50 if calibrated.
         "held_out_scores": held_out_scores,
+        # The paper preset on a subsample, scored against the same (fast) reference.
+        "solvers": solvers,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1, default=float))
@@ -326,6 +347,7 @@ def _markdown(result: dict, plots: list[str]) -> str:
                 f"| {ref['kurtosis_median_by_channel'][k]:.1f} |"
             )
     lines += _calibration(result)
+    lines += _solvers(result)
     lines += _generic_check(neurons)
     random_ones = groups[0][1]
     lines += [
@@ -373,6 +395,49 @@ def _calibration(result: dict) -> list[str]:
         f"(50 if calibrated); {best['share_at_least_90']:.0%} score 90 or more and "
         f"{best['share_at_most_10']:.0%} score 10 or less (10 % each if calibrated).",
     ]
+
+
+def _solvers(result: dict) -> list[str]:
+    """The paper preset beside the fast solver on the same neurons, kind by kind."""
+    rows = result.get("solvers") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Does it depend on the solver? The paper preset on a subsample",
+        "",
+        f"{len(rows)} neurons of the sample decomposed again with the paper preset (AdamW to its plateau, "
+        'docs/method.md, "The paper preset"), measured exactly as the fast channels and against the same '
+        "reference (a reference of its own would cost thousands of steps per random vector's channel). "
+        "Matched |cos|: the seed-consistency matching between the two solvers' channels; the same matching "
+        "between different neurons is its baseline.",
+        "",
+        "| neurons | n | loss c0 fast / paper | pct c0 fast / paper | vs. cos c0 fast / paper "
+        "| generic, all channels, fast / paper | matched \\|cos\\| fast-paper | other neuron | paper steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    other = {kind: [n["consistency_other"] for n in cell] for kind, cell in kinds(result["neurons"])}
+    for kind, _ in kinds(result["neurons"]):
+        cell = [r for r in rows if (r["group"] == ALIGNED) == (kind != "random neurons")]
+        if not cell:
+            continue
+
+        def pair(key, fmt, cell=cell):
+            return " / ".join(
+                f"{median(r[solver][key][0] for r in cell):{fmt}}" for solver in ("fast", "paper")
+            )
+
+        generic = " / ".join(
+            f"{share(g for r in cell for g in r[solver]['generic']):.0%}" for solver in ("fast", "paper")
+        )
+        mark = "*" if len(cell) < SMALL else ""
+        lines.append(
+            f"| {kind} | {len(cell)}{mark} | {pair('loss', '.3f')} | {pair('percentile', '.0f')} "
+            f"| {pair('percentile_local', '.0f')} | {generic} "
+            f"| {with_interval([r['matched_cos'] for r in cell], '.2f')} | {median(other[kind]):.2f} "
+            f"| {median(s for r in cell for s in r['paper']['steps']):.0f} |"
+        )
+    return lines
 
 
 def _generic_check(neurons) -> list[str]:

@@ -58,6 +58,21 @@ def test_the_evaluation_measures_every_channel_and_its_report_renders_from_the_j
     assert json.loads((tmp_path / "reports" / "ablation.json").read_text())["channels"]
 
 
+def test_out_can_sample_fewer_vectors_than_the_read_sides(tiny_gguf):
+    from collections import Counter
+
+    model = load_model(tiny_gguf)
+    rows = ablation_report.sample(model, [0, 1], per_cell=3, aligned=2, seed=0, out_vectors=1)
+    counts = Counter((r.group, r.layer, r.side) for r in rows)
+    for layer in (0, 1):
+        assert counts["random", layer, "gate"] == counts["random", layer, "in"] == 3
+        assert counts["aligned", layer, "gate"] == counts["aligned", layer, "in"] == 2
+        assert counts["random", layer, "out"] == counts["aligned", layer, "out"] == 1
+    # The read sides' random vectors are those the same seed draws without a separate count for out.
+    same = ablation_report.sample(model, [0, 1], per_cell=3, aligned=2, seed=0)
+    assert [r for r in rows if r.side != "out"] == [r for r in same if r.side != "out"]
+
+
 def test_the_final_norm_gain_is_the_norm_weight_of_a_llama(tiny_gguf):
     lm = load_language_model(tiny_gguf)
     weight = lm.model.base_model.norm.weight.detach()
@@ -90,9 +105,10 @@ def _made_up_result() -> dict:
     ]  # fmt: skip
     return {
         "model": "made-up",
-        "settings": {"layers": [4, 9], "per_cell": 1, "aligned": 1, "channels": 2, "draws": 2, "texts": 2,
-                     "seed": 0, "corpus": "c", "corpus_texts": 3, "corpus_positions": 300,
-                     "thresholds": "committed corpus", "quantile": 0.9, "target_half_width": 0.1, "small": 8},
+        "settings": {"layers": [4, 9], "per_cell": 1, "aligned": 1, "out_vectors": None, "channels": 2,
+                     "draws": 2, "texts": 2, "seed": 0, "corpus": "c", "corpus_texts": 3,
+                     "corpus_positions": 300, "thresholds": "committed corpus", "quantile": 0.9,
+                     "target_half_width": 0.1, "small": 8},
         "run": {"machine": "a CPU", "threads": 2, "niceness": 10, "reference_cached": True,
                 "command": "channelscope eval-ablation x", "wall_seconds": 12.0},
         "solver": "fast", "precision": "fp32", "algorithm_version": 4,

@@ -59,12 +59,13 @@ def cmd_eval_ablation(args) -> None:
     with db.session(engine) as session:
         result = ablation_report.evaluate(
             model, lm, decomposer, session, thresholds, layers, per_cell=args.per_cell, aligned=args.aligned,
-            channels=args.channels, draws=args.draws, texts=args.texts, seed=args.seed, log=log,
+            channels=args.channels, draws=args.draws, texts=args.texts, seed=args.seed,
+            out_vectors=args.out_vectors, log=log,
         )  # fmt: skip
     command = (
         f"channelscope eval-ablation {args.model} --layers {args.layers} --per-cell {args.per_cell} "
         f"--aligned {args.aligned} --channels {args.channels} --draws {args.draws} --texts {args.texts} "
-        f"--seed {args.seed}"
+        f"--seed {args.seed}" + (f" --out-vectors {args.out_vectors}" if args.out_vectors is not None else "")
     )
     result["run"] |= {"command": command, "wall_seconds": round(time.monotonic() - started, 1)}
     print(f"wrote {ablation_report.write(result, args.out)}")
@@ -137,6 +138,10 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--aligned", type=int, default=2, help="highest-kurtosis neurons per layer and side (default 2)"
     )
+    p.add_argument(
+        "--out-vectors", type=int, default=None,
+        help="random and aligned out vectors per layer, each (default: as --per-cell and --aligned)",
+    )  # fmt: skip
     p.add_argument("--channels", type=int, default=None, help="first channels of each neuron (default 5)")
     p.add_argument("--draws", type=int, default=8, help="random directions per channel (default 8)")
     p.add_argument("--texts", type=int, default=4, help="corpus texts per out neuron for forward passes")

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -97,16 +98,32 @@ class Measured:
 # --- sampling --------------------------------------------------------------------------------------
 
 
-def sample(model, layers: list[int], per_cell: int, aligned: int, seed: int) -> list[Sampled]:
+def sample(
+    model, layers: list[int], per_cell: int, aligned: int, seed: int, out_vectors: int | None = None
+) -> list[Sampled]:
     """In each layer and side: `per_cell` random vectors and the `aligned` ones with the highest
-    raw kurtosis. A vector drawn at random that is also among the most aligned is measured in
-    both kinds: neither sample is thinned by the other."""
+    raw kurtosis; on `out`, `out_vectors` of each kind instead, when given (its forward passes
+    cost far more than a read side's products). A vector drawn at random that is also among the
+    most aligned is measured in both kinds: neither sample is thinned by the other."""
+
+    def count(kind: str, side: str) -> int:
+        if side == "out" and out_vectors is not None:
+            return out_vectors
+        return aligned if kind == ALIGNED else per_cell
+
     cells = {f"layer {layer}": [layer] for layer in layers}
-    drawn = random_neurons(model, cells, per_cell, torch.Generator().manual_seed(seed))
-    rows = [replace(s, group=RANDOM) for s in drawn]
+    # Draws are sequential within a layer and side, so the first k of the largest count are a
+    # uniform sample of k too.
+    most = max(count(RANDOM, side) for side in model.sides)
+    taken: Counter[tuple[int, str]] = Counter()
+    rows: list[Sampled] = []
+    for s in random_neurons(model, cells, most, torch.Generator().manual_seed(seed)):
+        if taken[s.layer, s.side] < count(RANDOM, s.side):
+            taken[s.layer, s.side] += 1
+            rows.append(replace(s, group=RANDOM))
     for layer in layers:
         for side in model.sides:
-            rows += most_aligned(model, [layer], side, aligned, group=ALIGNED)
+            rows += most_aligned(model, [layer], side, count(ALIGNED, side), group=ALIGNED)
     return rows
 
 
@@ -299,13 +316,14 @@ def evaluate(
     draws: int = 8,
     texts: int = 6,
     seed: int = 0,
+    out_vectors: int | None = None,
     progress=None,
     log=print,
 ) -> dict:
     """thresholds: each layer's stored activation thresholds, or None to take each `out`
     neuron's 90th percentile over the committed corpus here, exactly."""
     started = time.monotonic()
-    rows = sample(model, layers, per_cell, aligned, seed)
+    rows = sample(model, layers, per_cell, aligned, seed, out_vectors)
     samples = channels_for(model, decomposer, rows, session, channels, progress)
     log(f"{len(samples)} neuron sides, channels ready after {time.monotonic() - started:.0f} s")
 
@@ -383,6 +401,7 @@ def evaluate(
             "layers": layers,
             "per_cell": per_cell,
             "aligned": aligned,
+            "out_vectors": out_vectors,
             "channels": channels,
             "draws": draws,
             "texts": texts,
@@ -668,6 +687,11 @@ def markdown(result: dict, plots: list[str]) -> str:
     sides = list(dict.fromkeys(r["side"] for r in rows))
     counts = {kind: len([n for n in result["neurons"] if n["group"] == kind]) for kind, _ in KINDS}
     run = result["run"]
+    if s["out_vectors"] is None:
+        on_sides, on_out = "every side", ""
+    else:  # out's forward passes cost far more than a read side's products
+        on_sides = ", ".join(f"`{side}`" for side in sides if side != "out")
+        on_out = f", and on `out` {s['out_vectors']} of each kind"
     reference = "read from its cache" if run["reference_cached"] else "computed in this run"
     lines = [
         f"# Ablation: does switching a channel off disable what it stands for? {result['model']}",
@@ -683,11 +707,12 @@ def markdown(result: dict, plots: list[str]) -> str:
         "",
         _quantisation(result),
         "",
-        f"**Sample.** In each of layers {', '.join(map(str, s['layers']))} and each side: the {s['aligned']} "
-        f"vectors with the highest raw kurtosis of w @ U (aligned, hand-picked; {counts[ALIGNED]} in all) "
-        f"and {s['per_cell']} random ones ({counts[RANDOM]}). The two kinds have rows of their own in every "
-        f"table and are never pooled. Each of their first {s['channels']} channels is ablated on its own "
-        "(w' = w - alpha* c_k, the paper's grid rule).",
+        f"**Sample.** In each of layers {', '.join(map(str, s['layers']))}, on {on_sides}: the "
+        f"{s['aligned']} vectors with the highest raw kurtosis of w @ U (aligned, hand-picked) and "
+        f"{s['per_cell']} random ones{on_out}; {counts[ALIGNED]} aligned and {counts[RANDOM]} random "
+        "vectors in all. The two kinds have rows of their own in every table and are never pooled. Each "
+        f"of their first {s['channels']} channels is ablated on its own (w' = w - alpha* c_k, the paper's "
+        "grid rule).",
         "",
         "**S** = mean over the channel's tokens of the oriented drop (-sign * delta) / mean over all other "
         'tokens (or positions) of |delta| (docs/method.md, "Selectivity"). A channel\'s tokens are read as '

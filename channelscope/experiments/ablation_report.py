@@ -466,9 +466,13 @@ def tested(rows: list[dict], level: str) -> list[dict]:
 
 
 def untestable(rows: list[dict]) -> list[dict]:
-    """Ablated channels with nowhere to measure them in the model: read sides, no position whose
-    token or next token is one of the channel's; `out`, no active position in the texts run."""
-    return [r for r in rows if r["alpha"] > 0 and r["positions"] == 0]
+    """Ablated channels that could not be compared with their baseline in the model, so that
+    every channel is counted: alpha* = 0, untestable or tested. Mostly, nowhere to measure them
+    (read sides: no position whose token or next token is one of the channel's; `out`: no active
+    position in the texts run); otherwise S or its baseline undefined (no random draw's tokens
+    occur in the corpus, or nothing changed)."""
+    both = {id(r) for r in tested(rows, "model")}
+    return [r for r in rows if r["alpha"] > 0 and id(r) not in both]
 
 
 def beats(rows: list[dict], level: str) -> list[bool]:
@@ -595,11 +599,14 @@ def caveats(result: dict) -> list[str]:
     for kind, name in KINDS:
         read = [r for r in rows if r["group"] == kind and r["side"] in READ_SIDES and r["alpha"] > 0]
         if read:
+            lost = untestable(read)
+            nowhere = sum(r["positions"] == 0 for r in lost)
             out.append(
-                f"- {name.capitalize()} read sides: {len(untestable(read))} of {len(read)} ablated "
-                f"`gate`/`in` channels have no target position in the corpus ({s['corpus_positions']:,} "
-                "positions): their tokens never occur there, nor right before one, so S is undefined. They "
-                "are counted as untestable in every table, not dropped."
+                f"- {name.capitalize()} read sides: {len(lost)} of {len(read)} ablated `gate`/`in` channels "
+                f"are untestable. {nowhere} have no target position in the corpus ({s['corpus_positions']:,} "
+                "positions): their tokens never occur there, nor right before one. "
+                f"{len(lost) - nowhere} have target positions but an undefined S or baseline (no random "
+                "draw's tokens occur). All are counted in every table, not dropped."
             )
     gain = result["final_norm_gain"]
     overlap = " and ".join(
@@ -729,9 +736,10 @@ def markdown(result: dict, plots: list[str]) -> str:
         f"(activation above its {100 * s['quantile']:.0f}th percentile over the {s['thresholds']}), forward "
         f"passes on the {s['texts']} texts where it is active most often.",
         "",
-        "**Counting.** A channel with alpha* = 0 is not ablated at all; an ablated one with no target "
-        "position (read sides) or no active position (`out`) is **untestable**; the rest are **tested**: S "
-        "and its baseline both defined. Medians of S and of its baseline, and the share of channels whose S "
+        "**Counting.** A channel with alpha* = 0 is not ablated at all. An ablated one that cannot be "
+        "compared with its baseline is **untestable**: no target position (read sides) or no active position "
+        "(`out`), or S or its baseline undefined. The rest are **tested**: S and its baseline both "
+        "defined. Medians of S and of its baseline, and the share of channels whose S "
         "beats their own baseline, are over the same tested channels. Brackets: 95 % bootstrap intervals; "
         f"* marks fewer than {small} channels.",
         "",

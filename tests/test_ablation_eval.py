@@ -135,6 +135,7 @@ def test_every_table_keeps_aligned_and_random_apart(tmp_path):
     # The channels with nowhere to measure are counted, not dropped: 1 untestable, 1 alpha* = 0 a cell.
     assert "| random | `gate` | 28 | 2 | 2 | 24 |" in text
     assert "1 of 1 aligned" in text and "0 of 1 random" in text  # negative activations, counted
+    assert "the intervals do not overlap: aligned channels beat theirs more often" in text
     assert "Q4_1 (RMS rounding error 8.0 %" in text and "MOSTLY_Q4_1" in text
 
 

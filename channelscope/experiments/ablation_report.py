@@ -558,7 +558,33 @@ def findings(rows: list[dict], settings: dict) -> list[str]:
                 "own baseline (partly circular: the tokens are read off the same projection, "
                 'docs/method.md, "Selectivity").'
             )
+    out += _kinds_compared(rows, sides)
     out += power(rows, settings)
+    return out
+
+
+def _kinds_compared(rows: list[dict], sides) -> list[str]:
+    """Per side: do aligned vectors' channels beat their baselines more often than random
+    vectors' do? Said only as far as the two intervals allow."""
+    out = []
+    for side in sides:
+        found = []
+        for kind, name in KINDS:
+            flags = beats([r for r in rows if r["group"] == kind and r["side"] == side], "model")
+            if len(flags) >= 2:
+                found.append((name, share(flags), *interval(flags, share)))
+        if len(found) != 2:
+            continue
+        (a, share_a, low_a, high_a), (b, share_b, low_b, high_b) = found
+        if low_a > high_b or low_b > high_a:
+            higher = a if share_a > share_b else b
+            verdict = f"the intervals do not overlap: {higher} channels beat theirs more often"
+        else:
+            verdict = "the intervals overlap: this sample does not tell the two kinds apart"
+        out.append(
+            f"- `{side}`, {a} against {b} in the model: {share_a:.0%} [{low_a:.0%}, {high_a:.0%}] and "
+            f"{share_b:.0%} [{low_b:.0%}, {high_b:.0%}] of the channels beat their own baseline; {verdict}."
+        )
     return out
 
 
@@ -658,10 +684,11 @@ def _negative_activations(neurons: list[dict], settings: dict) -> list[str]:
         "in this measure"
     )
     if negative:
-        most = max(negative, key=lambda n: -n["activation_min"] / max(n["threshold"], 1e-12))
+        most = min(negative, key=lambda n: n["activation_min"])
         line += (
-            f" (the clearest: layer {most['layer']} neuron {most['neuron']}, down to "
-            f"{most['activation_min']:.1f} against a threshold of {most['threshold']:.2f})"
+            f" (the furthest down: layer {most['layer']} neuron {most['neuron']} reaches "
+            f"{most['activation_min']:.1f}, its highest activation is {most['activation_max']:.1f} and its "
+            f"threshold {most['threshold']:.2f})"
         )
     return [line + "."]
 

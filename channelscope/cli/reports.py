@@ -20,10 +20,10 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.out / 'eval.md'}")
 
 
-def _thresholds(engine, model, lm) -> dict:
-    """Each layer's activation thresholds: the stored pass over the real corpus (`channelscope
-    activations`), or, without one, the same quantile over the committed corpus, computed here
-    and not stored (a few minutes on a CPU)."""
+def _thresholds(engine, model) -> dict | None:
+    """Each layer's activation thresholds from the stored pass over the real corpus
+    (`channelscope activations`), or None: the evaluation then takes each neuron's quantile over
+    the committed corpus itself, exactly, and stores nothing."""
     from channelscope.core import db
     from channelscope.worker import corpus, store
 
@@ -31,38 +31,45 @@ def _thresholds(engine, model, lm) -> dict:
         stored = corpus.layer_thresholds(session, store.ensure_model(session, model).id)
     if len(stored) == model.n_layers:
         return stored
-    log("no activation pass is stored: thresholds over the committed corpus, computed now, not stored")
-    values = corpus.activation_thresholds(lm, corpus.encode(lm, corpus.load().texts))
-    return {layer: values[layer].numpy() for layer in range(model.n_layers)}
+    log("no activation pass is stored: thresholds over the committed corpus, computed as needed, not stored")
+    return None
 
 
 def cmd_eval_ablation(args) -> None:
+    import time
+
     from channelscope.core import db
     from channelscope.experiments import ablation_report
     from channelscope.method import rotate
     from channelscope.method.decomposer import Decomposer
     from channelscope.method.intervention import load_language_model
 
+    if args.render:
+        print(f"wrote {ablation_report.render(args.out)} from {args.out / 'ablation.json'}")
+        return
+    started = time.monotonic()
     model = load(args.model)
     layers = int_range(args.layers, "--layers")
     if max(layers) >= model.n_layers:
         raise CliError(f"--layers: {model.name} has layers 0-{model.n_layers - 1}")
     _, engine = database(migrate=True)
     lm = load_language_model(model.source)
-    thresholds = _thresholds(engine, model, lm)
+    thresholds = _thresholds(engine, model)
     settings = rotate.with_overrides(rotate.Settings(), channels=args.channels)
     decomposer = Decomposer(model, settings, device=args.device, seed=args.seed, cache_dir=references_dir())
     with db.session(engine) as session:
         result = ablation_report.evaluate(
             model, lm, decomposer, session, thresholds, layers, per_cell=args.per_cell, aligned=args.aligned,
-            channels=args.channels, draws=args.draws, texts=args.texts, seed=args.seed, log=log,
+            channels=args.channels, draws=args.draws, texts=args.texts, seed=args.seed,
+            out_vectors=args.out_vectors, log=log,
         )  # fmt: skip
     command = (
         f"channelscope eval-ablation {args.model} --layers {args.layers} --per-cell {args.per_cell} "
         f"--aligned {args.aligned} --channels {args.channels} --draws {args.draws} --texts {args.texts} "
-        f"--seed {args.seed}"
+        f"--seed {args.seed}" + (f" --out-vectors {args.out_vectors}" if args.out_vectors is not None else "")
     )
-    print(f"wrote {ablation_report.write_report(result, args.out, command)}")
+    result["run"] |= {"command": command, "wall_seconds": round(time.monotonic() - started, 1)}
+    print(f"wrote {ablation_report.write(result, args.out)}")
 
 
 def cmd_behaviour(args) -> None:
@@ -138,11 +145,20 @@ def add_commands(sub) -> None:
     p.add_argument("model", nargs="?", default="smollm2")
     p.add_argument("--layers", default="2,8,14,20,25,29", help="layers to sample (default 2,8,14,20,25,29)")
     p.add_argument("--per-cell", type=int, default=2, help="random neurons per layer and side (default 2)")
-    p.add_argument("--aligned", type=int, default=2, help="highest-kurtosis out neurons per late layer")
+    p.add_argument(
+        "--aligned", type=int, default=2, help="highest-kurtosis neurons per layer and side (default 2)"
+    )
+    p.add_argument(
+        "--out-vectors", type=int, default=None,
+        help="random and aligned out vectors per layer, each (default: as --per-cell and --aligned)",
+    )  # fmt: skip
     p.add_argument("--channels", type=int, default=None, help="first channels of each neuron (default 5)")
     p.add_argument("--draws", type=int, default=8, help="random directions per channel (default 8)")
     p.add_argument("--texts", type=int, default=4, help="corpus texts per out neuron for forward passes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="for decomposing missing channels (default: auto)")
     p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument(
+        "--render", action="store_true", help="only rewrite ablation.md and its plots from ablation.json"
+    )
     p.set_defaults(uses_torch=True, run=cmd_eval_ablation, default_channels=5)

@@ -145,6 +145,7 @@ class Decomposer:
             m0 = reference.downweighted(m0, plain.reference, settings)
         path = cache_dir / f"{self.model.name}-{self.reference_key}.pt" if cache_dir else None
         found = reference.load(path) if path else None
+        self.reference_cached = found is not None  # a report's wall time says whether it computed one
         if found is None:
             on_channel = progress(count * settings.channels, "random-vector reference") if progress else None
             found = reference.compute_reference(self.proj, m0, settings, count, self.seed, on_channel)

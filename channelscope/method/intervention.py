@@ -55,6 +55,16 @@ class LanguageModel:
         """W [V, d]: logits = final hidden state @ W.T (the unembedding, lm_head)."""
         return self.model.get_output_embeddings().weight
 
+    @property
+    def final_norm_gain(self) -> torch.Tensor:
+        """g [d]: the final RMSNorm's elementwise gain as the logits see it, logits =
+        (h / rms(h) * g) @ W.T, so a residual direction r reaches the vocabulary as (r * g) @ W.T.
+        Read by normalising a vector of ones (rms 1, up to the norm's epsilon), so a norm that
+        scales by 1 + weight (Gemma) gives its own gain too."""
+        norm = self.model.base_model.norm
+        with torch.inference_mode():
+            return norm(torch.ones(1, norm.weight.shape[0], device=self.device))[0].detach().cpu()
+
     def mlp(self, layer: int) -> torch.nn.Module:
         wrong = out_of_range("the model", self.n_layers, 1, SIDE_MODULE, layer=layer)
         if wrong:

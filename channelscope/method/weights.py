@@ -300,3 +300,77 @@ def _folder_vocabulary(path: Path, config: dict) -> Vocabulary:
         tokens[token_id] = token if token_id in special else decode(token)
         kinds[token_id] = CONTROL if token_id in special else NORMAL
     return Vocabulary(tokens=tokens, kinds=kinds)
+
+
+# --- quantisation ----------------------------------------------------------------------------------
+
+# GGUF block layouts whose rounding step can be read off the blocks: bytes and weights per block.
+_BLOCKS = {"Q4_1": (20, 32), "Q8_0": (34, 32)}
+_GGUF_ROLE = {"ffn_gate": "gate", "ffn_up": "in", "ffn_down": "out"}
+_GGUF_ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
+
+
+def _block_steps(data: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(d, dequantised weights) of every block of a Q4_1 or Q8_0 tensor: d [blocks], weights
+    [blocks, 32]. Q4_1: w = d * q + m, q in 0..15; Q8_0: w = d * q, q in -127..127 (d, m float16)."""
+    size, _ = _BLOCKS[kind]
+    raw = data.reshape(-1, size)
+    d = raw[:, :2].copy().view(np.float16).astype(np.float64)[:, 0]
+    if kind == "Q4_1":
+        m = raw[:, 2:4].copy().view(np.float16).astype(np.float64)[:, 0]
+        packed = raw[:, 4:]
+        q = np.concatenate([packed & 0x0F, packed >> 4], 1).astype(np.float64)  # low nibbles first
+        return d, d[:, None] * q + m[:, None]
+    q = raw[:, 2:].copy().view(np.int8).astype(np.float64)
+    return d, d[:, None] * q
+
+
+def quantisation(path: Path) -> dict:
+    """How a model file stores the matrices the method and the model read, and what rounding
+    to that grid costs them: the GGUF file type, and per kind of matrix (gate, in, out,
+    attention, U) the tensor type and an estimated RMS rounding error relative to the RMS of the
+    weights (None where the type has no block layout here, or is a float).
+
+    The original float weights are not on the machine, so the error is estimated from the
+    blocks themselves: rounding to the nearest level leaves an error spread evenly over one step
+    d, whose RMS is d / sqrt(12) (for Q4_1 the block's min and max are exact). A Hugging Face
+    folder holds float tensors: its answer names no file type and no matrices."""
+    path = Path(path)
+    if path.is_dir():
+        return {"file": path.name, "file_type": None, "matrices": {}}
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    stored_type = reader.get_field("general.file_type")
+    names = {t.name for t in reader.tensors}
+    unembedding = "output.weight" if "output.weight" in names else "token_embd.weight"
+    sums: dict[str, list] = {}  # role: [types, squared error, squared weights, every tensor has blocks]
+    for tensor in reader.tensors:
+        part = tensor.name.split(".")[-2] if tensor.name.startswith("blk.") else None
+        role = (
+            _GGUF_ROLE.get(part)
+            or ("attention" if part in _GGUF_ATTENTION else None)
+            or ("U" if tensor.name == unembedding else None)
+        )
+        if role is None:
+            continue
+        kind = tensor.tensor_type.name
+        total = sums.setdefault(role, [set(), 0.0, 0.0, True])
+        total[0].add(kind)
+        if kind in _BLOCKS:
+            d, weights = _block_steps(np.asarray(tensor.data), kind)
+            total[1] += float((d**2 / 12).sum()) * _BLOCKS[kind][1]
+            total[2] += float((weights**2).sum())
+        else:
+            total[3] = False
+    file_type = None
+    if stored_type is not None:
+        try:
+            file_type = gguf.LlamaFileType(int(stored_type.contents())).name
+        except ValueError:  # a type newer than this gguf library: its number
+            file_type = str(stored_type.contents())
+    matrices = {}
+    for role, (types, error, weights, blocked) in sums.items():
+        relative = round(float(np.sqrt(error / weights)), 4) if blocked and weights else None
+        matrices[role] = {"type": "/".join(sorted(types)), "relative_rms_error": relative}
+    return {"file": path.name, "file_type": file_type, "matrices": matrices}

@@ -124,19 +124,26 @@ def read_reference(row: T.Reference, d_model: int) -> Reference:
 
 
 def newest_channels(
-    session: Session, model_sha256: str, layer: int, side: str, neuron: int, channels: int
+    session: Session,
+    model_sha256: str,
+    layer: int,
+    side: str,
+    neuron: int,
+    channels: int,
+    algorithm_version: int | None = None,
 ) -> tuple[str, list[T.Channel]] | None:
-    """The first `channels` channels of a neuron side in the newest run that has it, with that
-    run's hash; None if no run has it."""
-    row = session.execute(
+    """The first `channels` channels of a neuron side in the newest run that has it (of that
+    algorithm version, if one is given), with that run's hash; None if no run has it."""
+    query = (
         select(T.Neuron.id, T.Run.hash)
         .join(T.Run, T.Run.id == T.Neuron.run_id)
         .join(T.Model, T.Model.id == T.Run.model_id)
         .where(T.Model.sha256 == model_sha256, T.Neuron.layer == layer, T.Neuron.side == side)
         .where(T.Neuron.neuron == neuron)
-        .order_by(*T.NEWEST_RUN)
-        .limit(1)
-    ).first()
+    )
+    if algorithm_version is not None:
+        query = query.where(T.Run.algorithm_version == algorithm_version)
+    row = session.execute(query.order_by(*T.NEWEST_RUN).limit(1)).first()
     if row is None:
         return None
     found = session.scalars(

@@ -16,7 +16,9 @@ def cmd_eval(args) -> None:
     model = load(args.model)
     evaluate(model, args.out, per_cell=args.per_cell, channels=args.channels, aligned=args.aligned,
              seed=args.seed, cache_dir=references_dir(), progress=progress_bar,
-             held_out=args.held_out, paper=args.paper)  # fmt: skip
+             held_out=args.held_out, paper=args.paper, planted=args.planted,
+             reconstruction_channels=args.reconstruction_channels,
+             reconstruction_sample=args.reconstruction_sample)  # fmt: skip
     print(f"wrote {args.out / 'eval.md'}")
 
 
@@ -110,6 +112,13 @@ def add_commands(sub) -> None:
     p.add_argument("--per-cell", type=int, default=8, help="random neurons per layer group and side")
     p.add_argument("--aligned", type=int, default=8, help="highest-kurtosis late neurons per side")
     p.add_argument("--channels", type=int, default=10)
+    p.add_argument(
+        "--planted", type=int, default=8, help="token and generic directions planted per cosine (0: none)"
+    )
+    p.add_argument("--reconstruction-channels", type=int, default=50, help="C of the paper's reconstruction")
+    p.add_argument(
+        "--reconstruction-sample", type=int, default=8, help="aligned and random late out vectors (0: none)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--held-out", type=int, default=64, help="random vectors outside the reference, to check the score"

@@ -10,7 +10,9 @@ sits beside its random baseline (docs/method.md).
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +96,220 @@ def _consistency_with_a_neighbour(here: int, rows: list[Sampled], records: list[
     )
 
 
+def baselines_at_cosines(decomposer: Decomposer, record: NeuronRecord) -> dict:
+    """Coverage and alpha* of directions at the channels' own cosines to w, in two kinds
+    (docs/method.md, "Reconstruction and coverage", "Alpha* and ablation"): Gaussian directions, the
+    very ones of the reconstruction baseline (the same generator, drawn first), and sparse ones,
+    whose part orthogonal to w is a channel of the reference, as for "vs. cos". Direction k stands
+    in for channel k: its alpha* against w, and tokens of its own tail as many as channel k added."""
+    scored = decomposer.scored.cpu()
+    w = torch.from_numpy(record.vector)
+    cosines = torch.tensor([ch.cos for ch in record.channels], dtype=torch.float64)
+    seed = rotate.neuron_seed(decomposer.seed, record.layer, record.side, record.neuron)
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = measures.random_at_cosines(w.double(), cosines, generator).float()  # [C, d], |w| each
+    pool = decomposer.directions
+    rows = torch.randperm(len(pool.directions), generator=generator)[: len(cosines)]
+    device = decomposer.proj.exact.device
+    z_w = decomposer.proj.forward(w[None].to(device), exact=True)[0].cpu()  # [V]
+    zs_w = rotate.z_scores(z_w[None], scored)[0]
+    sparse = [
+        measures.pool_at_cosine(w, z_w, c, pool, rows[k : k + 1]) for k, c in enumerate(cosines.tolist())
+    ]
+    projections = {
+        "gaussian": decomposer.proj.forward(gaussian.to(device), exact=True).cpu(),  # [C, V]
+        # unit directions scaled to |w|, as the channels are: alpha* depends on the ratio
+        "sparse": float(w.norm()) * torch.cat(sparse),  # [C, V]
+    }
+    sizes = measures.claimed_union_sizes([torch.from_numpy(ch.masked).long() for ch in record.channels])
+    out = {}
+    for kind, z in projections.items():
+        zs = rotate.z_scores(z, scored)
+        out[f"coverage_baseline_{kind}"] = measures.coverage_of_directions(zs_w, scored, z, sizes)
+        out[f"alpha_baseline_{kind}"] = measures.alpha_stars(z_w.expand_as(z), z, zs, scored).tolist()
+    return out
+
+
+# --- planted channels ------------------------------------------------------------------------------
+
+PLANTED_TOKENS = 8  # tokens of a planted set: channels of SmolLM2 claim a few to a few dozen
+# cos(planted direction, vector): either side of sqrt(1 - 0.9^2) ~ 0.44, above which the flag
+# cannot see a channel that is a generic direction (docs/method.md, "Planted channels").
+PLANTED_COSINES = (0.3, 0.5, 0.7)
+# The nearest channel recovers a plant when |cos(c, p)| reaches this: p is then the larger part of
+# it (half its squared norm or more).
+RECOVERED_COS = math.sqrt(0.5)
+
+
+@dataclass(frozen=True)
+class TokenGeometry:
+    """What planted token directions are made from: U's columns less the scored tokens' mean
+    column, and their second moments over the scored tokens."""
+
+    centred: torch.Tensor  # [d, V] float64
+    unit: torch.Tensor  # [d, V] float32, each centred column at length 1
+    second_moments: torch.Tensor  # [d, d] float64, sum over scored columns of the centred ones
+    scored: torch.Tensor  # [V] bool
+
+
+def token_geometry(U: torch.Tensor, scored: torch.Tensor) -> TokenGeometry:
+    centred = (U - U[:, scored].mean(-1, keepdim=True)).double().cpu()  # [d, V]
+    inside = centred[:, scored.cpu()]
+    unit = (centred / centred.norm(dim=0, keepdim=True).clamp_min(1e-12)).float()
+    return TokenGeometry(centred, unit, inside @ inside.T, scored.cpu())
+
+
+def coherent_tokens(geometry: TokenGeometry, generator: torch.Generator, size: int = PLANTED_TOKENS):
+    """A scored token drawn at random and its size - 1 nearest scored tokens by the cosine of their
+    centred columns: a small set U itself holds together (' kick', ' kicks', 'kick', ...), as a
+    channel's tokens are. Ids [size], the drawn one first."""
+    ids = torch.nonzero(geometry.scored).flatten()
+    seed = ids[torch.randint(len(ids), (1,), generator=generator)]
+    similarity = (geometry.unit[:, seed].T @ geometry.unit)[0]  # [V]
+    similarity[~geometry.scored] = -math.inf
+    similarity[seed] = math.inf
+    return torch.topk(similarity, size).indices
+
+
+def token_direction(geometry: TokenGeometry, tokens: torch.Tensor) -> torch.Tensor:
+    """The unit direction p whose projection over the scored tokens is closest, in least squares,
+    to the indicator of `tokens`: the sum of their centred columns, whitened by the columns' second
+    moments. The plain sum is not sparse on SmolLM2: the direction every column shares and U's few
+    widest directions outweigh the tokens' own (docs/method.md, "Planted channels")."""
+    p = torch.linalg.solve(geometry.second_moments, geometry.centred[:, tokens].sum(-1))
+    return (p / p.norm()).float()
+
+
+def plant(direction: torch.Tensor, cosine: float, generator: torch.Generator):
+    """A unit vector at `cosine` to a unit direction p: cosine p + sqrt(1 - cosine^2) r, r a
+    Gaussian unit vector orthogonal to p. Returns it and r, its twin without the plant."""
+    r = torch.randn(direction.shape[0], generator=generator)
+    r = r - (r @ direction) * direction
+    r = r / r.norm()
+    return cosine * direction + math.sqrt(1 - cosine**2) * r, r
+
+
+def nearest_channel(record: NeuronRecord, direction: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """The channel with the largest |cos| to a planted direction, and what the run says of it."""
+    vectors = torch.stack([torch.from_numpy(ch.vector) for ch in record.channels]).double()  # [C, d]
+    cosines = (vectors @ direction.double()).abs() / vectors.norm(dim=-1)
+    k = int(cosines.argmax())
+    channel = record.channels[k]
+    found = len(set(channel.top_ids.tolist()) & set(tokens.tolist())) / len(tokens)
+    return {
+        "channel": k,
+        "cos_planted": float(cosines[k]),
+        "cos_w": channel.cos,
+        "kurtosis": channel.kurtosis,
+        "tokens_found": found,
+        "recovered": bool(cosines[k] >= RECOVERED_COS),
+        "generic": channel.generic,
+        "percentile": channel.faithfulness_percentile,
+        "percentile_local": channel.percentile_local,
+    }
+
+
+def planted_channels(decomposer: Decomposer, per_cosine: int, cosines=PLANTED_COSINES, seed: int = 0,
+                     progress=None) -> dict:  # fmt: skip
+    """Random unit vectors with a known direction planted at each cosine, decomposed with the run's
+    settings beside their twins (the same random part, no plant, the same solver seeds): per
+    cosine, `per_cosine` token directions and as many of the reference's generic directions."""
+    U, scored = decomposer.proj.exact.float().cpu(), decomposer.scored.cpu()
+    geometry = token_geometry(U, scored)
+    generator = torch.Generator().manual_seed(seed)
+    generic = decomposer.reference.generic.float()
+    plants = []  # (kind, cosine, direction [d], tokens)
+    for cosine in cosines:
+        for _ in range(per_cosine):
+            tokens = coherent_tokens(geometry, generator)
+            plants.append(("tokens", cosine, token_direction(geometry, tokens), tokens))
+        for direction in generic[:per_cosine]:
+            z = (direction @ U)[None]  # the generic direction's tokens: its own top on its tail
+            sign = measures.tail_sign(float(rotate.tail_skew(z, scored)[0]))
+            tokens, _ = measures.top_tokens(rotate.z_scores(z, scored)[0], scored, sign, k=PLANTED_TOKENS)
+            plants.append(("generic", cosine, direction, tokens))
+    planted, twins = zip(*(plant(p, c, generator) for _, c, p, _ in plants), strict=True)
+    coords = [(-1, "planted", i) for i in range(len(plants))]
+    step = progress(2 * len(plants) * decomposer.settings.channels, "planted channels") if progress else None
+    records = decomposer.vectors(torch.stack(planted + twins), coords + coords, step)
+    tokens_of = decomposer.model.vocabulary.tokens
+    vectors = []
+    for i, (kind, cosine, direction, tokens) in enumerate(plants):
+        twin = records[len(plants) + i]
+        vectors.append(
+            {
+                "kind": kind,
+                "cosine": cosine,
+                "tokens": [tokens_of[t] for t in tokens.tolist()],
+                "planted": nearest_channel(records[i], direction, tokens),
+                "twin": nearest_channel(twin, direction, tokens),
+                "twin_channels": {
+                    "generic": [ch.generic for ch in twin.channels],
+                    "percentile": [ch.faithfulness_percentile for ch in twin.channels],
+                    "percentile_local": [ch.percentile_local for ch in twin.channels],
+                },
+            }
+        )
+    return {
+        "tokens": PLANTED_TOKENS,
+        "cosines": list(cosines),
+        "per_cosine": per_cosine,
+        "recovered_cos": RECOVERED_COS,
+        "generic_directions": len(generic),
+        "vectors": vectors,
+    }
+
+
+# --- the paper's reconstruction claim at its own C -------------------------------------------------
+
+RECONSTRUCTION_LAYERS = (25, 28)  # the late layers of the issue's check; a smaller model: its last
+
+
+def reconstruction_at(model, decomposer: Decomposer, channels: int, sample: int, seed: int = 0,
+                      progress=None) -> dict:  # fmt: skip
+    """|P_k w| / |w| for k = 1..channels on the `sample` most aligned `out` vectors of the late
+    layers and `sample` random ones, beside random directions at the same cosines. Solver only:
+    these figures need no reference, so none is made for this channel count (the first C channels
+    are the run's own: channel k depends on the channels before it, never after)."""
+    layers = [layer for layer in RECONSTRUCTION_LAYERS if layer < model.n_layers] or [model.n_layers - 1]
+    side = "out" if "out" in model.sides else model.sides[-1]
+    drawn = random_neurons(model, {"random": layers}, sample, torch.Generator().manual_seed(seed))
+    rows = most_aligned(model, layers, side, sample, group="aligned") + [r for r in drawn if r.side == side]
+    settings = rotate.with_overrides(decomposer.settings, channels=channels)
+    w = torch.stack([model.vectors(r.layer, r.side)[r.neuron] for r in rows]).to(decomposer.proj.exact.device)
+    seeds = [rotate.neuron_seed(decomposer.seed, r.layer, r.side, r.neuron) for r in rows]
+    step = progress(len(rows) * channels, f"reconstruction at {channels} channels") if progress else None
+    found = rotate.decompose(w, decomposer.proj, decomposer.m0, seeds, settings, decomposer.batch_size, step)
+    kurtosis = rotate.excess_kurtosis(decomposer.proj.forward(w, exact=True)).cpu()  # [N] K(w @ U)
+    neurons = []
+    for n, (row, vector, chans) in enumerate(zip(rows, w.cpu().double(), found, strict=True)):
+        cosines = torch.tensor([ch.cos for ch in chans], dtype=torch.float64)
+        # the decomposer's own baseline: the neuron's generator, drawn first
+        baseline = measures.random_at_cosines(vector, cosines, torch.Generator().manual_seed(seeds[n]))
+        neurons.append(
+            {
+                "kind": row.group,
+                "layer": row.layer,
+                "side": row.side,
+                "neuron": row.neuron,
+                "kurtosis": float(kurtosis[n]),
+                "channel_kurtosis": [ch.kurtosis for ch in chans],
+                "cos": [ch.cos for ch in chans],
+                "reconstruction": measures.reconstruction(
+                    vector, torch.stack([c.vector for c in chans]).double()
+                ),
+                "reconstruction_baseline": measures.reconstruction(vector, baseline),
+            }
+        )
+    return {"channels": channels, "sample": sample, "layers": layers, "side": side, "neurons": neurons}
+
+
 def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligned: int = 8, seed: int = 0,
-             cache_dir: Path | None = None, progress=None, held_out: int = 64,
-             paper: int = 0) -> dict:  # fmt: skip
+             cache_dir: Path | None = None, progress=None, held_out: int = 64, paper: int = 0,
+             planted: int = 8, reconstruction_channels: int = 50,
+             reconstruction_sample: int = 8) -> dict:  # fmt: skip
+    """planted: token and generic directions planted per cosine (0: none); reconstruction_sample:
+    aligned and random late `out` vectors decomposed into reconstruction_channels (0: none)."""
     settings = rotate.with_overrides(rotate.Settings(), channels=channels)
     rows = sample_neurons(model, per_cell, seed, aligned)
     first = Decomposer(model, settings, seed=0, cache_dir=cache_dir, progress=progress)
@@ -135,6 +348,7 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
         cos_a = torch.tensor([ch.cos for ch in a.channels], dtype=torch.float64)
         cos_b = torch.tensor([ch.cos for ch in b.channels], dtype=torch.float64)
         selectivity = weight_selectivity(first, a, generator)
+        at_cosines = baselines_at_cosines(first, a)
         per_neuron.append(
             {
                 "group": row.group,
@@ -149,11 +363,15 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
                 "percentile_local": [ch.percentile_local for ch in a.channels],
                 "generic": [ch.generic for ch in a.channels],
                 "alpha": [ch.alpha for ch in a.channels],
+                "alpha_baseline_sparse": at_cosines["alpha_baseline_sparse"],
+                "alpha_baseline_gaussian": at_cosines["alpha_baseline_gaussian"],
                 "best_percentile": a.best_percentile,
                 "score": a.score,
                 "reconstruction": a.reconstruction,
                 "reconstruction_baseline": a.reconstruction_baseline,
                 "coverage": a.coverage,
+                "coverage_baseline_sparse": at_cosines["coverage_baseline_sparse"],
+                "coverage_baseline_gaussian": at_cosines["coverage_baseline_gaussian"],
                 "consistency": consistency,
                 "consistency_jaccard": jaccard,
                 "consistency_baseline": measures.seed_consistency_baseline(w, cos_a, cos_b, generator),
@@ -170,7 +388,15 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
     reference = first.reference
     result = {
         "model": model.name,
-        "settings": {"channels": channels, "per_cell": per_cell, "aligned": aligned, "seed": seed},
+        "settings": {
+            "channels": channels,
+            "per_cell": per_cell,
+            "aligned": aligned,
+            "seed": seed,
+            "planted": planted,
+            "reconstruction_channels": reconstruction_channels,
+            "reconstruction_sample": reconstruction_sample,
+        },
         "solver": first.settings.solver,
         "precision": first.settings.precision,
         "random_vectors": {
@@ -186,6 +412,12 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
         # The paper preset on a subsample, scored against the same (fast) reference.
         "solvers": solvers,
     }
+    if planted:
+        result["planted"] = planted_channels(first, planted, seed=seed, progress=progress)
+    if reconstruction_channels and reconstruction_sample:
+        result["reconstruction_at_c"] = reconstruction_at(
+            model, first, reconstruction_channels, reconstruction_sample, seed=seed, progress=progress
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1, default=float))
     render(out_dir)
@@ -349,6 +581,8 @@ def _markdown(result: dict, plots: list[str]) -> str:
     lines += _calibration(result)
     lines += _solvers(result)
     lines += _generic_check(neurons)
+    lines += _at_cosines_section(neurons, C)
+    lines += _planted_section(result.get("planted"))
     random_ones = groups[0][1]
     lines += [
         "",
@@ -369,6 +603,7 @@ def _markdown(result: dict, plots: list[str]) -> str:
         "(each against its own random-vector reference).",
         "",
         *_against_the_paper(neurons),
+        *_reconstruction_section(result.get("reconstruction_at_c")),
         "## Plots",
         "",
         *[f"![{name}]({name})" for name in plots],
@@ -438,6 +673,190 @@ def _solvers(result: dict) -> list[str]:
             f"| {median(s for r in cell for s in r['paper']['steps']):.0f} |"
         )
     return lines
+
+
+def _compared(differences: list[float], fmt: str) -> tuple[str, str]:
+    """A paired difference's median with its interval, and what the interval says of its sign."""
+    low, high = interval(differences)
+    verdict = "more than" if low > 0 else "less than" if high < 0 else "no different from"
+    return with_interval(differences, fmt), verdict
+
+
+# Each channel's stand-ins in the JSON: (key suffix, name in the report).
+STAND_INS = [("sparse", "sparse stand-ins"), ("gaussian", "Gaussian stand-ins")]
+
+
+def _at_cosines_section(neurons, C: int) -> list[str]:
+    """Coverage and alpha* beside the same statistics of directions at each channel's cosine."""
+    if not neurons or "coverage_baseline_sparse" not in neurons[0]:
+        return []
+    lines = [
+        "",
+        "## Coverage and alpha* against directions at each channel's cosine",
+        "",
+        "Each channel has two stand-ins at its own cosine to w: a Gaussian direction (the reconstruction "
+        "baseline's own) and a sparse one (whose part orthogonal to w is one of the reference's channels, as "
+        'for "vs. cos"). Coverage: in channel order, each stand-in adds as many new tokens as its channel '
+        "did, the furthest out on its own dominant tail, so both curves count sets of the same sizes; "
+        "alpha*: the paper's rule with the stand-in in place of the channel (docs/method.md). Intervals "
+        "over channels treat a neuron's channels as independent.",
+        "",
+        "| neurons | measure | channels | " + " | ".join(name for _, name in STAND_INS) + " |",
+        "|---|---|---|" + "---|" * len(STAND_INS),
+    ]
+    measures_of = [
+        ("coverage after 1 channel", ".3f", median, lambda n, key: [n[key][0]]),
+        (f"coverage after {C} channels", ".3f", median, lambda n, key: [n[key][-1]]),
+        ("alpha* = 0 (share of channels)", ".0%", share, lambda n, key: [a == 0 for a in n[key]]),
+        ("alpha* (median over channels)", ".2f", median, lambda n, key: n[key]),
+    ]
+    for name, cell in kinds(neurons):
+        if not cell:
+            continue
+        for label, fmt, statistic, values in measures_of:
+            key = "coverage" if label.startswith("coverage") else "alpha"
+            columns = [key] + [f"{key}_baseline_{kind}" for kind, _ in STAND_INS]
+            figures = [
+                with_interval([v for n in cell for v in values(n, c)], fmt, statistic) for c in columns
+            ]
+            lines.append(f"| {name} (n = {len(cell)}) | {label} | " + " | ".join(figures) + " |")
+    lines.append("")
+    for name, cell in kinds(neurons):
+        if not cell:
+            continue
+        said = []
+        for kind, stand_in in STAND_INS:
+            figure, verdict = _compared(
+                [n["coverage"][-1] - n[f"coverage_baseline_{kind}"][-1] for n in cell], "+.3f"
+            )
+            said.append(f"{verdict} the {stand_in}' sets ({figure})")
+        lines.append(
+            f"- {name.capitalize()}: after {C} channels the channels' tokens hold "
+            f"{median(n['coverage'][-1] for n in cell):.3f} of the neuron's vocabulary mass (median), "
+            f"{' and '.join(said)}; medians of the paired differences, neuron by neuron."
+        )
+    return lines + [""]
+
+
+# kind of plant: (its name in prose, what the generic flag must do on its recovered channel)
+PLANTED_KINDS = {"tokens": ("token", "must not"), "generic": ("generic", "must")}
+
+
+def _planted_section(planted: dict | None) -> list[str]:
+    """Known answers for the generic flag and the percentiles: planted token directions must be
+    found, not flagged and ranked high; planted generic directions must be flagged."""
+    if not planted:
+        return []
+    vectors = planted["vectors"]
+    sets = [v["tokens"] for v in vectors if v["kind"] == "tokens"][:3]
+    examples = "; ".join(", ".join(repr(t) for t in tokens[:4]) for tokens in sets)
+    cosines = ", ".join(f"{c:g}" for c in planted["cosines"])
+    lines = [
+        "",
+        "## Planted channels: the flag and the percentiles on a known answer",
+        "",
+        f"Random unit vectors, each with a known unit direction p planted at cosine {cosines} (at most "
+        f"{planted['per_cosine']} of each kind per cosine), decomposed with the run's settings beside "
+        "its twin: the same random part without the plant, the same solver seeds. Token directions: "
+        f"the least-squares direction of a coherent set of {planted['tokens']} tokens (e.g. {examples}; "
+        'docs/method.md, "Planted channels"); generic directions: the reference\'s own '
+        f"({planted['generic_directions']}; p's tokens: its own top {planted['tokens']}). The planted "
+        "channel is the channel with the largest absolute cosine to p; it recovers p when that cosine "
+        f"is {planted['recovered_cos']:.2f} or more (p is at least half of it). Flags and percentiles are "
+        "those of the recovered planted channels. The twin's columns are the same measures against p: "
+        "chance for a token direction; for a generic one, how often a random vector reaches it unplanted.",
+        "",
+        "| planted | cos | n | recovered | median abs. cos to p | p's tokens in its top 20 | flagged generic "
+        "| median pct | median vs. cos | twin recovered | twin median abs. cos to p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in PLANTED_KINDS:
+        for cosine in planted["cosines"]:
+            cell = [v for v in vectors if v["kind"] == kind and v["cosine"] == cosine]
+            if not cell:
+                continue
+            found = [v["planted"] for v in cell if v["planted"]["recovered"]]
+            lines.append(
+                f"| {kind} | {cosine:g} | {len(cell)}{'*' if len(cell) < SMALL else ''} "
+                f"| {with_interval([v['planted']['recovered'] for v in cell], '.0%', share)} "
+                f"| {with_interval([v['planted']['cos_planted'] for v in cell], '.2f')} "
+                f"| {with_interval([v['planted']['tokens_found'] for v in cell], '.0%')} "
+                f"| {with_interval([c['generic'] for c in found], '.0%', share)} "
+                f"| {with_interval([c['percentile'] for c in found], '.0f')} "
+                f"| {with_interval([c['percentile_local'] for c in found], '.0f')} "
+                f"| {with_interval([v['twin']['recovered'] for v in cell], '.0%', share)} "
+                f"| {with_interval([v['twin']['cos_planted'] for v in cell], '.2f')} |"
+            )
+    twins = [v["twin_channels"] for v in vectors]
+    flags = [g for t in twins for g in t["generic"]]
+    lines += [
+        "",
+        f"- The twins are held-out random vectors: {len(flags)} channels, "
+        f"{with_interval(flags, '.0%', share)} flagged generic, median percentile "
+        f"{with_interval([p for t in twins for p in t['percentile']], '.0f')} against random vectors and "
+        f"{with_interval([p for t in twins for p in t['percentile_local']], '.0f')} against directions at "
+        "their cosine (50 = calibrated).",
+    ]
+    for kind, (label, must) in PLANTED_KINDS.items():
+        found = [v for v in vectors if v["kind"] == kind and v["planted"]["recovered"]]
+        by_cosine = ", ".join(
+            f"{sum(v['planted']['generic'] for v in found if v['cosine'] == c)} of "
+            f"{sum(v['cosine'] == c for v in found)} at cos {c:g}"
+            for c in planted["cosines"]
+        )
+        lines.append(f"- The flag fired on recovered planted {label} channels ({must} fire): {by_cosine}.")
+    return lines + [""]
+
+
+def _reconstruction_section(section: dict | None) -> list[str]:
+    """|P_k w| / |w| up to the paper's C, beside random directions at the same cosines."""
+    if not section:
+        return []
+    C, neurons = section["channels"], section["neurons"]
+    # From k = 2: after one channel both curves are |cos(w, c_1)|, equal by construction.
+    ks = sorted({k for k in (2, 5, 10, 20, C) if k <= C})
+    layers = ", ".join(map(str, section["layers"]))
+    lines = [
+        "",
+        f"## Reconstruction at the paper's C = {C}",
+        "",
+        f"The {section['sample']} most aligned `{section['side']}` vectors of layers {layers} (highest raw "
+        f"kurtosis) and {section['sample']} random ones, "
+        f"{C} channels each, the run's settings; |P_k w| / |w| after k channels, beside the same curve for "
+        'random directions at the channels\' cosines (docs/method.md, "Reconstruction and coverage"); the '
+        "paired row is channels minus baseline, neuron by neuron.",
+        "",
+        "| neurons | curve | " + " | ".join(f"k = {k}" for k in ks) + " |",
+        "|---|---|" + "---|" * len(ks),
+    ]
+    curves = [
+        ("channels", lambda n, k: n["reconstruction"][k - 1]),
+        ("random directions at the same cosines", lambda n, k: n["reconstruction_baseline"][k - 1]),
+        ("paired difference", lambda n, k: n["reconstruction"][k - 1] - n["reconstruction_baseline"][k - 1]),
+    ]
+    for kind in ("aligned", "random"):
+        cell = [n for n in neurons if n["kind"] == kind]
+        if not cell:
+            continue
+        for label, value in curves:
+            fmt = "+.3f" if label == "paired difference" else ".3f"
+            figures = [with_interval([value(n, k) for n in cell], fmt) for k in ks]
+            lines.append(f"| {kind} (n = {len(cell)}) | {label} | " + " | ".join(figures) + " |")
+    lines.append("")
+    for kind in ("aligned", "random"):
+        cell = [n for n in neurons if n["kind"] == kind]
+        if not cell:
+            continue
+        figure, verdict = _compared(
+            [n["reconstruction"][-1] - n["reconstruction_baseline"][-1] for n in cell], "+.3f"
+        )
+        recovered = median(n["reconstruction"][-1] for n in cell)
+        baseline = median(n["reconstruction_baseline"][-1] for n in cell)
+        lines.append(
+            f"- {kind.capitalize()} neurons: {C} channels recover {recovered:.3f} of |w| (median), {verdict} "
+            f"random directions at the same cosines ({baseline:.3f}; paired difference {figure})."
+        )
+    return lines + [""]
 
 
 def _generic_check(neurons) -> list[str]:
@@ -570,6 +989,9 @@ def _plots(result: dict, out_dir: Path) -> list[str]:
     axes[0].plot(range(1, C + 1), np.median(recon, 0), marker="o", label="channels")
     axes[0].plot(range(1, C + 1), np.median(base, 0), "k--", label="random at same cosines")
     axes[0].plot(range(1, C + 1), np.median(coverage, 0), marker="s", label="vocabulary mass covered")
+    if "coverage_baseline_sparse" in neurons[0]:
+        stand_ins = np.array([n["coverage_baseline_sparse"] for n in neurons])
+        axes[0].plot(range(1, C + 1), np.median(stand_ins, 0), "k:", label="covered by sparse stand-ins")
     axes[0].set(title="reconstruction |P_k w|/|w| (median)", xlabel="k", ylim=(0, 1.02))
     axes[0].legend(fontsize=8)
     cons = [n["consistency"] for n in neurons]

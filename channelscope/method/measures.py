@@ -111,6 +111,32 @@ def direction_pool(directions: torch.Tensor, project) -> DirectionPool:
     return DirectionPool(directions, project(directions.float()).float().cpu())
 
 
+def pool_at_cosine(
+    w: torch.Tensor,  # [d]
+    z_w: torch.Tensor,  # [V] w @ U
+    cosine: float,
+    pool: DirectionPool,
+    rows: torch.Tensor | None = None,  # which of the pool's directions; all by default
+) -> torch.Tensor:
+    """[R, V] the projections d_i @ U of the unit directions d_i = c w^ + sqrt(1 - c^2) r_i, r_i
+    the pool's i-th direction made orthogonal to w and unit, without a product of their own."""
+    w = w.double().cpu()
+    norm = w.norm()
+    w_hat_u = (z_w.double().cpu() / norm).float()  # [V] w^ @ U (the projection is linear)
+    dots = pool.directions @ (w / norm)  # [R] r_i . w^
+    lengths = (
+        (pool.directions.pow(2).sum(-1) - dots.pow(2)).clamp_min(1e-24).sqrt()
+    )  # [R] |r_i - (r_i.w^) w^|
+    projected = pool.projected
+    if rows is not None:
+        dots, lengths, projected = dots[rows], lengths[rows], projected[rows]
+    s = math.sqrt(max(0.0, 1.0 - cosine * cosine))
+    # d_i @ U = c w^U + s (r_i U - (r_i.w^) w^U) / |...|: a combination of the two projections.
+    a = (cosine - s * dots / lengths).float().unsqueeze(-1)  # [R, 1]
+    b = (s / lengths).float().unsqueeze(-1)  # [R, 1]
+    return a * w_hat_u + b * projected
+
+
 def faithfulness_at_cosines(
     w: torch.Tensor,  # [d]
     z_w: torch.Tensor,  # [V] w @ U
@@ -124,20 +150,9 @@ def faithfulness_at_cosines(
     channel's (top 20 tokens on d's own dominant tail, their mean oriented z in w's projection).
     A channel's percentile among its row asks whether its tokens lie further out on w than a
     sparse direction of U that happened to sit as close to w would put its own."""
-    w = w.double().cpu()
-    norm = w.norm()
-    w_hat_u = (z_w.double().cpu() / norm).float()  # [V] w^ @ U (the projection is linear)
-    dots = pool.directions @ (w / norm)  # [R] r_i . w^
-    lengths = (
-        (pool.directions.pow(2).sum(-1) - dots.pow(2)).clamp_min(1e-24).sqrt()
-    )  # [R] |r_i - (r_i.w^) w^|
     out = torch.empty(len(cosines), pool.directions.shape[0], dtype=torch.float64)
     for k, c in enumerate(cosines.double().cpu().clamp(-1.0, 1.0).tolist()):
-        s = math.sqrt(max(0.0, 1.0 - c * c))
-        # d_i @ U = c w^U + s (r_i U - (r_i.w^) w^U) / |...|: a combination of the two projections.
-        a = (c - s * dots / lengths).float().unsqueeze(-1)  # [R, 1]
-        b = (s / lengths).float().unsqueeze(-1)  # [R, 1]
-        z = a * w_hat_u + b * pool.projected  # [R, V]
+        z = pool_at_cosine(w, z_w, c, pool)  # [R, V]
         zs = rotate.z_scores(z, scored)
         sign = torch.where(rotate.tail_skew(z, scored) >= 0, 1.0, -1.0).unsqueeze(-1)  # [R, 1]
         oriented = torch.where(scored, zs * sign, torch.tensor(float("-inf")))
@@ -155,6 +170,42 @@ def vocabulary_coverage(neuron_zs: torch.Tensor, scored: torch.Tensor, masked: l
     for ids in masked:
         covered[ids] = True
         curve.append(float(mass[covered].sum() / mass.sum()))
+    return curve
+
+
+def claimed_union_sizes(masked: list[torch.Tensor]) -> list[int]:
+    """|T_1 ∪ ... ∪ T_k| for k = 1..C: how many tokens coverage[k] counts."""
+    union: set[int] = set()
+    sizes = []
+    for ids in masked:
+        union.update(ids.tolist())
+        sizes.append(len(union))
+    return sizes
+
+
+def coverage_of_directions(
+    neuron_zs: torch.Tensor,  # [V] z-scores of w @ U over the scored tokens
+    scored: torch.Tensor,  # [V] bool
+    directions_z: torch.Tensor,  # [C, V] projections of C directions, in channel order
+    sizes: list[int],  # [C] the channels' union sizes, claimed_union_sizes
+) -> list[float]:
+    """The coverage curve that token sets of the channels' sizes would get if direction k claimed
+    channel k's tokens (docs/method.md, "Reconstruction and coverage"): direction k adds, to the
+    union so far, as many new tokens as channel k did, the scored ones furthest out on its own
+    dominant tail among those not yet claimed (a claimed token is masked for the next channel).
+    The union after k has exactly sizes[k] tokens, so the curve differs from the channels' only
+    by which tokens they are."""
+    mass = torch.where(scored, neuron_zs.pow(2), torch.zeros_like(neuron_zs))
+    zs = rotate.z_scores(directions_z, scored)  # [C, V]
+    signs = torch.where(rotate.tail_skew(directions_z, scored) >= 0, 1.0, -1.0)  # [C]
+    taken = torch.zeros_like(scored)
+    curve = []
+    for k, size in enumerate(sizes):
+        wanted = size - int(taken.sum())
+        if wanted > 0:
+            oriented = torch.where(scored & ~taken, zs[k] * signs[k], torch.tensor(float("-inf")))
+            taken[torch.topk(oriented, wanted).indices] = True
+        curve.append(float(mass[taken].sum() / mass.sum()))
     return curve
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from channelscope.core import tables as T
 from channelscope.core.stats import interval, median, share
-from channelscope.experiments.eval_report import SMALL, with_interval
+from channelscope.experiments.eval_report import SMALL, quantisation_line, with_interval
 from channelscope.method import ablation, intervention, measures, rotate, weights
 from channelscope.method.decomposer import Decomposer
 from channelscope.method.precision import cpu_model
@@ -693,28 +693,6 @@ def _negative_activations(neurons: list[dict], settings: dict) -> list[str]:
     return [line + "."]
 
 
-def _quantisation(result: dict) -> str:
-    q = result["quantisation"]
-    if not q["matrices"]:
-        return f"**The model.** {q['file']} holds float weights: no quantisation."
-    labels = {"gate": "`gate`", "in": "`in`", "out": "`out`", "attention": "attention", "U": "U"}
-    parts = []
-    for role, label in labels.items():
-        found = q["matrices"].get(role)
-        if found is None:
-            continue
-        error = found["relative_rms_error"]
-        parts.append(
-            f"{label} {found['type']}"
-            + (f" (RMS rounding error {100 * error:.1f} % of the weights' RMS)" if error is not None else "")
-        )
-    return (
-        f"**The model.** {q['file']} (GGUF file type {q['file_type']}): " + ", ".join(parts) + ". Every "
-        "number here is the quantised model's; the error is estimated from the blocks' rounding steps "
-        "(method/weights.py, `quantisation`, as in bench/quantisation.py)."
-    )
-
-
 def markdown(result: dict, plots: list[str]) -> str:
     rows, s = result["channels"], result["settings"]
     small = s["small"]
@@ -739,7 +717,7 @@ def markdown(result: dict, plots: list[str]) -> str:
         f"version {result['algorithm_version']}). Corpus {s['corpus']}: {s['corpus_texts']} texts generated "
         f"by SmolLM2 itself (corpus/make_corpus.py), {s['corpus_positions']:,} positions.",
         "",
-        _quantisation(result),
+        quantisation_line(result),
         "",
         f"**Sample.** In each of layers {', '.join(map(str, s['layers']))}, on {on_sides}: the "
         f"{s['aligned']} vectors with the highest raw kurtosis of w @ U (aligned, hand-picked) and "

@@ -20,7 +20,7 @@ import torch
 
 from channelscope.core.stats import interval, median, share
 from channelscope.experiments import calibration, solver_check
-from channelscope.method import measures, rotate
+from channelscope.method import measures, rotate, weights
 from channelscope.method.decomposer import Decomposer, NeuronRecord
 from channelscope.method.sampling import LAYER_GROUPS, Sampled, most_aligned, random_neurons
 
@@ -409,6 +409,7 @@ def evaluate(model, out_dir: Path, per_cell: int = 8, channels: int = 10, aligne
         "neurons": per_neuron,
         # Random vectors that the reference did not see, scored like neurons: ~50 if calibrated.
         "held_out_scores": held_out_scores,
+        "quantisation": weights.quantisation(model.source),
         # The paper preset on a subsample, scored against the same (fast) reference.
         "solvers": solvers,
     }
@@ -525,6 +526,7 @@ def _markdown(result: dict, plots: list[str]) -> str:
         '("vs. cos", docs/method.md, "Faithfulness against directions at the same cosine"). '
         f"Brackets: 95 % bootstrap intervals; * marks fewer than {SMALL} items.",
         "",
+        *([quantisation_line(result), ""] if "quantisation" in result else []),
         "## Headline figures",
         "",
         "| measure | " + " | ".join(f"{name} (n = {len(cell)})" for name, cell in groups) + " |",
@@ -857,6 +859,29 @@ def _reconstruction_section(section: dict | None) -> list[str]:
             f"random directions at the same cosines ({baseline:.3f}; paired difference {figure})."
         )
     return lines + [""]
+
+
+def quantisation_line(result: dict) -> str:
+    """What the model file stores, from result["quantisation"] (method/weights.py), in one sentence."""
+    q = result["quantisation"]
+    if not q["matrices"]:
+        return f"**The model.** {q['file']} holds float weights: no quantisation."
+    labels = {"gate": "`gate`", "in": "`in`", "out": "`out`", "attention": "attention", "U": "U"}
+    parts = []
+    for role, label in labels.items():
+        found = q["matrices"].get(role)
+        if found is None:
+            continue
+        error = found["relative_rms_error"]
+        parts.append(
+            f"{label} {found['type']}"
+            + (f" (RMS rounding error {100 * error:.1f} % of the weights' RMS)" if error is not None else "")
+        )
+    return (
+        f"**The model.** {q['file']} (GGUF file type {q['file_type']}): " + ", ".join(parts) + ". Every "
+        "number here is the quantised model's; the error is estimated from the blocks' rounding steps "
+        "(method/weights.py, `quantisation`, as in bench/quantisation.py)."
+    )
 
 
 def _generic_check(neurons) -> list[str]:

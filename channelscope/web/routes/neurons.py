@@ -511,22 +511,30 @@ def compare_page(
     return Result(result)
 
 
+def _neuron_w(row):
+    """A stored neuron row's w as float64 [d] (the matchings' precision); torch on first use."""
+    import torch
+
+    return torch.from_numpy(T.neuron_vector(row.vector).astype(np.float64))
+
+
+def _channel_stack(chs):
+    """Stored channel rows' vectors as float64 [C, d]."""
+    import torch
+
+    return torch.from_numpy(np.stack([T.channel_vector(c.vector).astype(np.float64) for c in chs]))
+
+
 OTHER_NEURONS = 8  # neurons of the same layer and side that the compare page matches against
 
 
 def _other_neurons(result: pages.ComparePage, neuron_row, chs, others, other_channels) -> None:
-    import torch
-
     from channelscope.method import measures
 
-    def w_of(row):
-        return torch.from_numpy(T.neuron_vector(row.vector).astype(np.float64))
-
-    def stack(chs):
-        return torch.from_numpy(np.stack([T.channel_vector(c.vector).astype(np.float64) for c in chs]))
-
     found = [
-        measures.consistency_between(w_of(neuron_row), stack(chs), w_of(o), stack(own))
+        measures.consistency_between(
+            _neuron_w(neuron_row), _channel_stack(chs), _neuron_w(o), _channel_stack(own)
+        )
         for o in others
         if (own := [c for c in other_channels if c.neuron_id == o.id])
     ]
@@ -541,12 +549,8 @@ def _match(result: pages.ComparePage, neuron_row, chs_a, chs_b, where) -> None:
 
     from channelscope.method import measures, rotate
 
-    w = torch.from_numpy(T.neuron_vector(neuron_row.vector).astype(np.float64))
-
-    def stack(chs):
-        return torch.from_numpy(np.stack([T.channel_vector(c.vector).astype(np.float64) for c in chs]))
-
-    va, vb = stack(chs_a), stack(chs_b)
+    w = _neuron_w(neuron_row)
+    va, vb = _channel_stack(chs_a), _channel_stack(chs_b)
     rows, cols, cos = measures.matched_cosines(
         measures.residual_directions(w, va), measures.residual_directions(w, vb)
     )

@@ -57,11 +57,19 @@ def backfill(
             if not rows:
                 return done
             ids = [row.id for row in rows]
-            for row in rows:  # version 3: the score, from the stored best percentile alone
-                score = measures.neuron_score(row.best_percentile, decomposer.score_scale)
-                session.execute(
-                    update(T.Neuron).where(T.Neuron.id == row.id).values(score=finite_or(score, None))
-                )
+            # version 3: the score, from the stored best percentile alone (one UPDATE by primary key)
+            session.execute(
+                update(T.Neuron),
+                [
+                    {
+                        "id": row.id,
+                        "score": finite_or(
+                            measures.neuron_score(row.best_percentile, decomposer.score_scale), None
+                        ),
+                    }
+                    for row in rows
+                ],
+            )
             old = [row for row in rows if row.measures_version < 2]
             if old:
                 _percentiles_local(session, decomposer, old, scored)

@@ -26,10 +26,10 @@ TEXTS = tuple(tiny._CORPUS) + (
 )
 
 
-def numpy_activations(lm, ids: list[int], layer: int) -> np.ndarray:
+def numpy_activations(lm, ids: list[int], layer: int, with_input: bool = False):
     """act(g) * u of every neuron of `layer` at every position: a Llama forward pass in float64
     numpy, read off the weights alone (RMSNorm, rotary attention with grouped KV heads, SiLU MLP).
-    [T, d_mlp]"""
+    [T, d_mlp]; with_input: (the MLP input x [T, d], act)"""
     state = {k: v.double().numpy() for k, v in lm.model.state_dict().items()}
     config = lm.model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -67,7 +67,7 @@ def numpy_activations(lm, ids: list[int], layer: int) -> np.ndarray:
         g, u = x @ state[p + "mlp.gate_proj.weight"].T, x @ state[p + "mlp.up_proj.weight"].T
         act = g / (1 + np.exp(-g)) * u
         if index == layer:
-            return act
+            return (x, act) if with_input else act
         h = h + act @ state[p + "mlp.down_proj.weight"].T
     raise AssertionError("unreachable")
 
@@ -106,11 +106,57 @@ def test_stored_contexts_agree_with_an_independent_numpy_forward_pass(sqlite_url
     engine.dispose()
 
 
+def test_the_per_token_sums_give_the_same_effects_as_every_position_of_a_numpy_forward_pass(
+    sqlite_url, tiny_folder, tmp_path
+):
+    """The behavioural test reads sums, not positions: its effects for any token set must be the
+    ones computed position by position from an independent forward pass."""
+    from channelscope.method import behaviour
+
+    model, lm = load_model(tiny_folder), load_language_model(tiny_folder)
+    built = corpus.Built("test", TEXTS, ("test",) * len(TEXTS))
+    engine = db.make_engine(sqlite_url)
+    A.run(engine, model, lm, built, tmp_path)
+    engine.dispose()
+    sequences = [lm.encode(text)[: A.MAX_TOKENS] for text in TEXTS]
+    layer, neuron = 1, 40
+    xs, acts, tokens, following = [], [], [], []
+    for seq in sequences:
+        x, act = numpy_activations(lm, seq, layer, with_input=True)
+        xs.append(x)
+        acts.append(act[:, neuron])
+        tokens += seq
+        following += seq[1:] + [-1]
+    x, act = np.concatenate(xs), np.concatenate(acts)
+    tokens, following = np.array(tokens), np.array(following)
+    stats = A.read_stats(tmp_path, model, "test", layer)
+    in_memory = A.token_stats(lm, sequences, [layer], model.vocab_size)[layer]
+    common = np.bincount(tokens).argsort()[::-1]
+    absent = np.setdiff1d(np.arange(model.vocab_size), tokens)[0]  # a token the corpus never holds
+    sets = np.stack([common[:3], common[3:6], common[[0, 7, 9]], np.array([common[2], absent, common[11]])])
+    w = model.vectors(layer, "in")[neuron].double().numpy()
+    pre = x @ w
+    for found in (stats, in_memory):
+        effect, n = behaviour.read_effect(found, w, sets)
+        for s, members in enumerate(sets):
+            at = np.isin(tokens, members)
+            assert n[s] == at.sum()
+            assert effect[s] == pytest.approx((pre[at].mean() - pre.mean()) / pre.std(), rel=1e-3, abs=1e-4)
+        effect, n = behaviour.write_effect(found, neuron, sets)
+        for s, members in enumerate(sets):
+            before = np.isin(following, members) & (following >= 0)
+            assert n[s] == before.sum()
+            assert effect[s] == pytest.approx(
+                (act[before].mean() - act.mean()) / act.std(), rel=1e-3, abs=1e-4
+            )
+
+
 def test_a_killed_pass_resumes_to_the_same_result(sqlite_url, tiny_folder, tmp_path, monkeypatch):
     model, lm = load_model(tiny_folder), load_language_model(tiny_folder)
     built = corpus.Built("test", TEXTS, ("test",) * len(TEXTS))
     monkeypatch.setattr(A, "BLOCK", 4)
     monkeypatch.setattr(A, "BATCH", 2)
+    monkeypatch.setattr(A, "SAVE_SECONDS", 0.0)  # saved after every block
     engine = db.make_engine(sqlite_url)
 
     def die(done, total):

@@ -67,6 +67,7 @@ def text_client(tmp_path_factory, tiny_gguf):
     run_hash = fill_store(url, tiny_gguf, folder, activation_pass=False)
     app = make_app(url, [tiny_gguf.parent])
     with TestClient(app) as client:
+        app.state.data_dir = folder  # where the activation pass below leaves its per-token sums
         client.run_hash = run_hash
         client.url = url
         client.folder = folder
@@ -116,11 +117,21 @@ def test_the_page_says_how_to_compute_a_pass_until_one_is_stored_then_shows_it(t
             named = f"{channel['side']} {channel['index']}" in context["channels"]
             assert named == (context["number"] in channel["hit_contexts"])
     assert [c["number"] for c in found["contexts"]] == list(range(1, len(TEXTS) + 1))
+    # Every channel's test over every position, from the pass's per-token sums.
+    for channel in found["channels"]:
+        every = channel["every_position"]
+        assert every["random_sets"] == behaviour.RANDOM_SETS and every["positions"] >= 0
+        assert (every["passed"] is None) == (every["percentile"] is None)
+        if every["passed"] is not None:
+            assert every["passed"] == (every["percentile"] >= behaviour.PASS)
+            assert every["positions"] >= behaviour.MIN_POSITIONS
+    assert text_client.get(page + ".json").json()["channels"] == found["channels"]  # seeded: the same again
 
     html = text_client.get(page).text
     assert html.count('class="act ') >= sum(len(c["tokens"]) for c in found["contexts"])
     assert html.count(' peak"') == len(TEXTS) and "Density: activation" in html
     assert "90th percentile" in html and found["channels"][0]["url"] in html
+    assert "at every position" in html and "5 % of channels pass by chance" in html
     assert_twin_explains(text_client, page)
 
 
@@ -146,22 +157,51 @@ def assert_twin_explains(client, url: str) -> None:
 # --- the behavioural test over every position (reports/behaviour.md) --------------------------------
 
 
+def positions_stats(x, act, tokens, following, vocab) -> behaviour.TokenStats:
+    """TokenStats summed in plain numpy from every position: x [N, d], act [N, d_mlp], tokens [N],
+    following [N] (-1 at a document's end)."""
+    rows = np.arange(vocab)  # every token its own row
+    followed = following >= 0
+    x_sum = np.zeros((vocab, x.shape[1]))
+    np.add.at(x_sum, tokens, x)
+    act_next = np.zeros((act.shape[1], vocab))
+    np.add.at(act_next.T, following[followed], act[followed])
+    return behaviour.TokenStats(
+        rows=rows,
+        count=np.bincount(tokens, minlength=vocab),
+        next_count=np.bincount(following[followed], minlength=vocab),
+        x_sum=x_sum,
+        x_mean=x.mean(0),
+        x_cov=np.cov(x.T, bias=True),
+        act_next_sum=act_next,
+        act_mean=act.mean(0),
+        act_std=act.std(0),
+    )
+
+
 def test_a_pre_activation_planted_on_a_token_set_passes_and_noise_does_not():
     rng = np.random.default_rng(0)
-    vocab = 400
+    vocab, d = 400, 6
     tokens = rng.integers(0, vocab, 20_000)
     counts = np.bincount(tokens, minlength=vocab)
     bins = behaviour.frequency_bins(counts)
     planted = np.array([3, 17, 42])
-    values = rng.normal(size=tokens.size) + 1.5 * np.isin(tokens, planted)  # high where the set is
-    side = behaviour.ReadSide(values, tokens, vocab)
+    w = np.zeros(d)
+    w[0] = 1.0
+    x = rng.normal(size=(tokens.size, d))
+    x[:, 0] += 1.5 * np.isin(tokens, planted)  # x . w is high where the set is
+    stats = positions_stats(x, np.zeros((tokens.size, 1)), tokens, np.full(tokens.size, -1), vocab)
     sets = behaviour.matched_sets(planted, bins, behaviour.RANDOM_SETS, rng)
-    found = side.test(planted, raises=True, random_sets=sets)
-    assert found.passed and found.percentile == 100 and found.value > 0.8
-    assert not side.test(planted, raises=False, random_sets=sets).passed  # the sign must agree
+
+    def test(members, raises, random_sets):
+        return behaviour.every_position(stats, "gate", 0, w, members, raises, random_sets)
+
+    found = test(planted, True, sets)
+    assert found.passed and found.percentile == 100 and found.value > 1.0
+    assert not test(planted, False, sets).passed  # the sign must agree
     # Sets of other tokens: about 5 % pass by chance, no more.
     others = [
-        side.test(np.array(s), True, behaviour.matched_sets(np.array(s), bins, 100, rng))
+        test(np.array(s), True, behaviour.matched_sets(np.array(s), bins, 100, rng))
         for s in rng.integers(50, vocab, (60, 3))
     ]
     assert sum(t.passed for t in others) <= 9
@@ -169,20 +209,24 @@ def test_a_pre_activation_planted_on_a_token_set_passes_and_noise_does_not():
     assert (bins[sets] == bins[planted]).all() and not np.isin(sets, planted).any()
 
 
-def test_the_write_side_counts_next_tokens_at_active_positions():
+def test_the_write_side_reads_the_activation_before_the_channels_tokens():
     rng = np.random.default_rng(1)
-    vocab = 300
-    following = rng.integers(0, vocab, 10_000)
-    active = rng.random(10_000) < 0.1
-    following[active & (rng.random(10_000) < 0.5)] = 7  # active positions are often followed by 7
+    vocab, n = 300, 10_000
+    following = rng.integers(0, vocab, n)
+    active = rng.random(n) < 0.1
+    following[active & (rng.random(n) < 0.5)] = 7  # active positions are often followed by 7
     for token in range(8, 40):  # as common as 7, but wherever
         following[rng.choice(np.flatnonzero(following != 7), 500, replace=False)] = token
+    act = (active * 3.0 + rng.normal(scale=0.3, size=n))[:, None]
+    never = vocab - 1
+    following[following == never] = 0
+    stats = positions_stats(np.zeros((n, 2)), act, following, following, vocab)
     counts = np.bincount(following, minlength=vocab)
     sets = behaviour.matched_sets(np.array([7]), behaviour.frequency_bins(counts), 200, rng)
-    assert behaviour.WriteSide(active, following, vocab).test(np.array([7]), True, sets).passed
-    never = np.array([vocab - 1])
-    following[following == never[0]] = 0
-    tested = behaviour.WriteSide(active, following, vocab).test(never, True, sets[:, :1] * 0 + never[0])
+    found = behaviour.every_position(stats, "out", 0, np.zeros(2), np.array([7]), True, sets)
+    assert found.passed and found.value > 1.0
+    assert not behaviour.every_position(stats, "out", 0, np.zeros(2), np.array([7]), False, sets).passed
+    tested = behaviour.every_position(stats, "out", 0, np.zeros(2), np.array([never]), True, sets)
     assert tested.passed is None  # nothing to rest on: untestable, not failed
 
 
@@ -202,8 +246,11 @@ def test_the_behaviour_report_runs_end_to_end_and_renders_from_its_json(tiny_ggu
     assert {c["kind"] for c in result["channels"]} == {"aligned", "random"}
     for c in result["channels"]:
         assert c["passed"] is None or (0 <= c["percentile"] <= 100 and c["passed"] == (c["percentile"] >= 95))
+        # the same test for directions at the channel's cosine: one verdict each
+        assert len(c["at_cosine_passed"]) == behaviour_report.DIRECTIONS == len(c["at_cosine_percentile"])
     path = behaviour_report.write(result, tmp_path)
     text = path.read_text()
     assert "5 % of channels pass by chance" in text and "aligned (highest raw kurtosis)" in text
+    assert "directions at the same cosine" in text
     path.unlink()
     assert behaviour_report.render(tmp_path).read_text() == text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from channelscope.cli.common import CliError, database, int_range, load, log, progress_bar, references_dir
@@ -77,7 +78,7 @@ def cmd_eval_ablation(args) -> None:
 def cmd_behaviour(args) -> None:
     from channelscope.core.config import config
     from channelscope.experiments import behaviour_report
-    from channelscope.method import rotate
+    from channelscope.method import precision, rotate
     from channelscope.method.decomposer import Decomposer
     from channelscope.method.intervention import load_language_model
     from channelscope.worker import corpus
@@ -93,14 +94,17 @@ def cmd_behaviour(args) -> None:
     lm = load_language_model(model.source)
     settings = rotate.with_overrides(rotate.Settings(), channels=args.channels)
     decomposer = Decomposer(model, settings, device=args.device, seed=args.seed, cache_dir=references_dir())
+    texts = list(built.texts[: args.documents] if args.documents else built.texts)
     result = behaviour_report.evaluate(
-        model, lm, decomposer, list(built.texts[: args.documents]), built.key, layers,
+        model, lm, decomposer, texts, built.key, layers,
         aligned=args.aligned, random=args.random, seed=args.seed, log=log,
     )  # fmt: skip
+    documents = f" --documents {args.documents}" if args.documents else ""
     result["command"] = (
         f"channelscope behaviour {args.model} --layers {args.layers} --aligned {args.aligned} "
-        f"--random {args.random} --channels {args.channels} --documents {args.documents} --seed {args.seed}"
+        f"--random {args.random} --channels {args.channels}{documents} --seed {args.seed}"
     )
+    result["cpu"] = f"{precision.cpu_model()} ({os.cpu_count()} cores)"
     print(f"wrote {behaviour_report.write(result, args.out)}")
 
 
@@ -141,7 +145,9 @@ def add_commands(sub) -> None:
     p.add_argument("--aligned", type=int, default=8, help="most aligned vectors per layer and side")
     p.add_argument("--random", type=int, default=8, help="random vectors per layer and side")
     p.add_argument("--channels", type=int, default=5)
-    p.add_argument("--documents", type=int, default=400, help="corpus documents to run the model over")
+    p.add_argument(
+        "--documents", type=int, default=None, help="run the model over the first N documents (default: all)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.add_argument("--out", type=Path, default=Path("reports"))

@@ -1,18 +1,21 @@
 """`channelscope behaviour`: do a neuron's channels say what it does on real text? (reports/behaviour.md)
 
 For the most vocabulary-aligned vectors and random ones of a few layers, every side, apart:
-decompose them with the default settings, run the model once over the real corpus keeping the
-MLP input x at those layers, and test each channel against frequency-matched random token sets
+decompose them with the default settings, run the model once over the real corpus summing, per
+token, the MLP input x and the activation at those layers (worker/activations.token_stats, the
+sums the activation pass keeps for the pages), and test each channel's top 20 tokens T
 (method/behaviour.py; docs/method.md, "Behaviour on real text"):
 
-- read sides (gate, in): the AUROC of the neuron's pre-activation x . w at positions whose token
-  is one of the channel's top 20, against every other position;
-- out: among the positions where the neuron is active (act(x . w_gate) * (x . w_in) above its
-  90th percentile over these positions), the share whose next token is one of them.
+- read sides (gate, in): the neuron's pre-activation x . w at positions holding a token of T,
+  standardised: (their mean - the mean over every position) / the sd over every position;
+- out: the neuron's activation act(x . w_gate) * (x . w_in) at positions followed by a token of T,
+  standardised the same way.
 
-Both oriented by the neuron's sign on the channel's tokens, and both set against the same figure
-for RANDOM_SETS sets of tokens as common in the corpus. A channel passes at percentile >= 95: 5 %
-pass by chance.
+Both oriented by the neuron's sign on T and set against the same figure for RANDOM_SETS sets of
+tokens as common in the corpus (a channel passes at percentile >= 95: 5 % pass by chance), and
+both computed the same way for DIRECTIONS random directions at each channel's cosine to w (the
+pool of docs/method.md, "Faithfulness against directions at the same cosine"): a channel earns its
+place only where it passes more often than directions that merely sit as close to w.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ import numpy as np
 import torch
 
 from channelscope.core.stats import interval, median, share
-from channelscope.method import behaviour
+from channelscope.method import behaviour, rotate
 from channelscope.method.decomposer import Decomposer
-from channelscope.method.measures import tail_sign
+from channelscope.method.measures import tail_sign, tokens_at_cosine
 from channelscope.method.sampling import Sampled, most_aligned, random_neurons
-from channelscope.worker import corpus
+from channelscope.worker import activations, corpus
 from channelscope.worker.store import ALGORITHM_VERSION
 
 ALIGNED, RANDOM = "aligned", "random"
-QUANTILE = 0.9  # "active": above this quantile of the activation over the pass's positions
+DIRECTIONS = 10  # random directions at each channel's cosine, tested as the channel is
 
 
 def sample(model, layers: list[int], aligned: int, random: int, seed: int) -> list[Sampled]:
@@ -54,43 +57,41 @@ def sample(model, layers: list[int], aligned: int, random: int, seed: int) -> li
     return rows
 
 
-def positions(lm, texts: list[str], max_tokens: int) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
-    """The sequences, every position's token [N] and the token after it in its document [N] (-1
-    at a document's end)."""
-    sequences = [s for s in corpus.encode(lm, texts, max_tokens) if len(s) > 1]
-    tokens = np.concatenate([np.asarray(s) for s in sequences])
-    following = np.concatenate([np.append(np.asarray(s[1:]), -1) for s in sequences])
-    return sequences, tokens, following
-
-
 def evaluate(model, lm, decomposer: Decomposer, texts: list[str], corpus_key: str, layers: list[int],
              aligned: int, random: int, seed: int = 0, max_tokens: int = 256, log=print) -> dict:  # fmt: skip
     started = time.perf_counter()
     rows = sample(model, layers, aligned, random, seed)
     log(f"decomposing {len(rows)} vectors")
     records = decomposer.anywhere([(r.layer, r.side, r.neuron) for r in rows])
-    sequences, tokens, following = positions(lm, texts, max_tokens)
-    log(f"the model over {len(sequences)} documents ({len(tokens):,} positions)")
-    inputs = corpus.layer_inputs(lm, sequences, {layer: "mlp_input" for layer in layers})  # [N, d] each
-    counts = np.bincount(tokens, minlength=model.vocab_size)
+    sequences = [s for s in corpus.encode(lm, texts, max_tokens) if s]
+    positions = sum(len(s) for s in sequences)
+    log(f"the model over {len(sequences)} documents ({positions:,} positions)")
+    stats = activations.token_stats(lm, sequences, layers, model.vocab_size)
+    counts = np.bincount(np.concatenate([np.asarray(s) for s in sequences]), minlength=model.vocab_size)
     bins = behaviour.frequency_bins(counts)
     generator = np.random.default_rng(seed)
+    scored = decomposer.scored.cpu()
     channels = []
     for row, record in zip(rows, records, strict=True):
-        x = inputs[row.layer].double()
-        gate = x @ model.vectors(row.layer, "gate")[row.neuron].double()
-        up = x @ model.vectors(row.layer, "in")[row.neuron].double()
-        if row.side == "out":
-            activation = (torch.nn.functional.silu(gate) * up).numpy()
-            test = behaviour.WriteSide(activation > np.quantile(activation, QUANTILE), following, len(counts))
-        else:
-            test = behaviour.ReadSide((gate if row.side == "gate" else up).numpy(), tokens, len(counts))
+        w = model.vectors(row.layer, row.side)[row.neuron]
+        z_w = (w.to(decomposer.proj.exact.device) @ decomposer.proj.exact).float().cpu()  # [V]
+        zs_w = rotate.z_scores(z_w[None], scored)[0]  # [V]
+
+        def tested(top: np.ndarray, raises: bool, row=row, w=w) -> behaviour.Tested:
+            sets = behaviour.matched_sets(top, bins, behaviour.RANDOM_SETS, generator)
+            return behaviour.every_position(
+                stats[row.layer], row.side, row.neuron, w.double().numpy(), top, raises, sets
+            )
+
         for ch in record.channels:
             top = np.unique(ch.top_ids.astype(np.int64))
             raises = ch.faithfulness * tail_sign(ch.skew) > 0
-            found = test.test(
-                top, raises, behaviour.matched_sets(top, bins, behaviour.RANDOM_SETS, generator)
-            )
+            found = tested(top, raises)
+            ids, signs = tokens_at_cosine(w, z_w, ch.cos, decomposer.directions, scored)
+            at_cosine = [
+                tested(np.unique(ids[r].numpy()), bool(zs_w[ids[r]].mean() > 0))
+                for r in range(min(DIRECTIONS, len(ids)))
+            ]
             channels.append(
                 {
                     "kind": row.group,
@@ -98,6 +99,7 @@ def evaluate(model, lm, decomposer: Decomposer, texts: list[str], corpus_key: st
                     "side": row.side,
                     "neuron": row.neuron,
                     "channel": ch.index,
+                    "cos": ch.cos,
                     "generic": ch.generic,
                     "tokens": [model.vocabulary.tokens[i] for i in ch.top_ids[:8]],
                     "raises": bool(raises),
@@ -106,13 +108,16 @@ def evaluate(model, lm, decomposer: Decomposer, texts: list[str], corpus_key: st
                     "percentile": found.percentile,
                     "positions": found.positions,
                     "passed": found.passed,
+                    # the same test for random directions at this channel's cosine to w
+                    "at_cosine_passed": [t.passed for t in at_cosine],
+                    "at_cosine_percentile": [t.percentile for t in at_cosine],
                 }
             )
     return {
         "model": model.name,
         "corpus": corpus_key,
         "documents": len(sequences),
-        "positions": int(len(tokens)),
+        "positions": positions,
         "layers": layers,
         "aligned": aligned,
         "random": random,
@@ -122,6 +127,7 @@ def evaluate(model, lm, decomposer: Decomposer, texts: list[str], corpus_key: st
         "algorithm_version": ALGORITHM_VERSION,
         "precision": decomposer.settings.precision,
         "random_sets": behaviour.RANDOM_SETS,
+        "directions": DIRECTIONS,
         "pass_percentile": behaviour.PASS,
         "min_positions": behaviour.MIN_POSITIONS,
         "seconds": round(time.perf_counter() - started, 1),
@@ -149,16 +155,21 @@ def _row(label: str, cell: list[dict]) -> str:
     low, high = interval(passed, share)
     pct = [c["percentile"] for c in tested]
     p_low, p_high = interval(pct)
+    # Per channel, the share of its testable directions at the same cosine that pass; their mean.
+    rates = [share(p for p in c["at_cosine_passed"] if p is not None) for c in cell]
+    d_low, d_high = interval(rates, share)
     small = "*" if len(tested) < 8 else ""
     return (
         f"| {label} | {len(cell)} | {share(c['passed'] is None for c in cell):.0%} | {len(tested)}{small} "
-        f"| {share(passed):.0%} [{low:.0%}, {high:.0%}] | {median(pct):.0f} [{p_low:.0f}, {p_high:.0f}] |"
+        f"| {share(passed):.0%} [{low:.0%}, {high:.0%}] | {share(r for r in rates if r == r):.0%} "
+        f"[{d_low:.0%}, {d_high:.0%}] | {median(pct):.0f} [{p_low:.0f}, {p_high:.0f}] |"
     )
 
 
 HEADER = [
-    "| channels | n | untestable | tested | pass (>= 95th pct) | median percentile |",
-    "|---|---|---|---|---|---|",
+    "| channels | n | untestable | tested | pass (>= 95th pct) | directions at the same cosine: pass "
+    "| median percentile |",
+    "|---|---|---|---|---|---|---|",
 ]
 
 
@@ -178,13 +189,17 @@ def _markdown(result: dict) -> str:
         f"the model over {result['documents']:,} documents of corpus {result['corpus']} "
         f"({result['positions']:,} positions).",
         "",
-        "Each channel's figure (read sides: the AUROC of the neuron's pre-activation at positions holding "
-        "one of its top 20 tokens; `out`: the share of the neuron's active positions whose next token is "
-        "one of them), oriented by the neuron's sign on those tokens, is set against the same figure for "
+        "Each channel's figure (read sides: the neuron's pre-activation at every position holding one of "
+        "its top 20 tokens; `out`: its activation at every position followed by one of them; both as a "
+        "standardised mean, (mean there - mean everywhere) / sd everywhere), oriented by the neuron's "
+        "sign on those tokens, is set against the same figure for "
         f"{result['random_sets']} token sets as common in the corpus. It passes at the "
-        f"{result['pass_percentile']:.0f}th percentile: **5 % of channels pass by chance**. Untestable: "
-        f"fewer than {result['min_positions']} positions to rest on. Brackets: 95 % bootstrap "
-        "intervals; * fewer than 8 channels tested.",
+        f"{result['pass_percentile']:.0f}th percentile: **5 % of channels pass by chance**. The same "
+        f"test, run for {result['directions']} random directions at each channel's cosine to w (their "
+        "own top 20 tokens and sign), gives the column *directions at the same cosine*: a channel adds "
+        "something only where it passes more often than they do. Untestable: fewer than "
+        f"{result['min_positions']} positions to rest on. Brackets: 95 % bootstrap intervals over "
+        "channels; * fewer than 8 channels tested.",
         "",
         "## By kind and side",
         "",
@@ -226,6 +241,9 @@ def _findings(channels, kinds) -> list[str]:
             continue
         rate = share(c["passed"] for c in tested)
         low, high = interval([c["passed"] for c in tested], share)
+        rates = [share(p for p in c["at_cosine_passed"] if p is not None) for c in cell]
+        rates = [r for r in rates if r == r]
+        d_rate, (d_low, d_high) = share(rates), interval(rates, share)
         verdict = (
             "no better than chance (5 %)"
             if low <= 0.05
@@ -233,9 +251,17 @@ def _findings(channels, kinds) -> list[str]:
             if rate >= 0.5
             else "above chance, but most channels do not pass"
         )
+        against = (
+            "more often than"
+            if low > d_high
+            else "less often than"
+            if high < d_low
+            else "no more often than (intervals overlap)"
+        )
         out.append(
             f"- {name.capitalize()} vectors: {rate:.0%} of {len(tested)} tested channels pass "
             f"[{low:.0%}, {high:.0%}]: {verdict}; {share(c['passed'] is None for c in cell):.0%} of "
-            f"{len(cell)} are untestable on this corpus."
+            f"{len(cell)} are untestable on this corpus. Random directions at the same cosines pass "
+            f"{d_rate:.0%} [{d_low:.0%}, {d_high:.0%}]: the channels pass {against} them."
         )
     return out

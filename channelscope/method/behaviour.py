@@ -144,50 +144,69 @@ def _tested(value: float, random: np.ndarray, positions: int) -> Tested:
     return Tested(value, float(np.nanmedian(random)), p, positions, bool(p >= PASS))
 
 
-class ReadSide:
-    """AUROC of a pre-activation [N] for positions whose token is in a set against the rest, for
-    any number of sets from one ranking: rank sums per token make each set O(|set|)."""
+@dataclass(frozen=True)
+class TokenStats:
+    """One layer's pass over the corpus, summed per token: enough to test any token set against
+    any vector of the layer without the positions (docs/method.md, "Behaviour on real text").
+    Read sides are linear in x, so sums of x serve every neuron and every direction; the
+    activation is not, so its sums are per neuron. Per-token rows are compact: `rows[t]` is
+    token t's row, -1 for a token the corpus never holds."""
 
-    def __init__(self, values: np.ndarray, tokens: np.ndarray, vocab_size: int):
-        from scipy.stats import rankdata
-
-        ranks = rankdata(values)  # [N], ties averaged
-        self.total = len(values)
-        self.rank_sum = np.bincount(tokens, weights=ranks, minlength=vocab_size)  # [V]
-        self.count = np.bincount(tokens, minlength=vocab_size)  # [V]
-
-    def auroc(self, sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """sets [S, T] (distinct tokens per row assumed) -> (AUROC [S], positives [S])."""
-        n = self.count[sets].sum(-1).astype(np.float64)
-        r = self.rank_sum[sets].sum(-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            auc = (r - n * (n + 1) / 2) / (n * (self.total - n))
-        return auc, n.astype(np.int64)
-
-    def test(self, channel_tokens: np.ndarray, raises: bool, random_sets: np.ndarray) -> Tested:
-        (auc,), (n,) = self.auroc(channel_tokens[None])
-        random, _ = self.auroc(random_sets)
-        sign = 1.0 if raises else -1.0
-        # Oriented around 0.5: a channel that lowers the neuron should sit at low AUROC.
-        return _tested(0.5 + sign * (auc - 0.5), 0.5 + sign * (random - 0.5), int(n))
+    rows: np.ndarray  # [V] int64
+    count: np.ndarray  # [Vc] positions holding the token
+    next_count: np.ndarray  # [Vc] positions followed (in their document) by the token
+    x_sum: np.ndarray  # [Vc, d] the MLP input x summed over the positions holding the token
+    x_mean: np.ndarray  # [d] over every position
+    x_cov: np.ndarray  # [d, d] float64 covariance of x over every position
+    act_next_sum: np.ndarray  # [d_mlp, Vc] act(g) * u summed over the positions followed by the token
+    act_mean: np.ndarray  # [d_mlp] over every position
+    act_std: np.ndarray  # [d_mlp]
 
 
-class WriteSide:
-    """Among positions where the neuron is active, the share whose next token is in a set."""
+def _gather(stats: TokenStats, sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sets [S, T] token ids -> their rows [S, T] (0 where absent) and presence [S, T]."""
+    rows = stats.rows[sets]
+    return np.where(rows >= 0, rows, 0), rows >= 0
 
-    def __init__(self, active: np.ndarray, next_tokens: np.ndarray, vocab_size: int):
-        kept = next_tokens[active & (next_tokens >= 0)]
-        self.active = max(int(kept.size), 1)
-        self.count = np.bincount(kept, minlength=vocab_size)  # [V]
 
-    def share(self, sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        hits = self.count[sets].sum(-1)
-        return hits / self.active, hits
+def read_effect(stats: TokenStats, w: np.ndarray, sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised mean pre-activation x . w at the positions holding a token of each set:
+    (mean over them - mean over all) / sd over all.  w [d], sets [S, T] -> (effect [S], positions [S])."""
+    rows, present = _gather(stats, sets)
+    w = w.astype(np.float64)
+    unique, inverse = np.unique(rows, return_inverse=True)  # one row read per token (x_sum may be on disk)
+    per_token = np.asarray(stats.x_sum[unique], np.float64) @ w  # [U]
+    projected = np.where(present, per_token[inverse.reshape(rows.shape)], 0.0)  # [S, T]
+    n = np.where(present, stats.count[rows], 0).sum(-1)  # [S]
+    sd = float(np.sqrt(max(w @ stats.x_cov @ w, 1e-30)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        effect = (projected.sum(-1) / n - float(stats.x_mean @ w)) / sd
+    return effect, n
 
-    def test(self, channel_tokens: np.ndarray, raises: bool, random_sets: np.ndarray) -> Tested:
-        (share,), (hits,) = self.share(channel_tokens[None])
-        random, random_hits = self.share(random_sets)
-        sign = 1.0 if raises else -1.0
-        # A suppressing channel passes with few hits: what it rests on is the hits chance expects.
-        expected = float(np.median(random_hits)) if random_hits.size else 0.0
-        return _tested(sign * float(share), sign * random, int(max(hits, round(expected))))
+
+def write_effect(stats: TokenStats, neuron: int, sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised mean activation at the positions whose next token is in each set.
+    sets [S, T] -> (effect [S], positions [S])."""
+    rows, present = _gather(stats, sets)
+    sums = np.where(present, np.asarray(stats.act_next_sum[neuron], np.float64)[rows], 0.0).sum(-1)  # [S]
+    n = np.where(present, stats.next_count[rows], 0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        effect = (sums / n - stats.act_mean[neuron]) / max(float(stats.act_std[neuron]), 1e-30)
+    return effect, n
+
+
+def every_position(
+    stats: TokenStats,
+    side: str,
+    neuron: int,
+    w: np.ndarray,  # [d] the neuron's vector on a read side (unused on `out`)
+    channel_tokens: np.ndarray,  # [T] distinct
+    raises: bool,
+    random_sets: np.ndarray,  # [S, T] frequency-matched (matched_sets)
+) -> Tested:
+    """The channel's set against the random sets, oriented by its sign: a channel that lowers the
+    neuron (or its tokens) passes when its positions sit low."""
+    sets = np.concatenate([channel_tokens[None], random_sets]).astype(np.int64)
+    effect, n = write_effect(stats, neuron, sets) if side == "out" else read_effect(stats, w, sets)
+    sign = 1.0 if raises else -1.0
+    return _tested(sign * float(effect[0]), sign * effect[1:], int(n[0]))

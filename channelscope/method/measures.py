@@ -152,13 +152,21 @@ def faithfulness_at_cosines(
     sparse direction of U that happened to sit as close to w would put its own."""
     out = torch.empty(len(cosines), pool.directions.shape[0], dtype=torch.float64)
     for k, c in enumerate(cosines.double().cpu().clamp(-1.0, 1.0).tolist()):
-        z = pool_at_cosine(w, z_w, c, pool)  # [R, V]
-        zs = rotate.z_scores(z, scored)
-        sign = torch.where(rotate.tail_skew(z, scored) >= 0, 1.0, -1.0).unsqueeze(-1)  # [R, 1]
-        oriented = torch.where(scored, zs * sign, torch.tensor(float("-inf")))
-        top = torch.topk(oriented, min(TOP_K, int(scored.sum())), dim=-1).indices  # [R, K]
-        out[k] = (zs_w.cpu().double()[top] * sign.double()).mean(-1)
+        top, sign = tokens_at_cosine(w, z_w, c, pool, scored)
+        out[k] = (zs_w.cpu().double()[top] * sign.double().unsqueeze(-1)).mean(-1)
     return out
+
+
+def tokens_at_cosine(
+    w: torch.Tensor, z_w: torch.Tensor, cosine: float, pool: DirectionPool, scored: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top tokens of the pool's directions at `cosine` to w, each taken as a channel's are
+    (TOP_K on its own dominant tail, scored tokens only): (ids [R, K], tail sign [R])."""
+    z = pool_at_cosine(w, z_w, cosine, pool)  # [R, V]
+    zs = rotate.z_scores(z, scored)
+    sign = torch.where(rotate.tail_skew(z, scored) >= 0, 1.0, -1.0)  # [R]
+    oriented = torch.where(scored, zs * sign.unsqueeze(-1), torch.tensor(float("-inf")))
+    return torch.topk(oriented, min(TOP_K, int(scored.sum())), dim=-1).indices, sign
 
 
 def vocabulary_coverage(neuron_zs: torch.Tensor, scored: torch.Tensor, masked: list[torch.Tensor]):

@@ -78,6 +78,8 @@ def create_app(
     # every session shares one cache of them by name (lookup.model): a page saves a round trip.
     app.state.sessions = sessionmaker(bind=engine, expire_on_commit=False, info={"models": {}})
     app.state.head_revision = db.head_revision()
+    # Where the activation pass left its per-token sums (text pages read them by memory map).
+    app.state.data_dir = config().data_dir
     app.state.pages = PageStore(page_cache_bytes)
     app.state.demand = Demand(
         engine,

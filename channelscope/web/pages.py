@@ -420,6 +420,20 @@ class Density(BaseModel):
     counts: list[int]
 
 
+class EveryPosition(BaseModel):
+    """The behavioural test over every corpus position (docs/method.md, "Behaviour on real text"):
+    the neuron's standardised mean pre-activation at positions holding the channel's tokens (read
+    sides) or activation at positions followed by them (out), oriented by its sign on them,
+    among the same for frequency-matched random token sets."""
+
+    effect: float  # (mean there - mean everywhere) / sd everywhere, oriented: > 0 as the sign says
+    random_median: float  # the same for the random sets
+    random_sets: int
+    percentile: float | None  # of effect among theirs; None when untestable
+    positions: int  # corpus positions the figure rests on
+    passed: bool | None  # percentile >= 95 (5 % of channels pass by chance); None: untestable
+
+
 class ChannelAtPeaks(BaseModel):
     """Do the channel's top tokens sit where the neuron fires? docs/method.md, "Behaviour on real
     text": counted over the top contexts, against the corpus's own share of those tokens."""
@@ -439,6 +453,7 @@ class ChannelAtPeaks(BaseModel):
     expected_direction: str  # "more" or "fewer", from the sign of the neuron on those tokens
     verdict: str  # as expected, opposite, no evidence, untestable
     hit_contexts: list[int]  # the numbers of the contexts that hold one of its tokens there
+    every_position: EveryPosition | None  # None: the pass's per-token sums are not on this server
 
 
 class TextPage(BaseModel):

@@ -31,10 +31,11 @@ from sqlalchemy.orm import Session
 
 from channelscope.core import db
 from channelscope.core import tables as T
+from channelscope.method import behaviour
 from channelscope.method.intervention import LanguageModel
 from channelscope.worker import corpus, store
 
-ACTIVATIONS_VERSION = 1
+ACTIVATIONS_VERSION = 2  # 2: with the per-token sums of the behavioural test
 CONTEXTS = 20  # top contexts per neuron
 WINDOW = 24  # tokens per context: BEFORE before the peak, the peak, the rest after
 BEFORE = 16
@@ -42,7 +43,8 @@ BINS = 128
 QUANTILE = 0.9
 MAX_TOKENS = 256  # per document (a document is ~300 tokens; this only guards the cost)
 BATCH = 8  # documents per forward pass
-BLOCK = 64  # documents between saves of the running state
+BLOCK = 64  # documents between progress reports (and possible saves)
+SAVE_SECONDS = 300.0  # the running state is saved after the first block past this many seconds
 SIGNALS = ("activation", "gate", "in")  # act(g) * u, and the read sides' pre-activations
 
 
@@ -56,9 +58,77 @@ class LayerState:
     top_doc: torch.Tensor  # [d_mlp, CONTEXTS] int64, -1 where empty
     top_pos: torch.Tensor  # [d_mlp, CONTEXTS] int64, the peak's position in its document
     windows: torch.Tensor  # [d_mlp, CONTEXTS, WINDOW] float16, the activation at each window token
+    sums: TokenSums  # what the behavioural test of every channel needs
 
 
-def _new_state(first: dict[str, torch.Tensor], d_mlp: int) -> LayerState:
+class TokenSums:
+    """Running per-token sums of one layer over the corpus (behaviour.TokenStats once done).
+    Rows are compact over the tokens the corpus holds (`rows`, [V] -> row or -1)."""
+
+    def __init__(self, distinct: int, d: int, d_mlp: int):
+        self.count = torch.zeros(distinct, dtype=torch.int64)
+        self.next_count = torch.zeros(distinct, dtype=torch.int64)
+        self.x_sum = torch.zeros(distinct, d)  # [Vc, d]
+        self.x_total = torch.zeros(d, dtype=torch.float64)
+        self.x_outer = torch.zeros(d, d, dtype=torch.float64)  # sum of x x^T
+        self.act_next_sum = torch.zeros(d_mlp, distinct)  # [d_mlp, Vc]: one neuron's row is contiguous
+        self.act_total = torch.zeros(d_mlp, dtype=torch.float64)
+        self.act_squares = torch.zeros(d_mlp, dtype=torch.float64)
+        self.positions = 0
+
+    def add(self, x: torch.Tensor, act: torch.Tensor, rows: torch.Tensor, next_rows: torch.Tensor) -> None:
+        """x [n, d], act [n, d_mlp] at n real positions; rows [n] their tokens' rows, next_rows [n]
+        the rows of the tokens after them (-1 at a document's end)."""
+        followed = next_rows >= 0
+        self.count += torch.bincount(rows, minlength=len(self.count))
+        self.next_count += torch.bincount(next_rows[followed], minlength=len(self.count))
+        self.x_sum.index_add_(0, rows, x)
+        x64 = x.double()
+        self.x_total += x64.sum(0)
+        self.x_outer += x64.T @ x64
+        self.act_next_sum.index_add_(1, next_rows[followed], act[followed].T)
+        act64 = act.double()
+        self.act_total += act64.sum(0)
+        self.act_squares += act64.pow(2).sum(0)
+        self.positions += len(rows)
+
+    def finish(self, rows: np.ndarray) -> behaviour.TokenStats:
+        n = max(self.positions, 1)
+        x_mean = self.x_total / n
+        act_mean = self.act_total / n
+        return behaviour.TokenStats(
+            rows=rows,
+            count=self.count.numpy(),
+            next_count=self.next_count.numpy(),
+            x_sum=self.x_sum.numpy(),
+            x_mean=x_mean.numpy(),
+            x_cov=(self.x_outer / n - torch.outer(x_mean, x_mean)).numpy(),
+            act_next_sum=self.act_next_sum.numpy(),
+            act_mean=act_mean.numpy(),
+            act_std=(self.act_squares / n - act_mean.pow(2)).clamp_min(0).sqrt().numpy(),
+        )
+
+
+def compact_rows(sequences: list[list[int]], vocab_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """[V] each token's row in the per-token sums (-1: the corpus never holds it), as numpy and
+    as a torch lookup."""
+    seen = np.unique(np.fromiter((t for seq in sequences for t in seq), dtype=np.int64))
+    rows = np.full(vocab_size, -1, dtype=np.int64)
+    rows[seen] = np.arange(len(seen))
+    return rows, torch.from_numpy(rows)
+
+
+def _positions(
+    ids: torch.Tensor, mask: torch.Tensor, lookup: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of each real position's token and of the token after it (-1 at the end). [n] each"""
+    rows = lookup[ids]  # [B, T]
+    following = torch.full_like(rows, -1)
+    following[:, :-1] = torch.where(mask[:, 1:], rows[:, 1:], -1)
+    return rows[mask], following[mask]
+
+
+def _new_state(first: dict[str, torch.Tensor], d_mlp: int, distinct: int) -> LayerState:
     ranges = torch.stack([2 * first[s].abs().amax(0).clamp_min(1e-6) for s in SIGNALS])
     return LayerState(
         ranges=ranges,
@@ -67,6 +137,7 @@ def _new_state(first: dict[str, torch.Tensor], d_mlp: int) -> LayerState:
         top_doc=torch.full((d_mlp, CONTEXTS), -1, dtype=torch.int64),
         top_pos=torch.zeros(d_mlp, CONTEXTS, dtype=torch.int64),
         windows=torch.zeros(d_mlp, CONTEXTS, WINDOW, dtype=torch.float16),
+        sums=TokenSums(distinct, first["x"].shape[1], d_mlp),
     )
 
 
@@ -103,44 +174,98 @@ def _contexts(state: LayerState, acts: torch.Tensor, mask: torch.Tensor, docs: t
     state.top_value, state.top_doc, state.top_pos = values.gather(1, order), new_doc, new_pos
 
 
-@torch.inference_mode()
-def _pass(
-    lm: LanguageModel, sequences: list[list[int]], states: dict[int, LayerState], docs: list[int]
-) -> None:
-    """One forward pass over a batch of documents, every layer's signals recorded."""
-    ids, mask = corpus.padded(sequences)
-    doc_ids = torch.tensor(docs)
+def _hooked(lm: LanguageModel, layers, on_layer) -> list:
+    """Hooks on the MLPs of `layers` that call on_layer(layer, signals) once per forward pass with
+    that layer's x (the MLP input), gate and in pre-activations and activation, each [B, T, ...]
+    float32 on the CPU. Returns the handles to remove."""
     handles = []
-    for layer in range(lm.n_layers):
+    for layer in layers:
         mlp, signals = lm.mlp(layer), {}
 
         def pre(name, signals=signals):
-            def hook(_module, _args, output):
+            def hook(_module, args, output):
+                if name == "gate":
+                    signals["x"] = args[0].float().cpu()  # [B, T, d]
                 signals[name] = output.float().cpu()  # [B, T, d_mlp]
 
             return hook
 
         def record(_module, args, layer=layer, signals=signals):
-            # The layer's last signal: record it whole now, so one layer's tensors live at a time.
+            # The layer's last signal: hand it on now, so one layer's tensors live at a time.
             signals["activation"] = args[0].float().cpu()
-            real = {name: value[mask] for name, value in signals.items()}  # [n, d_mlp] real positions
-            if layer not in states:
-                states[layer] = _new_state(real, real["activation"].shape[1])
-            for i, name in enumerate(SIGNALS):
-                _histogram(states[layer], i, real[name])
-            _contexts(states[layer], signals["activation"], mask, doc_ids)
+            on_layer(layer, signals)
             signals.clear()
 
         handles.append(mlp.gate_proj.register_forward_hook(pre("gate")))
         handles.append(mlp.up_proj.register_forward_hook(pre("in")))
         handles.append(mlp.down_proj.register_forward_pre_hook(record))
+    return handles
+
+
+class _Enough(Exception):
+    """Raised by a hook once the last layer wanted is recorded: the rest of the forward is waste."""
+
+
+@torch.inference_mode()
+def _forward(lm: LanguageModel, ids: torch.Tensor, mask: torch.Tensor, handles: list) -> None:
     try:
         lm.model.base_model(
             input_ids=ids.to(lm.device), attention_mask=mask.long().to(lm.device), use_cache=False
         )
+    except _Enough:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _pass(
+    lm: LanguageModel,
+    sequences: list[list[int]],
+    states: dict[int, LayerState],
+    docs: list[int],
+    lookup: torch.Tensor,
+) -> None:
+    """One forward pass over a batch of documents, every layer's signals recorded."""
+    ids, mask = corpus.padded(sequences)
+    doc_ids = torch.tensor(docs)
+    rows, next_rows = _positions(ids, mask, lookup)
+
+    def on_layer(layer, signals):
+        real = {name: value[mask] for name, value in signals.items()}  # [n, ...] real positions
+        if layer not in states:
+            states[layer] = _new_state(real, real["activation"].shape[1], int(lookup.max()) + 1)
+        for i, name in enumerate(SIGNALS):
+            _histogram(states[layer], i, real[name])
+        _contexts(states[layer], signals["activation"], mask, doc_ids)
+        states[layer].sums.add(real["x"], real["activation"], rows, next_rows)
+
+    _forward(lm, ids, mask, _hooked(lm, range(lm.n_layers), on_layer))
+
+
+def token_stats(
+    lm: LanguageModel, sequences: list[list[int]], layers: list[int], vocab_size: int, on_batch=None
+) -> dict[int, behaviour.TokenStats]:
+    """The per-token sums of `layers` alone over `sequences`, in memory (reports' samples)."""
+    rows, lookup = compact_rows(sequences, vocab_size)
+    sums: dict[int, TokenSums] = {}
+    for start in range(0, len(sequences), BATCH):
+        batch = [s for s in sequences[start : start + BATCH] if s]
+        ids, mask = corpus.padded(batch)
+        at, following = _positions(ids, mask, lookup)
+
+        def on_layer(layer, signals, mask=mask, at=at, following=following):
+            x, act = signals["x"][mask], signals["activation"][mask]
+            if layer not in sums:
+                sums[layer] = TokenSums(len(np.flatnonzero(rows >= 0)), x.shape[1], act.shape[1])
+            sums[layer].add(x, act, at, following)
+            if layer == max(layers):
+                raise _Enough
+
+        _forward(lm, ids, mask, _hooked(lm, layers, on_layer))
+        if on_batch:
+            on_batch(min(start + BATCH, len(sequences)), len(sequences))
+    return {layer: found.finish(rows) for layer, found in sums.items()}
 
 
 def quantile(counts: np.ndarray, h: np.ndarray, q: float) -> np.ndarray:
@@ -156,7 +281,39 @@ def quantile(counts: np.ndarray, h: np.ndarray, q: float) -> np.ndarray:
 
 
 def checkpoint_path(data_dir: Path, model, key: str) -> Path:
-    return data_dir / "activations" / f"{model.name}-{model.sha256[:12]}-{key}.pt"
+    # Versioned: a state saved by an older pass lacks what this one records.
+    return data_dir / "activations" / f"{model.name}-{model.sha256[:12]}-{key}-v{ACTIVATIONS_VERSION}.pt"
+
+
+# --- the per-token sums on disk -------------------------------------------------------------------
+# ~110 MB a layer for SmolLM2 (3.4 GB in all): too big for the channel store, so they are files
+# beside the checkpoint, read by memory map (a page reads the few rows it needs). A server whose
+# data directory lacks them says so; `channelscope activations` on it writes them.
+
+_STATS_FIELDS = ("count", "next_count", "x_sum", "x_mean", "x_cov", "act_next_sum", "act_mean", "act_std")
+
+
+def stats_dir(data_dir: Path, name: str, sha256: str, key: str) -> Path:
+    return data_dir / "activations" / f"{name}-{sha256[:12]}-{key}-sums"
+
+
+def write_stats(data_dir: Path, model, key: str, stats: dict[int, behaviour.TokenStats]) -> None:
+    folder = stats_dir(data_dir, model.name, model.sha256, key)
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer, found in stats.items():
+        np.save(folder / "rows.npy", found.rows)  # the same for every layer
+        for name in _STATS_FIELDS:
+            np.save(folder / f"{layer}-{name}.npy", getattr(found, name))
+
+
+def read_stats(data_dir: Path, model, key: str, layer: int) -> behaviour.TokenStats | None:
+    """One layer's per-token sums of the pass over corpus `key`, memory-mapped, or None. model:
+    anything with name and sha256 (the loaded model or its stored row)."""
+    folder = stats_dir(data_dir, model.name, model.sha256, key)
+    if not (folder / f"{layer}-{_STATS_FIELDS[-1]}.npy").exists():
+        return None
+    fields = {name: np.load(folder / f"{layer}-{name}.npy", mmap_mode="r") for name in _STATS_FIELDS}
+    return behaviour.TokenStats(rows=np.load(folder / "rows.npy"), **fields)
 
 
 def run(
@@ -176,21 +333,30 @@ def run(
     states: dict[int, LayerState] = saved["states"] if saved else {}
     done, tokens, seconds = (saved["done"], saved["tokens"], saved["seconds"]) if saved else (0, 0, 0.0)
     sequences = [lm.encode(text)[:MAX_TOKENS] for text in texts]
+    rows, lookup = compact_rows(sequences, model.vocab_size)
+    saved_at = time.monotonic()
     while done < len(texts):
         started = time.perf_counter()
         stop = min(done + BLOCK, len(texts))
         for start in range(done, stop, BATCH):
             ids = [i for i in range(start, min(start + BATCH, stop)) if sequences[i]]
             if ids:
-                _pass(lm, [sequences[i] for i in ids], states, ids)
+                _pass(lm, [sequences[i] for i in ids], states, ids, lookup)
                 tokens += sum(len(sequences[i]) for i in ids)
         done, seconds = stop, seconds + time.perf_counter() - started
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"states": states, "done": done, "tokens": tokens, "seconds": seconds}, tmp)
-        tmp.replace(path)  # atomic: a killed pass resumes from the last whole block
+        # The state holds the per-token sums (GBs for a real model): saved every SAVE_SECONDS,
+        # so a killed pass loses at most that much work.
+        if time.monotonic() - saved_at >= SAVE_SECONDS or done == len(texts):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"states": states, "done": done, "tokens": tokens, "seconds": seconds}, tmp)
+            tmp.replace(path)  # atomic: a killed pass resumes from the last saved block
+            saved_at = time.monotonic()
         if on_block:
             on_block(done, len(texts))
+    write_stats(
+        data_dir, model, built.key, {layer: state.sums.finish(rows) for layer, state in states.items()}
+    )
     _store(engine, model, built, states, sequences, tokens)
     return {"documents": len(texts), "tokens": tokens, "seconds": round(seconds, 1), "corpus": built.key}
 

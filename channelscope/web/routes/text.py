@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Request
 
+from channelscope.core import tables as T
 from channelscope.core.tokens import label
-from channelscope.method import behaviour
+from channelscope.method import behaviour, rotate
 from channelscope.method.measures import TOP_K, tail_sign
 from channelscope.web import lookup, pages, plots, queries, urls
 from channelscope.web.database import DbSession
@@ -80,10 +81,11 @@ def text_page(request: Request, session: DbSession, model: ModelName, layer: Lay
         for i, signal in enumerate(activations.SIGNALS)
     ]
     counts = activations.token_counts(session, model_row.id, found.corpus)
+    sums = activations.read_stats(request.app.state.data_dir, model_row, found.corpus, layer)
     channels = (
         []
         if counts is None
-        else _channels_at_peaks(session, model_row, layer, neuron, windows, counts, vocab.tokens)
+        else _channels_at_peaks(session, model_row, layer, neuron, windows, counts, vocab.tokens, sums)
     )
     for channel in channels:  # each context names the channels whose tokens it holds there
         for number in channel.hit_contexts:
@@ -95,6 +97,12 @@ def text_page(request: Request, session: DbSession, model: ModelName, layer: Lay
     if counts is None:
         message += (
             " The corpus's token counts are not stored (a pass older than them): channels are not checked."
+        )
+    elif sums is None:
+        message += (
+            " The pass's per-token sums are not in this server's data directory (a pass older than them, "
+            f"or run on another machine): `channelscope activations {name}` here writes them, and each "
+            "channel's test over every position shows up."
         )
     charts = {
         "densities": [
@@ -131,9 +139,10 @@ def _context(tokens: list[str], ids: np.ndarray, values: np.ndarray, number: int
 
 
 def _channels_at_peaks(
-    session, model_row, layer, neuron, windows: np.ndarray, counts, tokens
+    session, model_row, layer, neuron, windows: np.ndarray, counts, tokens, sums
 ) -> list[pages.ChannelAtPeaks]:
     out = []
+    bins = behaviour.frequency_bins(counts)
     for side in model_row.sides.split(","):
         _, row = lookup.neuron_side(session, model_row.name, layer, neuron, side, None, missing_ok=True)
         if row is None:
@@ -145,6 +154,10 @@ def _channels_at_peaks(
             # channel's tail: its sign times the tail's is the neuron's own sign on them.
             raises = ch.faithfulness * tail_sign(ch.skew) > 0
             found_at = behaviour.at_peaks(windows, activations.BEFORE, side, ids, counts, raises)
+            every = None
+            if sums is not None and len(ids):
+                w = T.neuron_vector(row.vector).astype(np.float64)  # [d] (unused on out)
+                every = _every_position(sums, side, layer, neuron, ch.channel, w, ids, raises, bins)
             out.append(
                 pages.ChannelAtPeaks(
                     side=side,
@@ -162,6 +175,24 @@ def _channels_at_peaks(
                     expected_direction=found_at.expected_direction,
                     verdict=found_at.verdict,
                     hit_contexts=[row + 1 for row in found_at.hit_rows],
+                    every_position=every,
                 )
             )
     return out
+
+
+def _every_position(sums, side, layer, neuron, channel, w, ids, raises, bins) -> pages.EveryPosition:
+    # The random sets are drawn from a generator seeded by the channel's coordinates: a page
+    # shows the same figure every time it is served.
+    generator = np.random.default_rng(rotate.neuron_seed(channel, layer, side, neuron))
+    tokens = np.unique(ids)
+    sets = behaviour.matched_sets(tokens, bins, behaviour.RANDOM_SETS, generator)
+    found = behaviour.every_position(sums, side, neuron, w, tokens, raises, sets)
+    return pages.EveryPosition(
+        effect=round(found.value, 4),
+        random_median=round(found.random_median, 4),
+        random_sets=behaviour.RANDOM_SETS,
+        percentile=None if found.passed is None else round(found.percentile, 1),
+        positions=found.positions,
+        passed=found.passed,
+    )

@@ -71,7 +71,7 @@ class TokenSums:
         self.x_sum = torch.zeros(distinct, d)  # [Vc, d]
         self.x_total = torch.zeros(d, dtype=torch.float64)
         self.x_outer = torch.zeros(d, d, dtype=torch.float64)  # sum of x x^T
-        self.act_next_sum = torch.zeros(d_mlp, distinct)  # [d_mlp, Vc]: one neuron's row is contiguous
+        self.act_next_sum = torch.zeros(distinct, d_mlp)  # [Vc, d_mlp]: rows added whole (finish turns it)
         self.act_total = torch.zeros(d_mlp, dtype=torch.float64)
         self.act_squares = torch.zeros(d_mlp, dtype=torch.float64)
         self.positions = 0
@@ -83,10 +83,9 @@ class TokenSums:
         self.count += torch.bincount(rows, minlength=len(self.count))
         self.next_count += torch.bincount(next_rows[followed], minlength=len(self.count))
         self.x_sum.index_add_(0, rows, x)
-        x64 = x.double()
-        self.x_total += x64.sum(0)
-        self.x_outer += x64.T @ x64
-        self.act_next_sum.index_add_(1, next_rows[followed], act[followed].T)
+        self.x_total += x.double().sum(0)
+        self.x_outer += (x.T @ x).double()  # a batch's sum in float32 (fast), the running one in float64
+        self.act_next_sum.index_add_(0, next_rows[followed], act[followed])
         act64 = act.double()
         self.act_total += act64.sum(0)
         self.act_squares += act64.pow(2).sum(0)
@@ -103,7 +102,7 @@ class TokenSums:
             x_sum=self.x_sum.numpy(),
             x_mean=x_mean.numpy(),
             x_cov=(self.x_outer / n - torch.outer(x_mean, x_mean)).numpy(),
-            act_next_sum=self.act_next_sum.numpy(),
+            act_next_sum=np.ascontiguousarray(self.act_next_sum.numpy().T),  # [d_mlp, Vc]: a neuron's row whole
             act_mean=act_mean.numpy(),
             act_std=(self.act_squares / n - act_mean.pow(2)).clamp_min(0).sqrt().numpy(),
         )

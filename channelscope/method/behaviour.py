@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
+from channelscope.core.stats import median
+
 ALPHA = 0.05  # the test's level; a page says "no evidence" above it, never "fails"
 
 
@@ -136,12 +138,13 @@ def _percentile(value: float, reference: np.ndarray) -> float:
 
 
 def _tested(value: float, random: np.ndarray, positions: int) -> Tested:
-    if positions < MIN_POSITIONS or not np.isfinite(value):
-        return Tested(
-            value, float(np.nanmedian(random)) if random.size else float("nan"), float("nan"), positions, None
-        )
+    """Untestable (passed None) with fewer than MIN_POSITIONS positions, or no random set to
+    compare with (sets of tokens the corpus never holds have no figure)."""
+    typical = median(random.tolist())
     p = _percentile(value, random)
-    return Tested(value, float(np.nanmedian(random)), p, positions, bool(p >= PASS))
+    if positions < MIN_POSITIONS or not np.isfinite(p):
+        return Tested(value, typical, float("nan"), positions, None)
+    return Tested(value, typical, p, positions, bool(p >= PASS))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +188,8 @@ def _markdown(result: dict) -> str:
         f"{result['channels_per_vector']} channels each ({result['solver']} solver, {result['precision']}, "
         f"algorithm version {result['algorithm_version']}); "
         f"the model over {result['documents']:,} documents of corpus {result['corpus']} "
-        f"({result['positions']:,} positions).",
+        f"({result['positions']:,} positions). `{result.get('command', 'channelscope behaviour')}`: "
+        f"{result['seconds'] / 60:.0f} min on {result.get('cpu', 'an unrecorded machine')}.",
         "",
         "Each channel's figure (read sides: the neuron's pre-activation at every position holding one of "
         "its top 20 tokens; `out`: its activation at every position followed by one of them; both as a "
@@ -263,5 +265,17 @@ def _findings(channels, kinds) -> list[str]:
             f"[{low:.0%}, {high:.0%}]: {verdict}; {share(c['passed'] is None for c in cell):.0%} of "
             f"{len(cell)} are untestable on this corpus. Random directions at the same cosines pass "
             f"{d_rate:.0%} [{d_low:.0%}, {d_high:.0%}]: the channels pass {against} them."
+        )
+    untestable = [c for c in channels if c["passed"] is None]
+    if untestable:
+        common = Counter(tuple(c["tokens"][:5]) for c in untestable).most_common(1)[0]
+        out.append(
+            f"- Untestable: {len(untestable)} of {len(channels)} channels "
+            f"({share(c['passed'] is None for c in channels):.0%}), "
+            f"{share(c['generic'] for c in untestable):.0%} of them flagged generic; their tokens are "
+            f"ones this corpus (Python's documentation, docstrings and source, and SmolLM2's own "
+            f"passages) barely holds. The most common set, in {common[1]} channels: "
+            f"{', '.join(repr(t) for t in common[0])}. A corpus of general prose "
+            "(`channelscope corpus add FILE`) would test them."
         )
     return out

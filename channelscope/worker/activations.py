@@ -102,7 +102,9 @@ class TokenSums:
             x_sum=self.x_sum.numpy(),
             x_mean=x_mean.numpy(),
             x_cov=(self.x_outer / n - torch.outer(x_mean, x_mean)).numpy(),
-            act_next_sum=np.ascontiguousarray(self.act_next_sum.numpy().T),  # [d_mlp, Vc]: a neuron's row whole
+            act_next_sum=np.ascontiguousarray(
+                self.act_next_sum.numpy().T
+            ),  # [d_mlp, Vc]: a neuron's row whole
             act_mean=act_mean.numpy(),
             act_std=(self.act_squares / n - act_mean.pow(2)).clamp_min(0).sqrt().numpy(),
         )

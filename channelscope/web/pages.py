@@ -454,6 +454,9 @@ class ChannelAtPeaks(BaseModel):
     verdict: str  # as expected, opposite, no evidence, untestable
     hit_contexts: list[int]  # the numbers of the contexts that hold one of its tokens there
     every_position: EveryPosition | None  # None: the pass's per-token sums are not on this server
+    # From weights alone, beside the test on text: the channel's faithfulness percentiles
+    faithfulness_percentile: float  # against random vectors' channels
+    percentile_local: float | None  # against random directions at its cosine to w ("vs. cos")
 
 
 class TextPage(BaseModel):

@@ -176,6 +176,8 @@ def _channels_at_peaks(
                     verdict=found_at.verdict,
                     hit_contexts=[row + 1 for row in found_at.hit_rows],
                     every_position=every,
+                    faithfulness_percentile=round(ch.faithfulness_percentile, 1),
+                    percentile_local=None if ch.percentile_local is None else round(ch.percentile_local, 1),
                 )
             )
     return out

@@ -86,7 +86,7 @@ def check(lm, model, sequences: list[list[int]], neurons: int, seed: int) -> dic
             for k, doc in enumerate(docs[: len(found.values)][:5]):
                 seen = {}
                 hook = lm.mlp(layer).down_proj.register_forward_pre_hook(
-                    lambda _m, args, seen=seen: seen.update(act=args[0][0, :, neuron].numpy())
+                    lambda _m, args, seen=seen, n=neuron: seen.update(act=args[0][0, :, n].numpy())
                 )
                 with torch.inference_mode():
                     lm.model.base_model(input_ids=torch.tensor([sequences[doc]]), use_cache=False)
@@ -112,7 +112,9 @@ def check(lm, model, sequences: list[list[int]], neurons: int, seed: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=64)
-    parser.add_argument("--check", type=int, default=6, help="neurons whose stored contexts to recompute (0: none)")
+    parser.add_argument(
+        "--check", type=int, default=6, help="neurons whose stored contexts to recompute (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "activations.json")
     args = parser.parse_args()

@@ -67,7 +67,7 @@ def cost(lm, model, sequences: list[list[int]], every: list[list[int]]) -> dict:
 
 def check(lm, model, sequences: list[list[int]], neurons: int, seed: int) -> dict:
     lm.model.double()
-    engine = db.make_engine(config().url)
+    engine = db.make_engine(config().database)
     rng = np.random.default_rng(seed)
     worst_peak, worst_window, contexts = 0.0, 0.0, 0
     with db.session(engine) as session:
@@ -100,10 +100,10 @@ def check(lm, model, sequences: list[list[int]], neurons: int, seed: int) -> dic
                 worst_window = max(worst_window, float(np.abs(found.window_values[k][inside] - window).max()))
                 contexts += 1
     engine.dispose()
-    lm.model.float()
     return {
         "neurons": neurons,
         "contexts": contexts,
+        "dtype": str(next(lm.model.parameters()).dtype),
         "worst_peak_relative_error": worst_peak,
         "worst_window_abs_error": worst_window,  # the windows are stored in float16
     }

@@ -359,6 +359,7 @@ def run(
         data_dir, model, built.key, {layer: state.sums.finish(rows) for layer, state in states.items()}
     )
     _store(engine, model, built, states, sequences, tokens)
+    path.unlink(missing_ok=True)  # stored: the running state (GBs) has done its job
     return {"documents": len(texts), "tokens": tokens, "seconds": round(seconds, 1), "corpus": built.key}
 
 

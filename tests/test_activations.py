@@ -136,6 +136,12 @@ def test_the_per_token_sums_give_the_same_effects_as_every_position_of_a_numpy_f
     sets = np.stack([common[:3], common[3:6], common[[0, 7, 9]], np.array([common[2], absent, common[11]])])
     w = model.vectors(layer, "in")[neuron].double().numpy()
     pre = x @ w
+    # A second pass swaps its sums in beside a reader that holds the first pass's mapped.
+    A.write_stats(tmp_path, model, "test", {layer: in_memory})
+    assert np.array_equal(
+        np.asarray(stats.x_sum), np.asarray(A.read_stats(tmp_path, model, "test", layer).x_sum)
+    )
+    assert not list(tmp_path.glob("activations/*.new")) and not list(tmp_path.glob("activations/*.old"))
     for found in (stats, in_memory):
         effect, n = behaviour.read_effect(found, w, sets)
         for s, members in enumerate(sets):

@@ -17,6 +17,7 @@ a killed pass goes on from the last block. Stored per model, corpus and layer
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -299,12 +300,21 @@ def stats_dir(data_dir: Path, name: str, sha256: str, key: str) -> Path:
 
 
 def write_stats(data_dir: Path, model, key: str, stats: dict[int, behaviour.TokenStats]) -> None:
+    """Written beside, then swapped in by renaming: a web process may hold the old files memory-
+    mapped, and rewriting a mapped file in place would pull pages from under it (SIGBUS)."""
     folder = stats_dir(data_dir, model.name, model.sha256, key)
-    folder.mkdir(parents=True, exist_ok=True)
+    fresh, stale = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    for leftover in (fresh, stale):
+        shutil.rmtree(leftover, ignore_errors=True)
+    fresh.mkdir(parents=True)
     for layer, found in stats.items():
-        np.save(folder / "rows.npy", found.rows)  # the same for every layer
+        np.save(fresh / "rows.npy", found.rows)  # the same for every layer
         for name in _STATS_FIELDS:
-            np.save(folder / f"{layer}-{name}.npy", getattr(found, name))
+            np.save(fresh / f"{layer}-{name}.npy", getattr(found, name))
+    if folder.exists():
+        folder.rename(stale)  # mapped files live on, unlinked, until their readers let go
+    fresh.rename(folder)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_stats(data_dir: Path, model, key: str, layer: int) -> behaviour.TokenStats | None:

@@ -426,8 +426,9 @@ class EveryPosition(BaseModel):
     sides) or activation at positions followed by them (out), oriented by its sign on them,
     among the same for frequency-matched random token sets."""
 
-    effect: float  # (mean there - mean everywhere) / sd everywhere, oriented: > 0 as the sign says
-    random_median: float  # the same for the random sets
+    effect: float | None  # (mean there - mean everywhere) / sd everywhere, oriented: > 0 as the sign
+    # says; None where no position holds the tokens
+    random_median: float | None  # the same for the random sets
     random_sets: int
     percentile: float | None  # of effect among theirs; None when untestable
     positions: int  # corpus positions the figure rests on

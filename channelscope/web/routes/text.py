@@ -7,6 +7,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from channelscope.core import tables as T
+from channelscope.core.stats import finite_or
 from channelscope.core.tokens import label
 from channelscope.method import behaviour, rotate
 from channelscope.method.measures import TOP_K, tail_sign
@@ -191,8 +192,8 @@ def _every_position(sums, side, layer, neuron, channel, w, ids, raises, bins) ->
     sets = behaviour.matched_sets(tokens, bins, behaviour.RANDOM_SETS, generator)
     found = behaviour.every_position(sums, side, neuron, w, tokens, raises, sets)
     return pages.EveryPosition(
-        effect=round(found.value, 4),
-        random_median=round(found.random_median, 4),
+        effect=finite_or(round(found.value, 4), None),
+        random_median=finite_or(round(found.random_median, 4), None),
         random_sets=behaviour.RANDOM_SETS,
         percentile=None if found.passed is None else round(found.percentile, 1),
         positions=found.positions,

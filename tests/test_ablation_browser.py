@@ -18,6 +18,7 @@ def server(tmp_path_factory, tiny_gguf):
     db.upgrade(url)
     run = fill_store(url, tiny_gguf, folder)
     app = make_app(url, [tiny_gguf.parent])
+    app.state.data_dir = folder  # where fill_store's activation pass left its per-token sums
     with serving(app) as base:
         yield base, run
     app.state.engine.dispose()
@@ -95,3 +96,18 @@ def test_without_javascript_the_form_submits_to_the_ablation_page(server, browse
     applied = page.locator("#ablation-result .applied").inner_text()
     assert "channel 0" in applied and "channel 2" in applied
     context.close()
+
+
+def test_the_pinned_neuron_page_pulls_in_its_channels_test_on_text(server, browser):
+    """A pinned page is cached for good, so the test at every position (which a later pass may
+    change) is fetched from the revalidated text page into it, not rendered into it."""
+    base, run = server
+    page = browser.new_page()
+    served = page.goto(f"{base}/m/tiny-llama/{LAYER}/0?run={run}")
+    assert "random sets (median)" not in served.text()  # not in the page's own bytes: fetched into it
+    page.locator(".on-text").scroll_into_view_if_needed()
+    page.wait_for_selector(".on-text #every-position, .on-text h2", timeout=30_000)
+    rows = page.locator(".on-text tbody tr")
+    assert rows.count() == 3 * 3  # three sides x three channels
+    assert "5 % of channels pass by chance" in page.locator(".on-text").inner_text()
+    page.close()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from channelscope.core.stats import interval, median, share
+from channelscope.experiments.eval_report import SMALL
 from channelscope.method import behaviour, rotate
 from channelscope.method.decomposer import Decomposer
 from channelscope.method.measures import tail_sign, tokens_at_cosine
@@ -159,7 +160,7 @@ def _row(label: str, cell: list[dict]) -> str:
     # Per channel, the share of its testable directions at the same cosine that pass; their mean.
     rates = [share(p for p in c["at_cosine_passed"] if p is not None) for c in cell]
     d_low, d_high = interval(rates, share)
-    small = "*" if len(tested) < 8 else ""
+    small = "*" if len(tested) < SMALL else ""
     return (
         f"| {label} | {len(cell)} | {share(c['passed'] is None for c in cell):.0%} | {len(tested)}{small} "
         f"| {share(passed):.0%} [{low:.0%}, {high:.0%}] | {share(r for r in rates if r == r):.0%} "
@@ -201,7 +202,7 @@ def _markdown(result: dict) -> str:
         "own top 20 tokens and sign), gives the column *directions at the same cosine*: a channel adds "
         "something only where it passes more often than they do. Untestable: fewer than "
         f"{result['min_positions']} positions to rest on. Brackets: 95 % bootstrap intervals over "
-        "channels; * fewer than 8 channels tested.",
+        f"channels; * fewer than {SMALL} channels tested.",
         "",
         "## By kind and side",
         "",

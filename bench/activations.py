@@ -34,11 +34,11 @@ from channelscope.method.intervention import load_language_model  # noqa: E402
 from channelscope.method.precision import cpu_model  # noqa: E402
 from channelscope.method.weights import load_model  # noqa: E402
 from channelscope.worker import activations as A  # noqa: E402
-from channelscope.worker import corpus  # noqa: E402
+from channelscope.worker import corpus, token_sums  # noqa: E402
 
 
 def cost(lm, model, sequences: list[list[int]], every: list[list[int]]) -> dict:
-    _, lookup = A.compact_rows(every, model.vocab_size)
+    _, lookup = token_sums.compact_rows(every, model.vocab_size)
     started = time.perf_counter()
     for s in range(0, len(sequences), A.BATCH):
         ids, mask = corpus.padded(sequences[s : s + A.BATCH])

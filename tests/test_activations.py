@@ -15,7 +15,7 @@ from channelscope.core import tables as T
 from channelscope.method.intervention import load_language_model
 from channelscope.method.weights import load_model
 from channelscope.worker import activations as A
-from channelscope.worker import corpus
+from channelscope.worker import corpus, token_sums
 from tests import tiny
 
 TEXTS = tuple(tiny._CORPUS) + (
@@ -129,7 +129,7 @@ def test_the_per_token_sums_give_the_same_effects_as_every_position_of_a_numpy_f
         following += seq[1:] + [-1]
     x, act = np.concatenate(xs), np.concatenate(acts)
     tokens, following = np.array(tokens), np.array(following)
-    stats = A.read_stats(tmp_path, model, "test", layer)
+    stats = token_sums.read_stats(tmp_path, model, "test", layer)
     in_memory = A.token_stats(lm, sequences, [layer], model.vocab_size)[layer]
     common = np.bincount(tokens).argsort()[::-1]
     absent = np.setdiff1d(np.arange(model.vocab_size), tokens)[0]  # a token the corpus never holds
@@ -137,9 +137,9 @@ def test_the_per_token_sums_give_the_same_effects_as_every_position_of_a_numpy_f
     w = model.vectors(layer, "in")[neuron].double().numpy()
     pre = x @ w
     # A second pass swaps its sums in beside a reader that holds the first pass's mapped.
-    A.write_stats(tmp_path, model, "test", {layer: in_memory})
+    token_sums.write_stats(tmp_path, model, "test", {layer: in_memory})
     assert np.array_equal(
-        np.asarray(stats.x_sum), np.asarray(A.read_stats(tmp_path, model, "test", layer).x_sum)
+        np.asarray(stats.x_sum), np.asarray(token_sums.read_stats(tmp_path, model, "test", layer).x_sum)
     )
     assert not list(tmp_path.glob("activations/*.new")) and not list(tmp_path.glob("activations/*.old"))
     for found in (stats, in_memory):

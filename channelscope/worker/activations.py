@@ -8,16 +8,17 @@ over the real corpus (worker/corpus.py, `build`), recording for every neuron of 
   beyond fall in the end bins);
 - its threshold: the QUANTILE quantile of its activation, read off that histogram (within a bin's
   width). "Active" (the ablation page) means above it, as with the committed corpus's
-  thresholds it replaces where present (worker/corpus.py).
+  thresholds it replaces where present (worker/corpus.py);
+- per token, the sums the behavioural test of every channel reads (worker/token_sums.py), as
+  files beside the store.
 
-Resumable: the running state is saved under data/activations/ after every block of documents, and
-a killed pass goes on from the last block. Stored per model, corpus and layer
-(tables.ActivationLayer), so the pages name the corpus they show.
+Resumable: the running state is saved under data/activations/ every SAVE_SECONDS (at the end of
+a block of documents), and a killed pass goes on from the last saved block. Stored per model,
+corpus and layer (tables.ActivationLayer), so the pages name the corpus they show.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -34,7 +35,7 @@ from channelscope.core import db
 from channelscope.core import tables as T
 from channelscope.method import behaviour
 from channelscope.method.intervention import LanguageModel
-from channelscope.worker import corpus, store
+from channelscope.worker import corpus, store, token_sums
 
 ACTIVATIONS_VERSION = 2  # 2: with the per-token sums of the behavioural test
 CONTEXTS = 20  # top contexts per neuron
@@ -59,75 +60,7 @@ class LayerState:
     top_doc: torch.Tensor  # [d_mlp, CONTEXTS] int64, -1 where empty
     top_pos: torch.Tensor  # [d_mlp, CONTEXTS] int64, the peak's position in its document
     windows: torch.Tensor  # [d_mlp, CONTEXTS, WINDOW] float16, the activation at each window token
-    sums: TokenSums  # what the behavioural test of every channel needs
-
-
-class TokenSums:
-    """Running per-token sums of one layer over the corpus (behaviour.TokenStats once done).
-    Rows are compact over the tokens the corpus holds (`rows`, [V] -> row or -1)."""
-
-    def __init__(self, distinct: int, d: int, d_mlp: int):
-        self.count = torch.zeros(distinct, dtype=torch.int64)
-        self.next_count = torch.zeros(distinct, dtype=torch.int64)
-        self.x_sum = torch.zeros(distinct, d)  # [Vc, d]
-        self.x_total = torch.zeros(d, dtype=torch.float64)
-        self.x_outer = torch.zeros(d, d, dtype=torch.float64)  # sum of x x^T
-        self.act_next_sum = torch.zeros(distinct, d_mlp)  # [Vc, d_mlp]: rows added whole (finish turns it)
-        self.act_total = torch.zeros(d_mlp, dtype=torch.float64)
-        self.act_squares = torch.zeros(d_mlp, dtype=torch.float64)
-        self.positions = 0
-
-    def add(self, x: torch.Tensor, act: torch.Tensor, rows: torch.Tensor, next_rows: torch.Tensor) -> None:
-        """x [n, d], act [n, d_mlp] at n real positions; rows [n] their tokens' rows, next_rows [n]
-        the rows of the tokens after them (-1 at a document's end)."""
-        followed = next_rows >= 0
-        self.count += torch.bincount(rows, minlength=len(self.count))
-        self.next_count += torch.bincount(next_rows[followed], minlength=len(self.count))
-        self.x_sum.index_add_(0, rows, x)
-        self.x_total += x.double().sum(0)
-        self.x_outer += (x.T @ x).double()  # a batch's sum in float32 (fast), the running one in float64
-        self.act_next_sum.index_add_(0, next_rows[followed], act[followed])
-        act64 = act.double()
-        self.act_total += act64.sum(0)
-        self.act_squares += act64.pow(2).sum(0)
-        self.positions += len(rows)
-
-    def finish(self, rows: np.ndarray) -> behaviour.TokenStats:
-        n = max(self.positions, 1)
-        x_mean = self.x_total / n
-        act_mean = self.act_total / n
-        return behaviour.TokenStats(
-            rows=rows,
-            count=self.count.numpy(),
-            next_count=self.next_count.numpy(),
-            x_sum=self.x_sum.numpy(),
-            x_mean=x_mean.numpy(),
-            x_cov=(self.x_outer / n - torch.outer(x_mean, x_mean)).numpy(),
-            act_next_sum=np.ascontiguousarray(
-                self.act_next_sum.numpy().T
-            ),  # [d_mlp, Vc]: a neuron's row whole
-            act_mean=act_mean.numpy(),
-            act_std=(self.act_squares / n - act_mean.pow(2)).clamp_min(0).sqrt().numpy(),
-        )
-
-
-def compact_rows(sequences: list[list[int]], vocab_size: int) -> tuple[np.ndarray, torch.Tensor]:
-    """[V] each token's row in the per-token sums (-1: the corpus never holds it), as numpy and
-    as a torch lookup."""
-    seen = np.unique(np.fromiter((t for seq in sequences for t in seq), dtype=np.int64))
-    rows = np.full(vocab_size, -1, dtype=np.int64)
-    rows[seen] = np.arange(len(seen))
-    return rows, torch.from_numpy(rows)
-
-
-def _positions(
-    ids: torch.Tensor, mask: torch.Tensor, lookup: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of each real position's token and of the token after it (-1 at the end). [n] each"""
-    rows = lookup[ids]  # [B, T]
-    following = torch.full_like(rows, -1)
-    following[:, :-1] = torch.where(mask[:, 1:], rows[:, 1:], -1)
-    return rows[mask], following[mask]
+    sums: token_sums.TokenSums  # what the behavioural test of every channel needs
 
 
 def _new_state(first: dict[str, torch.Tensor], d_mlp: int, distinct: int) -> LayerState:
@@ -139,7 +72,7 @@ def _new_state(first: dict[str, torch.Tensor], d_mlp: int, distinct: int) -> Lay
         top_doc=torch.full((d_mlp, CONTEXTS), -1, dtype=torch.int64),
         top_pos=torch.zeros(d_mlp, CONTEXTS, dtype=torch.int64),
         windows=torch.zeros(d_mlp, CONTEXTS, WINDOW, dtype=torch.float16),
-        sums=TokenSums(distinct, first["x"].shape[1], d_mlp),
+        sums=token_sums.TokenSums(distinct, first["x"].shape[1], d_mlp),
     )
 
 
@@ -231,7 +164,7 @@ def _pass(
     """One forward pass over a batch of documents, every layer's signals recorded."""
     ids, mask = corpus.padded(sequences)
     doc_ids = torch.tensor(docs)
-    rows, next_rows = _positions(ids, mask, lookup)
+    rows, next_rows = token_sums.positions(ids, mask, lookup)
 
     def on_layer(layer, signals):
         real = {name: value[mask] for name, value in signals.items()}  # [n, ...] real positions
@@ -249,17 +182,17 @@ def token_stats(
     lm: LanguageModel, sequences: list[list[int]], layers: list[int], vocab_size: int, on_batch=None
 ) -> dict[int, behaviour.TokenStats]:
     """The per-token sums of `layers` alone over `sequences`, in memory (reports' samples)."""
-    rows, lookup = compact_rows(sequences, vocab_size)
-    sums: dict[int, TokenSums] = {}
+    rows, lookup = token_sums.compact_rows(sequences, vocab_size)
+    sums: dict[int, token_sums.TokenSums] = {}
     for start in range(0, len(sequences), BATCH):
         batch = [s for s in sequences[start : start + BATCH] if s]
         ids, mask = corpus.padded(batch)
-        at, following = _positions(ids, mask, lookup)
+        at, following = token_sums.positions(ids, mask, lookup)
 
         def on_layer(layer, signals, mask=mask, at=at, following=following):
             x, act = signals["x"][mask], signals["activation"][mask]
             if layer not in sums:
-                sums[layer] = TokenSums(len(np.flatnonzero(rows >= 0)), x.shape[1], act.shape[1])
+                sums[layer] = token_sums.TokenSums(len(np.flatnonzero(rows >= 0)), x.shape[1], act.shape[1])
             sums[layer].add(x, act, at, following)
             if layer == max(layers):
                 raise _Enough
@@ -287,46 +220,6 @@ def checkpoint_path(data_dir: Path, model, key: str) -> Path:
     return data_dir / "activations" / f"{model.name}-{model.sha256[:12]}-{key}-v{ACTIVATIONS_VERSION}.pt"
 
 
-# --- the per-token sums on disk -------------------------------------------------------------------
-# ~110 MB a layer for SmolLM2 (3.4 GB in all): too big for the channel store, so they are files
-# beside the checkpoint, read by memory map (a page reads the few rows it needs). A server whose
-# data directory lacks them says so; `channelscope activations` on it writes them.
-
-_STATS_FIELDS = ("count", "next_count", "x_sum", "x_mean", "x_cov", "act_next_sum", "act_mean", "act_std")
-
-
-def stats_dir(data_dir: Path, name: str, sha256: str, key: str) -> Path:
-    return data_dir / "activations" / f"{name}-{sha256[:12]}-{key}-sums"
-
-
-def write_stats(data_dir: Path, model, key: str, stats: dict[int, behaviour.TokenStats]) -> None:
-    """Written beside, then swapped in by renaming: a web process may hold the old files memory-
-    mapped, and rewriting a mapped file in place would pull pages from under it (SIGBUS)."""
-    folder = stats_dir(data_dir, model.name, model.sha256, key)
-    fresh, stale = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
-    for leftover in (fresh, stale):
-        shutil.rmtree(leftover, ignore_errors=True)
-    fresh.mkdir(parents=True)
-    for layer, found in stats.items():
-        np.save(fresh / "rows.npy", found.rows)  # the same for every layer
-        for name in _STATS_FIELDS:
-            np.save(fresh / f"{layer}-{name}.npy", getattr(found, name))
-    if folder.exists():
-        folder.rename(stale)  # mapped files live on, unlinked, until their readers let go
-    fresh.rename(folder)
-    shutil.rmtree(stale, ignore_errors=True)
-
-
-def read_stats(data_dir: Path, model, key: str, layer: int) -> behaviour.TokenStats | None:
-    """One layer's per-token sums of the pass over corpus `key`, memory-mapped, or None. model:
-    anything with name and sha256 (the loaded model or its stored row)."""
-    folder = stats_dir(data_dir, model.name, model.sha256, key)
-    if not (folder / f"{layer}-{_STATS_FIELDS[-1]}.npy").exists():
-        return None
-    fields = {name: np.load(folder / f"{layer}-{name}.npy", mmap_mode="r") for name in _STATS_FIELDS}
-    return behaviour.TokenStats(rows=np.load(folder / "rows.npy"), **fields)
-
-
 def run(
     engine: Engine,
     model,
@@ -344,7 +237,7 @@ def run(
     states: dict[int, LayerState] = saved["states"] if saved else {}
     done, tokens, seconds = (saved["done"], saved["tokens"], saved["seconds"]) if saved else (0, 0, 0.0)
     sequences = [lm.encode(text)[:MAX_TOKENS] for text in texts]
-    rows, lookup = compact_rows(sequences, model.vocab_size)
+    rows, lookup = token_sums.compact_rows(sequences, model.vocab_size)
     saved_at = time.monotonic()
     while done < len(texts):
         started = time.perf_counter()
@@ -365,7 +258,7 @@ def run(
             saved_at = time.monotonic()
         if on_block:
             on_block(done, len(texts))
-    write_stats(
+    token_sums.write_stats(
         data_dir, model, built.key, {layer: state.sums.finish(rows) for layer, state in states.items()}
     )
     _store(engine, model, built, states, sequences, tokens)

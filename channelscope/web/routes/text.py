@@ -15,7 +15,7 @@ from channelscope.web import lookup, pages, plots, queries, urls
 from channelscope.web.database import DbSession
 from channelscope.web.responses import Result, page
 from channelscope.web.routes.params import Layer, ModelName, Neuron
-from channelscope.worker import activations
+from channelscope.worker import activations, token_sums
 
 router = APIRouter()
 
@@ -82,7 +82,7 @@ def text_page(request: Request, session: DbSession, model: ModelName, layer: Lay
         for i, signal in enumerate(activations.SIGNALS)
     ]
     counts = activations.token_counts(session, model_row.id, found.corpus)
-    sums = activations.read_stats(request.app.state.data_dir, model_row, found.corpus, layer)
+    sums = token_sums.read_stats(request.app.state.data_dir, model_row, found.corpus, layer)
     channels = (
         []
         if counts is None

@@ -25,7 +25,9 @@ class TokenSums:
         self.x_sum = torch.zeros(distinct, d)  # [Vc, d]
         self.x_total = torch.zeros(d, dtype=torch.float64)
         self.x_outer = torch.zeros(d, d, dtype=torch.float64)  # sum of x x^T
-        self.act_next_sum = torch.zeros(distinct, d_mlp)  # [Vc, d_mlp]: rows added whole (finish turns it)
+        # [Vc, d_mlp] while adding (a position's row at once); finish turns it to [d_mlp, Vc], where
+        # one neuron's sums are contiguous for a page's read.
+        self.act_next_sum = torch.zeros(distinct, d_mlp)
         self.act_total = torch.zeros(d_mlp, dtype=torch.float64)
         self.act_squares = torch.zeros(d_mlp, dtype=torch.float64)
         self.positions = 0
@@ -56,9 +58,7 @@ class TokenSums:
             x_sum=self.x_sum.numpy(),
             x_mean=x_mean.numpy(),
             x_cov=(self.x_outer / n - torch.outer(x_mean, x_mean)).numpy(),
-            act_next_sum=np.ascontiguousarray(
-                self.act_next_sum.numpy().T
-            ),  # [d_mlp, Vc]: a neuron's row whole
+            act_next_sum=np.ascontiguousarray(self.act_next_sum.numpy().T),  # [d_mlp, Vc]
             act_mean=act_mean.numpy(),
             act_std=(self.act_squares / n - act_mean.pow(2)).clamp_min(0).sqrt().numpy(),
         )

@@ -203,26 +203,22 @@ def test_a_run_stopped_by_its_deadline_leaves_the_model_untouched(lm):
     assert _no_hooks(lm.model)
 
 
-def test_activation_thresholds_are_each_neurons_90th_percentile_over_the_corpus(lm):
+def test_layer_inputs_of_a_padded_batch_are_each_sequences_own(lm):
     texts = ["The capital of France is Paris.", "def main():\n    return 0", "She bought apples and pears."]
     sequences = corpus.encode(lm, texts)
-    thresholds = corpus.activation_thresholds(lm, sequences)  # batched, right-padded
-    assert thresholds.shape == (lm.n_layers, lm.mlp(0).down_proj.in_features)
+    batched = corpus.layer_inputs(lm, sequences, list(range(lm.n_layers)))  # batched, right-padded
     for layer in range(lm.n_layers):
-        acts = []
+        alone = []
         for seq in sequences:  # one sequence at a time, no padding
             kept = []
-            handle = lm.mlp(layer).down_proj.register_forward_pre_hook(
-                lambda _m, a, kept=kept: kept.append(a[0][0])
-            )
+            handle = lm.mlp(layer).register_forward_pre_hook(lambda _m, a, kept=kept: kept.append(a[0][0]))
             try:
                 with torch.inference_mode():
                     lm.model.model(input_ids=torch.tensor([seq]))
             finally:
                 handle.remove()
-            acts.append(kept[0])
-        expected = torch.quantile(torch.cat(acts), 0.9, dim=0)
-        assert torch.allclose(thresholds[layer], expected, atol=2e-3, rtol=1e-2)  # float16 storage
+            alone.append(kept[0])
+        assert torch.allclose(batched[layer], torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
 def test_ablation_effect_on_the_write_side_measures_s_at_active_positions(lm, tiny_gguf):
@@ -237,11 +233,17 @@ def test_ablation_effect_on_the_write_side_measures_s_at_active_positions(lm, ti
     delta = -0.5 * c
     draws = ablation.random_draws(w, c.unsqueeze(0), [10], U, scored, 2, torch.Generator().manual_seed(5))
     random_deltas = ablation.apply(w, draws.directions, [0.5]) - w
-    effect = intervention.ablation_effect(
-        lm, ids, 1, "out", 4, delta, random_deltas, T, draws.targets, scored, threshold=0.0
-    )
-    active = effect.activation[0] > 0
-    assert torch.equal(effect.active, active)
+
+    def effect_at(threshold):
+        return intervention.ablation_effect(
+            lm, ids, 1, "out", 4, delta, random_deltas, T, draws.targets, scored, threshold=threshold
+        )
+
+    acts = effect_at(None).activation[0]  # no threshold: every position counts
+    threshold = float(acts.abs().median())
+    effect = effect_at(threshold)
+    active = effect.activation[0].abs() > threshold  # large negative activations count too
+    assert torch.equal(effect.active, active) and 0 < int(active.sum()) < len(active)
     assert torch.equal(effect.activation[0], effect.activation[1])  # the write side reads nothing new
     assert len(effect.baseline) == 2
     assert len(effect.next_before) == intervention.TOP_NEXT

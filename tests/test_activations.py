@@ -98,11 +98,12 @@ def test_stored_contexts_agree_with_an_independent_numpy_forward_pass(sqlite_url
                         assert value == pytest.approx(expected[position], rel=1e-2, abs=1e-2)
                     else:
                         assert found.window_tokens[k, offset] == -1 and value == 0
-            # The density counts every position once per signal; the threshold is the 90th percentile.
+            # The density counts every position once per signal; the threshold is the 90th
+            # percentile of |activation|.
             assert found.counts.sum(1).tolist() == [summary["tokens"]] * 3
             every = np.concatenate([numpy_activations(lm, s, layer)[:, neuron] for s in sequences])
             width = 2 * found.ranges[0] / A.BINS
-            assert abs(found.threshold - np.quantile(every, A.QUANTILE)) <= width
+            assert abs(found.threshold - np.quantile(np.abs(every), A.QUANTILE)) <= width  # of |activation|
     engine.dispose()
 
 
@@ -200,3 +201,36 @@ def test_the_corpus_is_built_from_this_python_deduplicated_and_named_by_its_mani
     assert all(len(text) <= corpus.DOCUMENT_CHARS for text in built.texts)
     assert corpus.build(tmp_path)["key"] == manifest["key"]  # deterministic
     assert json.loads((tmp_path / "corpus" / "manifest.json").read_text())["python"]
+
+
+def test_the_threshold_is_of_the_magnitude_and_an_older_passs_is_folded_from_its_histogram(
+    sqlite_url, tiny_folder, tmp_path
+):
+    """ "Active" is |activation| above its 90th percentile: a neuron that writes -w_out strongly
+    is active there too. A pass stored before that (version 1) kept the signed quantile; its
+    histogram gives the magnitude one when read."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=5000), -8 + rng.normal(size=800)])[None]  # a heavy negative tail
+    h = np.array([2 * np.abs(values).max()])
+    bins = ((values + h[:, None]) / (2 * h[:, None]) * A.BINS).astype(int).clip(0, A.BINS - 1)
+    counts = np.stack([np.bincount(b, minlength=A.BINS) for b in bins])
+    width = 2 * h[0] / A.BINS
+    found = A.magnitude_quantile(counts, h, A.QUANTILE)[0]
+    assert abs(found - np.quantile(np.abs(values), A.QUANTILE)) <= width
+    assert found > 5  # the negative tail sets it; the signed quantile would sit near 1.2
+
+    model, lm = load_model(tiny_folder), load_language_model(tiny_folder)
+    engine = db.make_engine(sqlite_url)
+    A.run(engine, model, lm, corpus.Built("test", TEXTS, ("test",) * len(TEXTS)), tmp_path)
+    with db.session(engine) as session:
+        model_id = session.scalar(select(T.Model.id))
+        stored = A.layer_thresholds(session, model_id)
+    with db.session(engine) as session, session.begin():  # as a version-1 pass stored them
+        for row in session.scalars(select(T.ActivationLayer)):
+            row.version, row.thresholds = 1, T.pack(np.zeros(len(stored[row.layer])), "float32")
+    with db.session(engine) as session:
+        assert {k: v.tolist() for k, v in A.layer_thresholds(session, model_id).items()} == {
+            k: v.tolist() for k, v in stored.items()
+        }
+        assert A.threshold(session, model_id, 1, 5).value == pytest.approx(float(stored[1][5]))
+    engine.dispose()

@@ -28,10 +28,10 @@ def _thresholds(engine, model) -> dict | None:
     (`channelscope activations`), or None: the evaluation then takes each neuron's quantile over
     the committed corpus itself, exactly, and stores nothing."""
     from channelscope.core import db
-    from channelscope.worker import corpus, store
+    from channelscope.worker import activations, store
 
     with db.session(engine) as session, session.begin():
-        stored = corpus.layer_thresholds(session, store.ensure_model(session, model).id)
+        stored = activations.layer_thresholds(session, store.ensure_model(session, model).id)
     if len(stored) == model.n_layers:
         return stored
     log("no activation pass is stored: thresholds over the committed corpus, computed as needed, not stored")

@@ -12,7 +12,7 @@ to w with the same alpha*:
   real MLP inputs over the committed corpus; targets are positions whose token or next token is
   among the channel's tokens, against all other positions;
 - `out`, real model: delta = change of the next-token logits at the positions where the neuron is
-  active (activation above its 90th percentile over the corpus), from forward passes on the
+  active (|activation| above its 90th percentile of |activation| over the corpus), from forward passes on the
   corpus texts where it is most often active.
 
 A channel's tokens are read as the logits see them: g is the final RMSNorm's gain, and the
@@ -43,7 +43,7 @@ from channelscope.method import ablation, intervention, measures, rotate, weight
 from channelscope.method.decomposer import Decomposer
 from channelscope.method.precision import cpu_model
 from channelscope.method.sampling import Sampled, most_aligned, random_neurons
-from channelscope.worker import corpus, store
+from channelscope.worker import activations, corpus, store
 
 ALIGNED, RANDOM = "aligned", "random"
 KINDS = ((ALIGNED, "aligned"), (RANDOM, "random"))  # (group, its label in the tables)
@@ -321,7 +321,7 @@ def evaluate(
     log=print,
 ) -> dict:
     """thresholds: each layer's stored activation thresholds, or None to take each `out`
-    neuron's 90th percentile over the committed corpus here, exactly."""
+    neuron's 90th percentile of |activation| over the committed corpus here, exactly."""
     started = time.monotonic()
     rows = sample(model, layers, per_cell, aligned, seed, out_vectors)
     samples = channels_for(model, decomposer, rows, session, channels, progress)
@@ -334,7 +334,7 @@ def evaluate(
     sequences = corpus.encode(lm, text.texts)
     token_ids = torch.tensor([t for seq in sequences for t in seq])
     next_ids = torch.tensor([t for seq in sequences for t in [*seq[1:], -1]])
-    inputs = corpus.layer_inputs(lm, sequences, {layer: "mlp_input" for layer in layers})  # [N, d] each
+    inputs = corpus.layer_inputs(lm, sequences, layers)  # [N, d] each
     elapsed = time.monotonic() - started
     log(f"corpus: {len(sequences)} texts, {len(token_ids):,} positions, after {elapsed:.0f} s")
     bounds = np.cumsum([0] + [len(s) for s in sequences])
@@ -353,7 +353,7 @@ def evaluate(
             act = F.silu(X @ gate) * (X @ up)  # the neuron's activation at every corpus position
             per_text = [act[bounds[i] : bounds[i + 1]] for i in range(len(sequences))]
             if thresholds is None:
-                threshold = float(torch.quantile(act, corpus.QUANTILE))
+                threshold = float(torch.quantile(act.abs(), activations.QUANTILE))
             else:
                 threshold = float(thresholds[sample_.layer][sample_.neuron])
             about |= {
@@ -410,7 +410,8 @@ def evaluate(
             "corpus_texts": len(sequences),
             "corpus_positions": len(token_ids),
             "thresholds": "committed corpus" if thresholds is None else "stored activation pass",
-            "quantile": corpus.QUANTILE,
+            "quantile": activations.QUANTILE,
+            "active": "magnitude",  # |activation| above the threshold (older reports: activation)
             "target_half_width": TARGET_HALF_WIDTH,
             "small": SMALL,
         },
@@ -665,11 +666,18 @@ def caveats(result: dict) -> list[str]:
     return out
 
 
+def _active(settings: dict) -> str:
+    """What "active" compared with the threshold in this report's run: |activation| since the
+    thresholds became quantiles of it, the activation itself in older reports."""
+    return "|activation|" if settings.get("active") == "magnitude" else "activation"
+
+
 def _negative_activations(neurons: list[dict], settings: dict) -> list[str]:
-    """`out` counts positions above the neuron's upper quantile only: say how many sampled
-    neurons do more on the negative side than on the positive, and the clearest one."""
+    """Older reports counted positions above the neuron's upper quantile only: say how many
+    sampled neurons did more on the negative side than on the positive, and the clearest one.
+    Since "active" is |activation| above its quantile, there is nothing to say."""
     out_neurons = [n for n in neurons if n["side"] == "out"]
-    if not out_neurons:
+    if not out_neurons or settings.get("active") == "magnitude":
         return []
     negative = [n for n in out_neurons if -n["activation_min"] > n["activation_max"]]
     counts = []
@@ -738,8 +746,8 @@ def markdown(result: dict, plots: list[str]) -> str:
         "inputs over the whole corpus; targets = positions whose token or next token is one of the "
         "channel's;",
         "- `out` in the model: delta = change of next-token logits at positions where the neuron is active "
-        f"(activation above its {100 * s['quantile']:.0f}th percentile over the {s['thresholds']}), forward "
-        f"passes on the {s['texts']} texts where it is active most often.",
+        f"({_active(s)} above its {100 * s['quantile']:.0f}th percentile over the {s['thresholds']}), "
+        f"forward passes on the {s['texts']} texts where it is active most often.",
         "",
         "**Counting.** A channel with alpha* = 0 is not ablated at all. An ablated one that cannot be "
         "compared with its baseline is **untestable**: no target position (read sides) or no active position "

@@ -226,7 +226,7 @@ class Effect:
     ids: list[int]  # the prompt's tokens [T]
     pre_activation: torch.Tensor | None  # [2, T] read sides: x . w and x . w'
     activation: torch.Tensor  # [2, T] act(g) * u, before and after
-    active: torch.Tensor | None  # [T] bool, `out`: activation above the neuron's threshold
+    active: torch.Tensor | None  # [T] bool, `out`: |activation| above the neuron's threshold
     positions: torch.Tensor  # where S is measured: read sides, the target positions (token or next
     # token in T, against all others); `out`, the positions where the neuron is active
     logit_drop: torch.Tensor | None  # [T] `out`: mean oriented drop of T's logits at each position
@@ -260,7 +260,7 @@ def ablation_effect(
     Read sides: S over prompt positions of the change of the neuron's pre-activation, targets =
     positions whose token or next token is in T; the random draws need no rows of their own
     (the change is x . delta_r on the same x). Write side: S over the next-token logits at the
-    positions where the neuron is active (above `threshold`; every position if there is none)."""
+    positions where the neuron is active (|activation| above `threshold`; every position if there is none)."""
     from channelscope.method import ablation
 
     rows = [torch.zeros_like(delta), delta]
@@ -287,7 +287,8 @@ def ablation_effect(
         active, logit_drop = None, None
     else:
         acts = probe.activation[0]
-        active = acts > threshold if threshold is not None else torch.ones_like(acts, dtype=torch.bool)
+        # Active: |activation| above the threshold; writing -w_out strongly counts as much as +w_out.
+        active = acts.abs() > threshold if threshold is not None else torch.ones_like(acts, dtype=torch.bool)
         positions = torch.nonzero(active).flatten()
         signs = targets[1]
         delta_h = probe.hidden[1:] - probe.hidden[0]  # [1 + R, T, d]

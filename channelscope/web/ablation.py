@@ -335,7 +335,8 @@ def model_effect(
         where = "every position"
     else:
         note = (
-            f"Active: activation above {threshold.value:.4g}, the neuron's 90th percentile over "
+            f"Active: |activation| above {threshold.value:.4g}, the neuron's 90th percentile of "
+            "|activation| over "
             f"{threshold.tokens:,} positions of corpus {threshold.corpus}."
         )
         where = "positions where the neuron is active"

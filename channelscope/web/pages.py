@@ -475,7 +475,7 @@ class TextPage(BaseModel):
     corpus: str | None  # the corpus's manifest hash
     documents: int | None
     tokens: int | None
-    threshold: float | None  # the activation's 90th percentile: "active" above it (ablation)
+    threshold: float | None  # the 90th percentile of |activation|: "active" beyond +-it (ablation)
     densities: list[Density]
     contexts: list[TopContext]
     channels: list[ChannelAtPeaks]

@@ -165,7 +165,9 @@ def density(d: pages.Density, threshold: float | None) -> Chart:
             for i, c in enumerate(d.counts)
         ],
     )
-    chart = histogram(hist, f"Density: {d.signal}", [] if threshold is None else [(threshold, "90th pct")])
+    # "Active" is |activation| above the threshold: both edges are marked.
+    marks = [] if threshold is None else [(-threshold, "-90th pct |a|"), (threshold, "90th pct |a|")]
+    chart = histogram(hist, f"Density: {d.signal}", marks)
     chart.description = (
         f"{d.meaning}, at every position of the corpus; counts on a log scale, values beyond the "
         "axis in the end bins"
@@ -174,7 +176,9 @@ def density(d: pages.Density, threshold: float | None) -> Chart:
     for bar in chart.bars:
         bar.title = bar.title.replace("z ", f"{d.signal} ", 1).replace(" tokens", " positions")
     if threshold is not None:
-        chart.legend = [("#d62728", f"its 90th percentile, {threshold:.3g}: active above it")]
+        chart.legend = [
+            ("#d62728", f"the 90th percentile of |activation|, {threshold:.3g}: active beyond \u00b1 it")
+        ]
     return chart
 
 

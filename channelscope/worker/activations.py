@@ -6,9 +6,9 @@ over the real corpus (worker/corpus.py, `build`), recording for every neuron of 
 - the density of its activation and of its two pre-activations (x . w_gate, x . w_in): a
   histogram of BINS bins over [-h, h], h twice the largest |value| of the first block (values
   beyond fall in the end bins);
-- its threshold: the QUANTILE quantile of its activation, read off that histogram (within a bin's
-  width). "Active" (the ablation page) means above it, as with the committed corpus's
-  thresholds it replaces where present (worker/corpus.py);
+- its threshold: the QUANTILE quantile of |activation|, read off that histogram (within a bin's
+  width). "Active" (the ablation page and report) means |act(g) * u| above it: a neuron that
+  writes -w_out strongly is as active as one that writes +w_out;
 - per token, the sums the behavioural test of every channel reads (worker/token_sums.py), as
   files beside the store.
 
@@ -42,7 +42,7 @@ CONTEXTS = 20  # top contexts per neuron
 WINDOW = 24  # tokens per context: BEFORE before the peak, the peak, the rest after
 BEFORE = 16
 BINS = 128
-QUANTILE = 0.9
+QUANTILE = 0.9  # "active": |activation| above this quantile of its own over the corpus
 MAX_TOKENS = 256  # per document (a document is ~300 tokens; this only guards the cost)
 BATCH = 8  # documents per forward pass
 BLOCK = 64  # documents between progress reports (and possible saves)
@@ -203,16 +203,77 @@ def token_stats(
     return {layer: found.finish(rows) for layer, found in sums.items()}
 
 
-def quantile(counts: np.ndarray, h: np.ndarray, q: float) -> np.ndarray:
-    """The q quantile of a value from its histogram over [-h, h] (BINS bins), interpolated
-    within the bin it falls in. counts [d_mlp, BINS], h [d_mlp] -> [d_mlp]"""
-    cumulative = np.cumsum(counts, 1)
+def magnitude_quantile(counts: np.ndarray, h: np.ndarray, q: float) -> np.ndarray:
+    """The q quantile of |value| from a histogram of value over [-h, h] (BINS bins, symmetric
+    about 0): the bins folded onto [0, h], then interpolated within the bin the quantile falls in.
+    counts [d_mlp, BINS], h [d_mlp] -> [d_mlp]"""
+    half = BINS // 2
+    folded = counts[:, half:] + counts[:, :half][:, ::-1]  # [d_mlp, half]: bin j holds |v| in [j, j+1) widths
+    cumulative = np.cumsum(folded, 1)
     target = q * cumulative[:, -1]
-    index = (cumulative < target[:, None]).sum(1).clip(0, BINS - 1)
+    index = (cumulative < target[:, None]).sum(1).clip(0, half - 1)
     before = np.where(index > 0, np.take_along_axis(cumulative, (index - 1).clip(0)[:, None], 1)[:, 0], 0)
-    inside = np.take_along_axis(counts, index[:, None], 1)[:, 0].clip(min=1)
+    inside = np.take_along_axis(folded, index[:, None], 1)[:, 0].clip(min=1)
     fraction = ((target - before) / inside).clip(0, 1)
-    return (-h + (index + fraction) * 2 * h / BINS).astype(np.float32)
+    return ((index + fraction) * 2 * h / BINS).astype(np.float32)
+
+
+# Stored thresholds are of |activation| from this version of the pass on; an older row's are
+# recomputed from its histogram, so every page and report means the same by "active".
+MAGNITUDE_SINCE = 2
+
+
+def _thresholds(session: Session, row) -> np.ndarray:
+    """A stored ActivationLayer row's thresholds [d_mlp] (quantiles of |activation|); row: the
+    row itself or one of _THRESHOLD_COLUMNS (its histogram is read only for an older row)."""
+    if row.version >= MAGNITUDE_SINCE:
+        return T.unpack(row.thresholds, "float32")
+    old = session.get(T.ActivationLayer, row.id)
+    ranges = T.unpack(old.ranges, "float32").reshape(len(SIGNALS), -1)
+    counts = T.unpack_compressed(old.counts, "int32").reshape(len(SIGNALS), ranges.shape[1], BINS)
+    return magnitude_quantile(counts[0], ranges[0], QUANTILE)
+
+
+_THRESHOLD_COLUMNS = (
+    T.ActivationLayer.id,
+    T.ActivationLayer.version,
+    T.ActivationLayer.layer,
+    T.ActivationLayer.thresholds,
+    T.ActivationLayer.corpus,
+    T.ActivationLayer.tokens,
+)
+
+
+@dataclass
+class Threshold:
+    value: float
+    corpus: str
+    tokens: int
+
+
+def threshold(session: Session, model_id: int, layer: int, neuron: int) -> Threshold | None:
+    """The neuron's activation threshold from the newest stored pass over the real corpus
+    (`channelscope activations`), or None: "active" means |act(g) * u| above it."""
+    row = session.execute(
+        select(*_THRESHOLD_COLUMNS)
+        .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
+        .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    values = _thresholds(session, row)
+    return Threshold(float(values[neuron]), row.corpus, row.tokens) if neuron < len(values) else None
+
+
+def layer_thresholds(session: Session, model_id: int) -> dict[int, np.ndarray]:
+    """Every layer's thresholds from the newest stored pass, by layer ({} without one)."""
+    rows = session.execute(
+        select(*_THRESHOLD_COLUMNS)
+        .where(T.ActivationLayer.model_id == model_id)
+        .order_by(T.ActivationLayer.created_at, T.ActivationLayer.id)
+    ).all()
+    return {row.layer: _thresholds(session, row) for row in rows}  # the newest wins
 
 
 def checkpoint_path(data_dir: Path, model, key: str) -> Path:
@@ -307,7 +368,7 @@ def _store(
                     documents=len(sequences),
                     ranges=T.pack(ranges, "float32"),
                     counts=T.pack_compressed(counts, "int32"),
-                    thresholds=T.pack(quantile(counts[0], ranges[0], QUANTILE), "float32"),
+                    thresholds=T.pack(magnitude_quantile(counts[0], ranges[0], QUANTILE), "float32"),
                     top_value=T.pack(state.top_value.numpy(), "float32"),
                     top_doc=T.pack(docs, "int32"),
                     top_pos=T.pack(pos, "int32"),
@@ -375,7 +436,7 @@ def _unpack_layer(session: Session, row_id: int) -> _Layer:
         corpus=row.corpus,
         documents=row.documents,
         tokens=row.tokens,
-        thresholds=T.unpack(row.thresholds, "float32"),
+        thresholds=_thresholds(session, row),
         values=values,
         window_tokens=T.unpack_compressed(row.window_tokens, "int32").reshape(d_mlp, CONTEXTS, WINDOW),
         window_values=T.unpack_compressed(row.window_values, "float16").reshape(d_mlp, CONTEXTS, WINDOW),

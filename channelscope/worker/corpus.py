@@ -1,4 +1,4 @@
-"""The corpora, and each neuron's activation threshold over them.
+"""The corpora: what texts the model is run over, and their MLP inputs.
 
 Two corpora. The committed one (corpus/texts.jsonl, written by corpus/make_corpus.py): 320
 passages SmolLM2 generated itself, for the ablation page's example prompts.
@@ -11,10 +11,8 @@ Python versions, so what is computed over it names the corpus it came from). Lic
 Python documentation and standard library are under the PSF License; the generated passages are
 SmolLM2's output (Apache-2.0 model).
 
-A neuron is active at a position when its activation act(g) * u is above its own 90th
-percentile over the real corpus (docs/method.md, "Selectivity"), stored by the activation pass
-(worker/activations.py) and read here; `activation_thresholds` computes the same over any texts
-in process, for an evaluation run before any pass is stored.
+What "active" means (a threshold per neuron) comes from the activation pass over this corpus
+(worker/activations.py).
 """
 
 from __future__ import annotations
@@ -25,16 +23,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from channelscope.core import tables as T
 from channelscope.method.intervention import LanguageModel
 
 CORPUS = Path(__file__).resolve().parents[2] / "corpus" / "texts.jsonl"
-QUANTILE = 0.9
 MAX_TOKENS = 192  # per text: the generated texts are ~100 tokens; this only guards the cost
 
 
@@ -240,26 +233,21 @@ def padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def layer_inputs(lm: LanguageModel, sequences: list[list[int]], layers: dict[int, str], batch_size: int = 8):
-    """One pass over the token sequences, keeping per requested layer either the MLP's input
-    ("mlp_input", [N, d]) or every neuron's activation ("activation", [N, d_mlp], float16 to
-    halve the memory of all 30 layers of SmolLM2 at once). N counts real (unpadded) positions,
-    sequence after sequence (batches from `padded`)."""
+def layer_inputs(lm: LanguageModel, sequences: list[list[int]], layers: list[int], batch_size: int = 8):
+    """One pass over the token sequences, keeping the MLP's input x [N, d] at each of `layers`.
+    N counts real (unpadded) positions, sequence after sequence (batches from `padded`)."""
     kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     handles = []
     mask_now: dict[str, torch.Tensor] = {}
 
-    def keeper(layer: int, what: str):
+    def keeper(layer: int):
         def hook(_module, args):
-            x = args[0][mask_now["mask"]]  # [n real positions, features]
-            kept[layer].append(x.to(torch.float16) if what == "activation" else x.clone())
+            kept[layer].append(args[0][mask_now["mask"]].clone())  # [n real positions, d]
 
         return hook
 
-    for layer, what in layers.items():
-        mlp = lm.mlp(layer)
-        module = mlp.down_proj if what == "activation" else mlp
-        handles.append(module.register_forward_pre_hook(keeper(layer, what)))
+    for layer in layers:
+        handles.append(lm.mlp(layer).register_forward_pre_hook(keeper(layer)))
     try:
         for start in range(0, len(sequences), batch_size):
             ids, mask = padded(sequences[start : start + batch_size])
@@ -271,48 +259,3 @@ def layer_inputs(lm: LanguageModel, sequences: list[list[int]], layers: dict[int
         for handle in handles:
             handle.remove()
     return {layer: torch.cat(parts).cpu() for layer, parts in kept.items()}
-
-
-def activation_thresholds(lm: LanguageModel, sequences: list[list[int]], quantile: float = QUANTILE):
-    """[n_layers, d_mlp] float32: each neuron's activation quantile over every corpus position."""
-    acts = layer_inputs(lm, sequences, {layer: "activation" for layer in range(lm.n_layers)})
-    out = []
-    for layer in range(lm.n_layers):
-        values = acts.pop(layer)
-        # torch.quantile refuses inputs above 2^24 elements: go by blocks of neurons.
-        out.append(
-            torch.cat([torch.quantile(block.float(), quantile, dim=0) for block in values.split(1024, dim=1)])
-        )
-    return torch.stack(out)
-
-
-@dataclass
-class Threshold:
-    value: float
-    corpus: str
-    tokens: int
-
-
-def threshold(session: Session, model_id: int, layer: int, neuron: int) -> Threshold | None:
-    """The neuron's activation threshold from the newest stored pass over the real corpus
-    (`channelscope activations`), or None."""
-    found = session.execute(
-        select(T.ActivationLayer.thresholds, T.ActivationLayer.corpus, T.ActivationLayer.tokens)
-        .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
-        .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
-        .limit(1)
-    ).first()
-    if found is None:
-        return None
-    values = T.unpack(found.thresholds, "float32")
-    return Threshold(float(values[neuron]), found.corpus, found.tokens) if neuron < len(values) else None
-
-
-def layer_thresholds(session: Session, model_id: int) -> dict[int, np.ndarray]:
-    """Every layer's thresholds from the newest stored pass, by layer ({} without one)."""
-    rows = session.execute(
-        select(T.ActivationLayer.layer, T.ActivationLayer.thresholds)
-        .where(T.ActivationLayer.model_id == model_id)
-        .order_by(T.ActivationLayer.created_at, T.ActivationLayer.id)
-    ).all()
-    return {row.layer: T.unpack(row.thresholds, "float32") for row in rows}  # the newest wins

@@ -24,7 +24,7 @@ from channelscope.web.errors import Malformed
 from channelscope.web.responses import Result, page
 from channelscope.web.routes.params import Layer, ModelName, Neuron, RunParam, Side
 from channelscope.web.runtime import Busy, ModelRuntime, ModelUnavailable
-from channelscope.worker import corpus
+from channelscope.worker import activations
 
 router = APIRouter()
 
@@ -145,7 +145,7 @@ def ablation_page(
             ids = lm.encode(prompt)
             if len(ids) > A.MAX_PROMPT_TOKENS:
                 raise Malformed(f"prompt: {len(ids)} tokens; at most {A.MAX_PROMPT_TOKENS} are allowed")
-            threshold = corpus.threshold(session, model_row.id, layer, neuron) if side == "out" else None
+            threshold = activations.threshold(session, model_row.id, layer, neuron) if side == "out" else None
             delta, random_deltas, random_targets = prepared.model_deltas(side)
 
             def work(lm, deadline):

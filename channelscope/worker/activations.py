@@ -244,6 +244,16 @@ _THRESHOLD_COLUMNS = (
 )
 
 
+def _newest(model_id: int, layer: int, *columns):
+    """The query for `columns` of a layer's newest stored pass (a later pass supersedes)."""
+    return (
+        select(*columns)
+        .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
+        .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
+        .limit(1)
+    )
+
+
 @dataclass
 class Threshold:
     value: float
@@ -254,12 +264,7 @@ class Threshold:
 def threshold(session: Session, model_id: int, layer: int, neuron: int) -> Threshold | None:
     """The neuron's activation threshold from the newest stored pass over the real corpus
     (`channelscope activations`), or None: "active" means |act(g) * u| above it."""
-    row = session.execute(
-        select(*_THRESHOLD_COLUMNS)
-        .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
-        .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
-        .limit(1)
-    ).first()
+    row = session.execute(_newest(model_id, layer, *_THRESHOLD_COLUMNS)).first()
     if row is None:
         return None
     values = _thresholds(session, row)
@@ -448,10 +453,7 @@ def _unpack_layer(session: Session, row_id: int) -> _Layer:
 def neuron(session: Session, model_id: int, layer: int, neuron_id: int) -> Contexts | None:
     """The newest stored pass's record of one neuron, or None."""
     row = session.execute(
-        select(T.ActivationLayer.id, T.ActivationLayer.created_at)
-        .where(T.ActivationLayer.model_id == model_id, T.ActivationLayer.layer == layer)
-        .order_by(T.ActivationLayer.created_at.desc(), T.ActivationLayer.id.desc())
-        .limit(1)
+        _newest(model_id, layer, T.ActivationLayer.id, T.ActivationLayer.created_at)
     ).first()
     if row is None:
         return None

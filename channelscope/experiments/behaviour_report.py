@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from channelscope.core.stats import interval, median, share
+from channelscope.core.stats import finite, interval, median, share
 from channelscope.experiments.eval_report import SMALL
 from channelscope.method import behaviour, rotate
 from channelscope.method.decomposer import Decomposer
@@ -78,18 +78,17 @@ def evaluate(model, lm, decomposer: Decomposer, texts: list[str], corpus_key: st
         w = model.vectors(row.layer, row.side)[row.neuron]
         z_w = (w.to(decomposer.proj.exact.device) @ decomposer.proj.exact).float().cpu()  # [V]
         zs_w = rotate.z_scores(z_w[None], scored)[0]  # [V]
+        w_read = w.double().numpy()  # [d], for the read sides' test
 
-        def tested(top: np.ndarray, raises: bool, row=row, w=w) -> behaviour.Tested:
+        def tested(top: np.ndarray, raises: bool, row=row, w_read=w_read) -> behaviour.Tested:
             sets = behaviour.matched_sets(top, bins, behaviour.RANDOM_SETS, generator)
-            return behaviour.every_position(
-                stats[row.layer], row.side, row.neuron, w.double().numpy(), top, raises, sets
-            )
+            return behaviour.every_position(stats[row.layer], row.side, row.neuron, w_read, top, raises, sets)
 
         for ch in record.channels:
             top = np.unique(ch.top_ids.astype(np.int64))
             raises = ch.faithfulness * tail_sign(ch.skew) > 0
             found = tested(top, raises)
-            ids, signs = tokens_at_cosine(w, z_w, ch.cos, decomposer.directions, scored)
+            ids, _ = tokens_at_cosine(w, z_w, ch.cos, decomposer.directions, scored)
             at_cosine = [
                 tested(np.unique(ids[r].numpy()), bool(zs_w[ids[r]].mean() > 0))
                 for r in range(min(DIRECTIONS, len(ids)))
@@ -157,15 +156,20 @@ def _row(label: str, cell: list[dict]) -> str:
     low, high = interval(passed, share)
     pct = [c["percentile"] for c in tested]
     p_low, p_high = interval(pct)
-    # Per channel, the share of its testable directions at the same cosine that pass; their mean.
-    rates = [share(p for p in c["at_cosine_passed"] if p is not None) for c in cell]
+    rates = finite(_direction_rate(c) for c in cell)
     d_low, d_high = interval(rates, share)
     small = "*" if len(tested) < SMALL else ""
     return (
         f"| {label} | {len(cell)} | {share(c['passed'] is None for c in cell):.0%} | {len(tested)}{small} "
-        f"| {share(passed):.0%} [{low:.0%}, {high:.0%}] | {share(r for r in rates if r == r):.0%} "
+        f"| {share(passed):.0%} [{low:.0%}, {high:.0%}] | {share(rates):.0%} "
         f"[{d_low:.0%}, {d_high:.0%}] | {median(pct):.0f} [{p_low:.0f}, {p_high:.0f}] |"
     )
+
+
+def _direction_rate(channel: dict) -> float:
+    """The share of a channel's testable directions at the same cosine that pass (nan for none):
+    averaged over channels, the pass rate to set against the channels' own."""
+    return share(p for p in channel["at_cosine_passed"] if p is not None)
 
 
 HEADER = [
@@ -244,8 +248,7 @@ def _findings(channels, kinds) -> list[str]:
             continue
         rate = share(c["passed"] for c in tested)
         low, high = interval([c["passed"] for c in tested], share)
-        rates = [share(p for p in c["at_cosine_passed"] if p is not None) for c in cell]
-        rates = [r for r in rates if r == r]
+        rates = finite(_direction_rate(c) for c in cell)
         d_rate, (d_low, d_high) = share(rates), interval(rates, share)
         verdict = (
             "no better than chance (5 %)"

@@ -192,7 +192,7 @@ def token_stats(
         def on_layer(layer, signals, mask=mask, at=at, following=following):
             x, act = signals["x"][mask], signals["activation"][mask]
             if layer not in sums:
-                sums[layer] = token_sums.TokenSums(len(np.flatnonzero(rows >= 0)), x.shape[1], act.shape[1])
+                sums[layer] = token_sums.TokenSums(int(lookup.max()) + 1, x.shape[1], act.shape[1])
             sums[layer].add(x, act, at, following)
             if layer == max(layers):
                 raise _Enough

@@ -98,8 +98,9 @@ def write_stats(data_dir: Path, model, key: str, stats: dict[int, behaviour.Toke
     for leftover in (fresh, stale):
         shutil.rmtree(leftover, ignore_errors=True)
     fresh.mkdir(parents=True)
+    if stats:  # the rows are the same for every layer
+        np.save(fresh / "rows.npy", next(iter(stats.values())).rows)
     for layer, found in stats.items():
-        np.save(fresh / "rows.npy", found.rows)  # the same for every layer
         for name in _STATS_FIELDS:
             np.save(fresh / f"{layer}-{name}.npy", getattr(found, name))
     if folder.exists():

@@ -149,6 +149,7 @@ def _channels_at_peaks(
         if row is None:
             continue
         top = queries.channel_tokens(session, [row.id])
+        w = T.neuron_vector(row.vector).astype(np.float64)  # [d], for the read sides' test
         for ch in queries.channels(session, [row.id]):
             ids = np.array([t for t, _ in top.get((row.id, ch.channel), [])[:TOP_K]], dtype=np.int64)
             # faithfulness is the neuron's mean z on the channel's tokens, oriented by the
@@ -157,7 +158,6 @@ def _channels_at_peaks(
             found_at = behaviour.at_peaks(windows, activations.BEFORE, side, ids, counts, raises)
             every = None
             if sums is not None and len(ids):
-                w = T.neuron_vector(row.vector).astype(np.float64)  # [d] (unused on out)
                 every = _every_position(sums, side, layer, neuron, ch.channel, w, ids, raises, bins)
             out.append(
                 pages.ChannelAtPeaks(

@@ -346,3 +346,44 @@ def test_neuron_seed_depends_only_on_coordinates():
         )
         == 4
     )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batch_invariance_at_a_real_models_width(precision):
+    """At d = 576 (SmolLM2) the CPU libraries choose kernels by row count where a tiny model's
+    shapes never show it: GEMMs with more than one 64-row block, row sums over a transposed view
+    of w (a model's `out` vectors are one) and a batched product for one row. Both U and w come
+    as transposed views here, as a model hands them over. In bf16 the GEMM library rounds a few
+    outputs by the other rows' values, so there the test asks for the same channel, not the same
+    bits (docs/method.md, "Determinism")."""
+    g = torch.Generator().manual_seed(3)
+    d, V, n = 576, 6000, 80
+    U = (torch.randn(V, d, generator=g) / d**0.5).T  # [d, V], a view of E^T
+    U[:, :40] += 0.3 * torch.randn(d, 1, generator=g)  # a planted direction with a tail
+    w = torch.randn(d, n, generator=g).T  # [n, d], a view, as model.vectors(layer, "out")
+    m0 = torch.ones(V)
+    seeds = [R.neuron_seed(0, 25, "out", i) for i in range(n)]
+    s = R.Settings(channels=2, precision=precision)
+    alone = R.decompose(w[:1], R.Projection(U, precision), m0, seeds[:1], s)[0]
+    together = R.decompose(w, R.Projection(U, precision), m0, seeds, s, batch_size=n)[0]
+    for a, b in zip(alone, together, strict=True):
+        if precision == "fp32":
+            assert torch.equal(a.vector, b.vector) and a.step == b.step
+        else:
+            assert float(R.cosine(a.vector, b.vector)) > 0.999
+
+
+def test_projection_rows_do_not_depend_on_their_batch():
+    """Every product is made in 64-row blocks from contiguous copies of U and U^T, so a row's
+    product is the same bits in a batch of any size; a transposed bf16 view of U also stopped
+    the process with SIGFPE at exactly 32 rows on an AMX CPU (torch 2.13)."""
+    g = torch.Generator().manual_seed(4)
+    U = torch.randn(4096, 576, generator=g).T  # [d, V] view
+    c, gz = torch.randn(130, 576, generator=g), torch.randn(130, 4096, generator=g)
+    for precision in ("fp32", "bf16"):
+        proj = R.Projection(U, precision)
+        first_c, first_g = proj.forward(c[:1]), proj.backward(gz[:1])
+        for n in (8, 32, 64, 65, 130):
+            assert torch.equal(proj.forward(c[:n])[:1], first_c), (precision, n)
+            assert torch.equal(proj.backward(gz[:n])[:1], first_g), (precision, n)
+        assert proj.passes == 2 * (1 + 8 + 32 + 64 + 65 + 130)

@@ -30,7 +30,8 @@ GENERIC_SHARE = 0.06
 # punctuation and byte tokens by C = 10.
 TAIL_SHARE = 0.25
 # Part of the cache key: bump when the reference's computation changes.
-REFERENCE_VERSION = 6  # 4: the centred loss (rotate.py); 5: keeps the channel vectors; 6: the fused step
+REFERENCE_VERSION = 7  # 4: the centred loss (rotate.py); 5: keeps the channel vectors; 6: the fused step;
+# 7: batch-invariant CPU products (rotate.Projection)
 
 
 @dataclass

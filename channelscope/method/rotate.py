@@ -216,30 +216,49 @@ class Projection:
     """U at the GEMM precision of the run, counting passes over it ("Precision").
 
     A pass is one [n, d] x [d, V] product or its transpose; `passes` counts them per neuron
-    (an n-row product adds n). Batches are padded to at least 8 rows: fp32 CPU GEMMs take a
-    different kernel below 8 rows, and a neuron's numbers must not depend on its batch-mates."""
+    (an n-row product adds n).
 
-    MIN_ROWS = 8
+    A neuron's numbers must not depend on its batch-mates ("Determinism"). A CPU GEMM library
+    picks its kernel and its split of the long reduction by the number of rows: at SmolLM2's
+    shapes a row of a 64-row product differs in the last bits from the same row in an 8-row
+    one, and later channels then differ (measured: bench/README.md, "Batch invariance on the
+    CPU"). So on the CPU every product is made in blocks of exactly BLOCK rows, the last one
+    padded with zeros; a row's result is then the same in any batch, at any position in it. On
+    CUDA the batch itself has a fixed shape (`fixed_shape`), so one product serves.
+    Both passes read contiguous copies (U and U^T): a product with a transposed view picks
+    other kernels, which are not the same in every batch either, and in bf16 one of them stops
+    the process with SIGFPE at exactly 32 rows (torch 2.13 on a CPU with AMX)."""
+
+    BLOCK = 64  # rows per CPU GEMM: the smallest that keeps ~3/4 of the whole-batch rate
+    MIN_ROWS = 8  # rows the compiled [N, V] kernel is given at least (loss_gradient_z)
 
     def __init__(self, U: torch.Tensor, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {precision!r}")
-        self.exact = U.float()  # [d, V]
-        self.low = U.to(torch.bfloat16) if precision == "bf16" else self.exact
+        self.exact = U.float().contiguous()  # [d, V]; a model's U is often a view of E^T
+        self.low = self.exact.to(torch.bfloat16) if precision == "bf16" else self.exact
+        self.low_t = self.low.T.contiguous()  # [V, d]
+        self.block = None if U.is_cuda else self.BLOCK
         self.passes = 0
 
     def forward(self, c: torch.Tensor, exact: bool = False) -> torch.Tensor:  # [n, d] -> [n, V]
-        return self._product(c, self.exact if exact else self.low, transpose=False)
+        return self._product(c, self.exact if exact else self.low)
 
     def backward(self, gz: torch.Tensor) -> torch.Tensor:  # [n, V] -> [n, d]
-        return self._product(gz, self.low, transpose=True)
+        return self._product(gz, self.low_t)
 
-    def _product(self, rows: torch.Tensor, U: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _product(self, rows: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         n, dtype = rows.shape[0], rows.dtype
         self.passes += n
-        if n < self.MIN_ROWS:
-            rows = torch.cat([rows, rows.new_zeros(self.MIN_ROWS - n, rows.shape[1])])
-        out = rows.to(U.dtype) @ (U.T if transpose else U)
+        x = rows.to(W.dtype)
+        if self.block is None:
+            return (x @ W).to(dtype)
+        padded = -(-n // self.block) * self.block
+        if padded != n:
+            x = torch.cat([x, x.new_zeros(padded - n, x.shape[1])])
+        out = x.new_empty(padded, W.shape[1])
+        for start in range(0, padded, self.block):
+            torch.matmul(x[start : start + self.block], W, out=out[start : start + self.block])
         return out[:n].to(dtype)
 
 
@@ -389,8 +408,9 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
     active = torch.arange(n, device=w.device)
     running = torch.ones(n, dtype=torch.bool, device=w.device)
     previous_loss = w.new_full((n,), float("inf"))
+    m_active = m  # [n, V] the running rows' token weights, gathered only when rows leave
     for iteration in range(s.fast_max_iters + 1):
-        k_term, gz, kurt = loss_gradient_z(z, m[active], s)  # [n], [n, V], [n]
+        k_term, gz, kurt = loss_gradient_z(z, m_active, s)  # [n], [n, V], [n]
         cos_term, gc = cosine_gradient(c, w[active], s)  # [n], [n, d]
         loss_now = k_term + cos_term  # [n]
         live = running[active]
@@ -415,6 +435,7 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
                 break
             keep = ~done
             active, c, z, previous_loss = active[keep], c[keep], z[keep], previous_loss[keep]
+            m_active = m_active[keep]
             gz, gc = gz[keep], gc[keep]
             past = [(p[keep], zp[keep]) for p, zp in past]
         r = radius[active]  # [n, 1]
@@ -422,11 +443,8 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
         c_hat = c / r
         grad = grad - (grad * c_hat).sum(-1, keepdim=True) * c_hat  # tangent to the sphere
         # pass 2 of 2: the gradient's projection; c's and the past steps' are known already
-        basis = _orthonormal([(c_hat, z / r), (grad, proj.forward(grad)), *past])
-        Q = torch.stack([q for q, _ in basis], 1)  # [n, k, d]
-        ZQ = torch.stack([zq for _, zq in basis], 1)  # [n, k, V]
-        del basis
-        coef = _subspace_minimum(Q, ZQ, m[active], w[active], r, s)  # [n, k]
+        Q, ZQ = _orthonormal([(c_hat, z / r), (grad, proj.forward(grad)), *past])  # [n, k, d], [n, k, V]
+        coef = _subspace_minimum(Q, ZQ, m_active, w[active], r, s)  # [n, k]
         c_new = r * torch.einsum("nk,nkd->nd", coef, Q)  # [n, d]
         z_new = r * torch.einsum("nk,nkv->nv", coef, ZQ)  # [n, V], no pass: z is linear in c
         past = [(c_new - c, z_new - z), *past][: s.fast_history]
@@ -442,16 +460,28 @@ def _rows_without_nan(table: torch.Tensor) -> list[list[float]]:
 def _orthonormal(pairs):
     """Gram-Schmidt on d-vectors, applying the same combinations to their V-long projections.
     A vector with nothing new in it (the first iteration's empty step) becomes zero.
-    pairs: (v [n, d], zv = v @ U [n, V]) each; returns the same, orthonormal in d."""
-    basis = []
-    for v, zv in pairs:
-        for q, zq in basis:
-            coef = (v * q).sum(-1, keepdim=True)  # [n, 1]
-            v, zv = v - coef * q, zv - coef * zq
+    pairs: k of (v [n, d], zv = v @ U [n, V]); returns Q [n, k, d] orthonormal rows and
+    ZQ = Q @ U [n, k, V], each row written in place (no stacked copy of the [n, V] projections)."""
+    v0, zv0 = pairs[0]
+    Q = v0.new_empty(v0.shape[0], len(pairs), v0.shape[1])
+    ZQ = zv0.new_empty(zv0.shape[0], len(pairs), zv0.shape[1])
+    for t, (v, zv) in enumerate(pairs):
+        q_t, zq_t = Q[:, t], ZQ[:, t]
+        for s in range(t):
+            coef = (v * Q[:, s]).sum(-1, keepdim=True)  # [n, 1]
+            v = v - coef * Q[:, s]
+            if s == 0:
+                torch.sub(zv, coef * ZQ[:, s], out=zq_t)
+            else:
+                zq_t.sub_(coef * ZQ[:, s])
         norm = v.norm(dim=-1, keepdim=True)
         scale = torch.where(norm > 1e-6, 1 / norm.clamp_min(1e-30), torch.zeros_like(norm))
-        basis.append((v * scale, zv * scale))
-    return basis
+        torch.mul(v, scale, out=q_t)
+        if t == 0:
+            torch.mul(zv, scale, out=zq_t)
+        else:
+            zq_t.mul_(scale)
+    return Q, ZQ
 
 
 def _subspace_minimum(Q, ZQ, m, w, r, s: Settings, newton_steps: int = 12):
@@ -463,7 +493,9 @@ def _subspace_minimum(Q, ZQ, m, w, r, s: Settings, newton_steps: int = 12):
     Q [n, k, d] orthonormal rows, ZQ [n, k, V] their projections."""
     n, k, _ = ZQ.shape
     S2, M4 = _moments(ZQ, m, r)  # [n, k, k], [n, k, k, k, k], float64
-    w_q = torch.einsum("nkd,nd->nk", Q, w / w.norm(dim=-1, keepdim=True)).double()  # [n, k]
+    # An elementwise product and a row sum, not einsum: einsum's batched product takes another
+    # kernel for a single row, and a neuron left running alone must get the same numbers.
+    w_q = (Q * (w / w.norm(dim=-1, keepdim=True)).unsqueeze(1)).sum(-1).double()  # [n, k]
     t = torch.zeros(n, k - 1, dtype=torch.float64, device=ZQ.device)  # [n, k - 1]
     damping = torch.full((n, 1, 1), 1e-6, dtype=torch.float64, device=ZQ.device)
     eye = torch.eye(k - 1, dtype=torch.float64, device=ZQ.device)
@@ -496,16 +528,23 @@ def _moments(ZQ, m, r, chunk: int = 2048):
     """S2 [n, k, k] and M4 [n, k, k, k, k] of Y = r (ZQ - mu) * m, in float64. mu is linear in the
     projection, so Y^T a = centred_weighted(r a^T ZQ, m), and Y has mean 0 over the V tokens.
     Token by token chunks keep the k(k+1)/2 products in cache: built whole, they would be the
-    largest tensors of the solver."""
+    largest tensors of the solver. The products are written row by row of the upper triangle
+    (i <= j, row-major, the order of triu_indices) with broadcasting: a gather Y[:, i] * Y[:, j]
+    gives the same numbers 6x slower (bench/README.md, "The descent's moments")."""
     n, k, V = ZQ.shape
     weights = r.unsqueeze(-1) * m.unsqueeze(1)  # [n, 1, V]: r m
     mean = (ZQ * m.unsqueeze(1)).sum(-1, keepdim=True) / m.sum(-1).view(n, 1, 1)  # [n, k, 1]
     i, j = torch.triu_indices(k, k, device=ZQ.device)
     S2 = ZQ.new_zeros(n, k, k)
     gram = ZQ.new_zeros(n, len(i), len(i))
+    pairs_buffer = ZQ.new_empty(n, len(i), chunk)  # [n, P, chunk], P = k(k+1)/2 distinct products
     for start in range(0, V, chunk):
         Y = (ZQ[:, :, start : start + chunk] - mean) * weights[:, :, start : start + chunk]  # [n, k, chunk]
-        pairs = Y[:, i] * Y[:, j]  # [n, P, chunk], P = k(k+1)/2 distinct products
+        pairs = pairs_buffer if Y.shape[-1] == chunk else ZQ.new_empty(n, len(i), Y.shape[-1])  # contiguous
+        row = 0
+        for a in range(k):  # pairs (a, a..k-1)
+            torch.mul(Y[:, a : a + 1], Y[:, a:], out=pairs[:, row : row + k - a])
+            row += k - a
         S2 += Y @ Y.transpose(1, 2)
         gram += pairs @ pairs.transpose(1, 2)
     pair_index = torch.zeros(k, k, dtype=torch.long, device=ZQ.device)
@@ -628,6 +667,9 @@ def decompose(
     measures need no pass of their own ("Measures from the solver's projections")."""
     if fixed_shape is None:
         fixed_shape = w.is_cuda
+    # Row sums over a transposed view (a model's `out` vectors are one) reduce several rows at
+    # once, in an order that depends on the row count: batch-mates would then matter.
+    w = w.contiguous()
     results = []
     for start in range(0, w.shape[0], batch_size):
         part, part_seeds = w[start : start + batch_size], seeds[start : start + batch_size]

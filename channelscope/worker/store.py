@@ -31,7 +31,8 @@ from channelscope.method.weights import Model
 # 2: the fast solver's rescaled AdamW moments, first-channel tail tokens, fixed-shape CUDA batches.
 # 3: the loss centres z on its weighted mean before weighting; the mask's side from scored tokens.
 # 4: the fused step's closed-form gradients and compiled kernel (docs/method.md, "The fused step").
-ALGORITHM_VERSION = 4
+# 5: batch-invariant CPU products and row sums (docs/method.md, "Determinism").
+ALGORITHM_VERSION = 5
 
 
 def run_settings(settings: rotate.Settings, projection: str, reference_count: int) -> dict:

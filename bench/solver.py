@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from channelscope.core import stats
 from channelscope.method import rotate
 from channelscope.method.decomposer import keep_freed_memory, pick_device
+from channelscope.method.precision import cpu_model
 from channelscope.method.sampling import LAYER_GROUPS, random_neurons
 from channelscope.method.weights import load_model
 
@@ -113,6 +114,13 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=5, help="channels per neuron (--part channels)")
     parser.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda when present)")
     parser.add_argument("--batch", type=int, default=256, help="neurons in the throughput batch")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a fast-solver setting for --part channels, e.g. fast_explore_steps=80 (repeatable)",
+    )
     args = parser.parse_args()
     keep_freed_memory()
 
@@ -123,7 +131,7 @@ def main() -> None:
     m0 = rotate.initial_token_weights(U, model.vocabulary.kinds, fast)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     result["machine"] = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
@@ -212,7 +220,10 @@ def every_channel(model, U, m0, args) -> dict:
     w, n, C = w.to(U.device), len(rows), args.channels
     seeds = [rotate.neuron_seed(0, r["layer"], r["side"], r["neuron"]) for r in rows]
     paper = rotate.with_overrides(rotate.PAPER, channels=C)
-    fast = rotate.Settings(channels=C, precision="fp32")
+    overrides = {
+        name: type(getattr(rotate.Settings, name))(value) for name, value in (x.split("=") for x in args.set)
+    }
+    fast = rotate.with_overrides(rotate.Settings(channels=C, precision="fp32"), **overrides)
     cache = args.out.parent / f"solver-channels-{args.seed}.pt"
     if cache.exists():
         preset = torch.load(cache)
@@ -247,6 +258,8 @@ def every_channel(model, U, m0, args) -> dict:
                 "channel": k,
                 "same_channel": float(same.float().mean()),
                 "loss_within_1e-3_or_lower": float(close.float().mean()),
+                "loss_within_1e-3_or_lower_count": int(close.sum()),
+                "loss_within_1e-3_or_lower_interval": stats.interval(close.tolist(), stats.share),
                 "different_basin": float((~same & ~close).float().mean()),
                 "collapses_fast": int((kurt < 3).sum()),
                 "collapses_preset": int((rotate.excess_kurtosis(theirs @ U) < 3).sum()),
@@ -260,6 +273,7 @@ def every_channel(model, U, m0, args) -> dict:
         "neurons": n,
         "channels": C,
         "rule": "channel k: both solvers from the same u0, under the preset's masks of channels 0..k-1",
+        "fast_settings": overrides,
         "per_channel": per_channel,
         "seconds": {"fast": seconds, "paper": preset["seconds"]},
         "fast_passes_per_channel": passes / (n * C),

@@ -95,6 +95,10 @@ PAPER = Settings(solver="paper", precision="fp32")
 # nothing but the few iterations computed after the last row stopped.
 SYNC_EVERY = 8
 
+# No solver step sees fewer rows than this ("Determinism"): `decompose` pads a smaller batch with
+# copies of its first neuron, and a shrinking batch keeps stopped rows, frozen, up to this many.
+ROWS_AT_LEAST = 8
+
 
 # --- the formulas ------------------------------------------------------------------------------
 
@@ -149,10 +153,10 @@ def loss_gradient_z(z: torch.Tensor, m: torch.Tensor, s: Settings):
 
     Fewer than 8 rows are padded with copies of the first: the compiled kernel specialises a
     single row and reduces it in another order, and a neuron's numbers must not depend on its
-    batch-mates (as in Projection)."""
+    batch-mates (ROWS_AT_LEAST, as the solvers' batches)."""
     n = z.shape[0]
-    if 0 < n < Projection.MIN_ROWS:
-        fill = Projection.MIN_ROWS - n
+    if 0 < n < ROWS_AT_LEAST:
+        fill = ROWS_AT_LEAST - n
         z, m = torch.cat([z, z[:1].expand(fill, -1)]), torch.cat([m, m[:1].expand(fill, -1)])
     kernel = _kernels()
     try:
@@ -230,7 +234,6 @@ class Projection:
     the process with SIGFPE at exactly 32 rows (torch 2.13 on a CPU with AMX)."""
 
     BLOCK = 64  # rows per CPU GEMM: the smallest that keeps ~3/4 of the whole-batch rate
-    MIN_ROWS = 8  # rows the compiled [N, V] kernel is given at least (loss_gradient_z)
 
     def __init__(self, U: torch.Tensor, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
@@ -319,7 +322,7 @@ def paper_channel(
             break
         u[active] = _adamw(u[active], grad_u, moments, active, step, s.lr, s.warmup_steps, s.betas, s)
         if not fixed_shape:
-            active = active[running[active]]
+            active = active[_staying(running[active])]
     best.history = _rows_without_nan(history)
     return best
 
@@ -433,11 +436,12 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
             running[idx] = False
             if not running.any():
                 break
-            keep = ~done
-            active, c, z, previous_loss = active[keep], c[keep], z[keep], previous_loss[keep]
-            m_active = m_active[keep]
-            gz, gc = gz[keep], gc[keep]
-            past = [(p[keep], zp[keep]) for p, zp in past]
+            keep = _staying(running[active])
+            if not keep.all():
+                active, c, z, previous_loss = active[keep], c[keep], z[keep], previous_loss[keep]
+                m_active = m_active[keep]
+                gz, gc = gz[keep], gc[keep]
+                past = [(p[keep], zp[keep]) for p, zp in past]
         r = radius[active]  # [n, 1]
         grad = proj.backward(gz) + gc  # [n, d], pass 1 of 2
         c_hat = c / r
@@ -451,6 +455,19 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
         c, z = c_new, z_new
     found.step = found.step.cpu()
     return found
+
+
+def _staying(live: torch.Tensor) -> torch.Tensor:
+    """[n] bool: the rows that stay in a shrinking batch: the running ones, topped up with stopped
+    ones (frozen, as with fixed_shape) to ROWS_AT_LEAST. With more than one thread, torch sums a
+    single row's V values in two passes split across the threads, in another order than it sums
+    the same row among others: a neuron left running alone would get other last bits."""
+    short = ROWS_AT_LEAST - int(live.sum())
+    if short <= 0:
+        return live
+    stay = live.clone()
+    stay[(~live).nonzero().flatten()[:short]] = True
+    return stay
 
 
 def _rows_without_nan(table: torch.Tensor) -> list[list[float]]:
@@ -674,9 +691,10 @@ def decompose(
     for start in range(0, w.shape[0], batch_size):
         part, part_seeds = w[start : start + batch_size], seeds[start : start + batch_size]
         n = len(part)
-        if fixed_shape and n < batch_size:  # copies of the first neuron, dropped afterwards
-            part = torch.cat([part, part[:1].expand(batch_size - n, -1)])
-            part_seeds = part_seeds + part_seeds[:1] * (batch_size - n)
+        rows = max(batch_size, ROWS_AT_LEAST) if fixed_shape else ROWS_AT_LEAST
+        if n < rows:  # copies of the first neuron, dropped afterwards
+            part = torch.cat([part, part[:1].expand(rows - n, -1)])
+            part_seeds = part_seeds + part_seeds[:1] * (rows - n)
         report = (lambda k, z, claimed, at=start: on_projection(at, k, z, claimed)) if on_projection else None
         results += _decompose_batch(part, proj, m0, part_seeds, s, fixed_shape, n, on_channel, report)
     return results

@@ -5,7 +5,9 @@
 The same layer-25 `out` neurons (their vectors as the model hands them over: a transposed
 view), 2 channels each, decomposed in batches of 8 and in one batch of all of them, at fp32 and
 bf16. Counts the neurons whose channels are bit-identical both ways, and the largest difference
-and smallest cosine between the two runs' channels. docs/method.md, "Determinism".
+and smallest cosine between the two runs' channels; and the time of a small batch (one
+neuron's three sides, 5 channels, as an on-demand request computes them), which pays for the
+fixed 64-row products. docs/method.md, "Determinism".
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ from channelscope.method.precision import cpu_model
 from channelscope.method.weights import load_model
 
 LAYER, SIDE, CHANNELS = 25, "out", 2
+
+
+def three_sides(model, U, precision: str, layer: int = 10, neuron: int = 500) -> float:
+    s = rotate.Settings(channels=5, precision=precision)
+    m0 = rotate.initial_token_weights(U, model.vocabulary.kinds, s)
+    sides = ("gate", "in", "out")
+    w = torch.stack([model.vectors(layer, side)[neuron] for side in sides])
+    seeds = [rotate.neuron_seed(0, layer, side, neuron) for side in sides]
+    proj = rotate.Projection(U, precision)
+    rotate.decompose(w[:1], proj, m0, seeds[:1], rotate.with_overrides(s, channels=1))  # warm-up
+    start = time.perf_counter()
+    rotate.decompose(w, proj, m0, seeds, s)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -61,6 +76,8 @@ def main() -> None:
             "seconds": {str(batch): seconds for batch, (_, seconds) in runs.items()},
         }
         print(precision, json.dumps(result[precision]), flush=True)
+    result["three_sides_5_channels_seconds"] = {p: three_sides(model, U, p) for p in ("bf16", "fp32")}
+    print(json.dumps(result["three_sides_5_channels_seconds"]))
     out = Path(f"bench/results/batch-invariance-cpu-{args.label}.json")
     out.write_text(json.dumps(result, indent=1))
 

@@ -233,7 +233,7 @@ class Projection:
     other kernels, which are not the same in every batch either, and in bf16 one of them stops
     the process with SIGFPE at exactly 32 rows (torch 2.13 on a CPU with AMX)."""
 
-    BLOCK = 64  # rows per CPU GEMM: the smallest that keeps ~3/4 of the whole-batch rate
+    BLOCK = 64  # rows per CPU GEMM: 2/3-3/4 of a 256-row product's rate (8 rows: 1/10-1/5)
 
     def __init__(self, U: torch.Tensor, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
@@ -411,7 +411,7 @@ def _descend(w, proj: Projection, m, c, s: Settings, history, first_step: int, f
     active = torch.arange(n, device=w.device)
     running = torch.ones(n, dtype=torch.bool, device=w.device)
     previous_loss = w.new_full((n,), float("inf"))
-    m_active = m  # [n, V] the running rows' token weights, gathered only when rows leave
+    m_active = m  # [n, V] the token weights of the rows in the batch, gathered only when rows leave
     for iteration in range(s.fast_max_iters + 1):
         k_term, gz, kurt = loss_gradient_z(z, m_active, s)  # [n], [n, V], [n]
         cos_term, gc = cosine_gradient(c, w[active], s)  # [n], [n, d]
@@ -547,7 +547,7 @@ def _moments(ZQ, m, r, chunk: int = 2048):
     Token by token chunks keep the k(k+1)/2 products in cache: built whole, they would be the
     largest tensors of the solver. The products are written row by row of the upper triangle
     (i <= j, row-major, the order of triu_indices) with broadcasting: a gather Y[:, i] * Y[:, j]
-    gives the same numbers 6x slower (bench/README.md, "The descent's moments")."""
+    gives the same numbers 6x slower (bench/README.md, "On the 2026-12-06 machine")."""
     n, k, V = ZQ.shape
     weights = r.unsqueeze(-1) * m.unsqueeze(1)  # [n, 1, V]: r m
     mean = (ZQ * m.unsqueeze(1)).sum(-1, keepdim=True) / m.sum(-1).view(n, 1, 1)  # [n, k, 1]

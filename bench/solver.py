@@ -215,14 +215,20 @@ def token_weights(m0, masked: list[torch.Tensor], s: rotate.Settings):
     return m
 
 
+def _number(name: str, value: str) -> int | float:
+    """A numeric fast-solver setting from --set, typed as its default (bool("False") would be True)."""
+    default = getattr(rotate.Settings, name)
+    if isinstance(default, bool) or not isinstance(default, int | float):
+        raise SystemExit(f"--set {name}: only numeric settings can be set here")
+    return type(default)(value)
+
+
 def every_channel(model, U, m0, args) -> dict:
     rows, w = sample(model, args.per_cell, args.seed)
     w, n, C = w.to(U.device), len(rows), args.channels
     seeds = [rotate.neuron_seed(0, r["layer"], r["side"], r["neuron"]) for r in rows]
     paper = rotate.with_overrides(rotate.PAPER, channels=C)
-    overrides = {
-        name: type(getattr(rotate.Settings, name))(value) for name, value in (x.split("=") for x in args.set)
-    }
+    overrides = {name: _number(name, value) for name, value in (x.split("=", 1) for x in args.set)}
     fast = rotate.with_overrides(rotate.Settings(channels=C, precision="fp32"), **overrides)
     cache = args.out.parent / f"solver-channels-{args.seed}.pt"
     if cache.exists():

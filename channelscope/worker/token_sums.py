@@ -6,6 +6,7 @@ it writes them."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def positions(
     return rows[mask], following[mask]
 
 
-_STATS_FIELDS = ("count", "next_count", "x_sum", "x_mean", "x_cov", "act_next_sum", "act_mean", "act_std")
+# One file per field of behaviour.TokenStats but `rows`, which every layer shares.
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(behaviour.TokenStats) if f.name != "rows")
 
 
 def stats_dir(data_dir: Path, name: str, sha256: str, key: str) -> Path:
